@@ -1,0 +1,3 @@
+"""Bigpipe: a Kafka-backed asynchronous HTTP RPC middleware."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from bigpipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""The original bigpipe's circuit breaker, one per consumer group.
+
+Health is judged over a sliding window of `winSize` one-second buckets. The
+states map onto pybreaker's, whose state machine and listeners carry the
+transitions (and so the logging and `circuitIsBreak`):
+
+    NORMAL  (closed)     every call goes through
+    BREAK   (open)       every call is held; partitions are paused
+    RECOVER (half-open)  a call goes through with a probability that ramps
+                         from 0 to 1 over breakPeriod + recoverPeriod
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+
+import pybreaker
+
+from bigpipe.config import BreakerConfig
+
+log = logging.getLogger(__name__)
+
+NORMAL, BREAK, RECOVER = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
+STATE_NAMES = {NORMAL: "NORMAL", BREAK: "BREAK", RECOVER: "RECOVER"}
+
+
+class HealthWindow:
+    """Success and failure counts in one-second buckets over the last `size` seconds."""
+
+    def __init__(self, size: int, min_stats: int, health_rate: float) -> None:
+        self._size = size
+        self._min_stats = min_stats
+        self._health_rate = health_rate
+        self._buckets: deque[list[int]] = deque()  # [second, successes, failures]
+
+    def record(self, now: float, success: bool) -> None:
+        second = int(now)
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append([second, 0, 0])
+        self._buckets[-1][1 if success else 2] += 1
+        self._expire(second)
+
+    def healthy(self, now: float) -> bool:
+        self._expire(int(now))
+        successes = sum(b[1] for b in self._buckets)
+        total = successes + sum(b[2] for b in self._buckets)
+        return total < self._min_stats or successes / total >= self._health_rate
+
+    def _expire(self, second: int) -> None:
+        while self._buckets and self._buckets[0][0] <= second - self._size:
+            self._buckets.popleft()
+
+
+class Breaker:
+    def __init__(
+        self,
+        config: BreakerConfig,
+        name: str,
+        listeners: list[pybreaker.CircuitBreakerListener],
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._window = HealthWindow(config.win_size, config.min_stats, config.health_rate)
+        self._machine = pybreaker.CircuitBreaker(
+            name=name, listeners=[_LogTransitions(), *listeners]
+        )
+        self._break_time = 0.0
+
+    @property
+    def state(self) -> str:
+        return self._machine.current_state
+
+    def record(self, success: bool) -> None:
+        """Count one attempt's outcome; every attempt counts, retries included."""
+        self._window.record(self._clock(), success)
+
+    def update(self) -> str:
+        """Move between states as the window and the clock say; return the state."""
+        now = self._clock()
+        healthy = self._window.healthy(now)
+        held_for = now - self._break_time
+        state = self.state
+        if state == NORMAL and not healthy:
+            self._trip(now)
+        elif state == BREAK and healthy and held_for >= self._config.break_period:
+            self._machine.half_open()
+        elif state == RECOVER and not healthy:
+            self._trip(now)
+        elif state == RECOVER and held_for >= self._ramp_seconds:
+            self._machine.close()
+        return self.state
+
+    def allows(self) -> bool:
+        """May one attempt go out now? In RECOVER the chance ramps up with time."""
+        state = self.update()
+        if state == NORMAL:
+            return True
+        if state == BREAK:
+            return False
+        ramp = (self._clock() - self._break_time) / self._ramp_seconds
+        return self._rng.random() < ramp
+
+    async def admit(self) -> None:
+        """Wait until an attempt may go out. Held calls are never dropped."""
+        while not self.allows():
+            # Spread the re-checks so held calls do not wake in one herd.
+            await asyncio.sleep(self._rng.uniform(0.05, 0.25))
+
+    @property
+    def _ramp_seconds(self) -> float:
+        return self._config.break_period + self._config.recover_period
+
+    def _trip(self, now: float) -> None:
+        self._break_time = now
+        self._machine.open()
+
+
+class _LogTransitions(pybreaker.CircuitBreakerListener):
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        old = STATE_NAMES.get(old_state.name, "?") if old_state else "?"
+        log.warning("breaker %s: %s -> %s", cb.name, old, STATE_NAMES[new_state.name])

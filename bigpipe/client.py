@@ -1,0 +1,139 @@
+"""Deliver one call to its URL: attempts, retries with backoff, and the group's shields."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from bigpipe.breaker import Breaker
+from bigpipe.config import ConsumerConfig
+from bigpipe.envelope import Call
+from bigpipe.limits import Limits
+from bigpipe.retry import Verdict, backoff_seconds, classify, retry_after_seconds
+from bigpipe.stats import GroupCounters
+
+log = logging.getLogger(__name__)
+
+# Read at most this much of a response: enough to keep the connection reusable for
+# ordinary replies and to show the start of an error body in a dead letter.
+RESPONSE_READ_LIMIT = 64 * 1024
+ERROR_BODY_EXCERPT = 200
+
+
+@dataclass(slots=True)
+class AttemptResult:
+    verdict: Verdict
+    status: int | None = None
+    error: str = ""
+    retry_after: float | None = None  # seconds the downstream asked us to wait
+
+
+@dataclass(slots=True)
+class Outcome:
+    delivered: bool
+    attempts: int
+    last: AttemptResult
+    first_attempt_ms: int
+
+
+class DeliveryClient:
+    """One per consumer group: one keep-alive pool, one rate limit, one breaker."""
+
+    def __init__(
+        self, config: ConsumerConfig, counters: GroupCounters, breaker: Breaker | None
+    ) -> None:
+        self._config = config
+        self._counters = counters
+        self._breaker = breaker
+        self._limits = Limits(config.rate_limit, config.concurrency)
+        self._timeout = config.timeout_ms / 1000
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=config.concurrency, ttl_dns_cache=60),
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=False,
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def deliver(self, call: Call) -> Outcome:
+        """Try up to retries + 1 times; return how the last attempt ended."""
+        body = call.data.encode()
+        first_attempt_ms = int(time.time() * 1000)
+        max_attempts = self._config.retries + 1
+        attempt = 0
+        while True:
+            attempt += 1
+            if self._breaker is not None:
+                await self._breaker.admit()
+            async with self._limits.attempt():
+                result = await self._attempt(call, body, attempt)
+            if self._breaker is not None:
+                self._breaker.record(result.verdict is Verdict.SUCCESS)
+            if result.verdict is not Verdict.RETRY or attempt >= max_attempts:
+                return Outcome(result.verdict is Verdict.SUCCESS, attempt, result, first_attempt_ms)
+            self._counters.rpcRetries += 1
+            await asyncio.sleep(self._retry_delay(attempt, result))
+
+    def _retry_delay(self, attempt: int, result: AttemptResult) -> float:
+        delay = backoff_seconds(attempt, self._config.backoff_base_ms, self._config.backoff_max_ms)
+        if result.retry_after is not None and result.status in (429, 503):
+            # The downstream knows best when it can take more, up to our cap.
+            delay = max(delay, min(result.retry_after, self._config.backoff_max_ms / 1000))
+        return delay
+
+    async def _attempt(self, call: Call, body: bytes, attempt: int) -> AttemptResult:
+        headers = {
+            **call.headers,
+            "Content-Type": "application/octet-stream",
+            "X-Bigpipe-Call-Id": call.id,
+            "X-Bigpipe-Attempt": str(attempt),
+        }
+        self._counters.inFlight += 1
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._session.post(
+                    call.url, data=body, headers=headers, allow_redirects=False
+                ) as response:
+                    excerpt = await _read_bounded(response)
+                    return _result_of(response, excerpt, self._config.retry_status)
+        except TimeoutError:
+            return AttemptResult(Verdict.RETRY, error=f"timeout after {self._config.timeout_ms} ms")
+        except aiohttp.InvalidURL as exc:
+            return AttemptResult(Verdict.FINAL, error=f"invalid url: {exc}")
+        except (aiohttp.ClientError, OSError) as exc:
+            return AttemptResult(Verdict.RETRY, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._counters.inFlight -= 1
+
+
+def _result_of(
+    response: aiohttp.ClientResponse, excerpt: bytes, retry_status: frozenset[int]
+) -> AttemptResult:
+    verdict = classify(response.status, retry_status)
+    if verdict is Verdict.SUCCESS:
+        return AttemptResult(verdict, response.status)
+    text = excerpt[:ERROR_BODY_EXCERPT].decode("utf-8", "replace")
+    return AttemptResult(
+        verdict,
+        response.status,
+        error=f"HTTP {response.status}: {text}".rstrip(": "),
+        retry_after=retry_after_seconds(response.headers.get("Retry-After"), time.time()),
+    )
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    """Read the reply up to a limit; a longer one is cut and its connection dropped."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > RESPONSE_READ_LIMIT:
+            response.close()
+            break
+    return b"".join(chunks)

@@ -1,0 +1,451 @@
+"""Load and validate the flat JSON config of the original bigpipe.
+
+The whole file is checked before anything starts. Every problem becomes one
+line naming the key path, what is wrong and how to fix it, so an operator can
+mend a file in one pass instead of one restart per mistake.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+DEFAULT_RETRY_STATUS = (408, 429)
+
+
+class ConfigError(Exception):
+    """The config is unusable; each entry of `problems` is one line for the operator."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class TopicConfig:
+    name: str
+    partitions: int
+    replication_factor: int
+    min_insync_replicas: int | None
+
+
+@dataclass(frozen=True)
+class AclEntry:
+    name: str
+    secret_sha256: bytes  # only the digest is kept, so a secret never sits in memory twice
+    topic: str
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    break_period: float  # seconds
+    recover_period: float  # seconds
+    win_size: int  # one-second buckets
+    min_stats: int
+    health_rate: float
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    topic: str
+    group_id: str
+    rate_limit: float  # calls per second
+    timeout_ms: int  # per attempt
+    retries: int  # extra attempts after the first
+    concurrency: int
+    breaker: BreakerConfig | None
+    dead_letter_topic: str
+    backoff_base_ms: int
+    backoff_max_ms: int
+    retry_status: frozenset[int]  # 4xx statuses that are retried; 5xx always are
+    max_buffered: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.topic, self.group_id)
+
+
+@dataclass(frozen=True)
+class Config:
+    log_level: int
+    log_directory: str
+    bootstrap_servers: str
+    topics: tuple[TopicConfig, ...]
+    producer_retries: int
+    producer_ack_timeout_ms: int
+    acl: tuple[AclEntry, ...]
+    consumers: tuple[ConsumerConfig, ...]
+    http_host: str
+    http_port: int
+    channel_size: int
+    read_timeout_ms: int
+    write_timeout_ms: int
+    body_limit: int
+    shutdown_timeout_ms: int
+    source: Path | None = field(default=None, compare=False)
+
+    def acl_by_name(self) -> dict[str, AclEntry]:
+        return {entry.name: entry for entry in self.acl}
+
+    def topic(self, name: str) -> TopicConfig | None:
+        return next((t for t in self.topics if t.name == name), None)
+
+
+# ---------------------------------------------------------------- checks
+# A check returns None when the value is fine, else "what is wrong; how to fix".
+Check = Callable[[Any], str | None]
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else f"must be > 0, got {value}; use a positive number"
+
+
+def non_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be >= 0, got {value}; use 0 or more"
+
+
+def between(low: float, high: float) -> Check:
+    def check(value: float) -> str | None:
+        if low <= value <= high:
+            return None
+        return f"must be between {low} and {high}, got {value}"
+
+    return check
+
+
+def non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def topic_name(value: str) -> str | None:
+    if TOPIC_NAME.match(value) and value not in (".", ".."):
+        return None
+    return f"{value!r} is not a valid Kafka topic name; use 1-249 of [A-Za-z0-9._-]"
+
+
+# ---------------------------------------------------------------- reader
+_MISSING = object()
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+    bool: "true or false",
+}
+
+
+class _Section:
+    """Reads the keys of one JSON object, recording problems instead of raising."""
+
+    def __init__(self, obj: dict[str, Any], path: str, problems: list[str]) -> None:
+        self.obj = obj
+        self.path = path
+        self.problems = problems
+        self.known: list[str] = []
+
+    def where(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(
+        self,
+        key: str,
+        kind: type,
+        *,
+        default: Any = _MISSING,
+        check: Check | None = None,
+        hint: str = "",
+    ) -> Any:
+        self.known.append(key)
+        if key not in self.obj:
+            if default is _MISSING:
+                self.problems.append(f"{self.where(key)}: is missing; add it{hint}")
+            return default if default is not _MISSING else None
+        value = self.obj[key]
+        if not _is_kind(value, kind):
+            self.problems.append(
+                f"{self.where(key)}: must be {_TYPE_NAMES[kind]}, got {_json_type(value)}"
+            )
+            return None
+        if check is not None and (reason := check(value)) is not None:
+            self.problems.append(f"{self.where(key)}: {reason}")
+            return None
+        return float(value) if kind is float else value
+
+    def objects(self, key: str, *, default: Any = _MISSING, hint: str = "") -> Iterator[_Section]:
+        """Yield a section per element of a list of objects."""
+        items = self.get(key, list, default=default, hint=hint)
+        for index, item in enumerate(items or []):
+            path = f"{self.where(key)}[{index}]"
+            if isinstance(item, dict):
+                yield _Section(item, path, self.problems)
+            else:
+                self.problems.append(f"{path}: must be an object, got {_json_type(item)}")
+
+    def section(self, key: str) -> _Section | None:
+        obj = self.get(key, dict, default=None)
+        return None if obj is None else _Section(obj, self.where(key), self.problems)
+
+    def reject_unknown(self) -> None:
+        for key in self.obj:
+            if key in self.known:
+                continue
+            close = difflib.get_close_matches(key, self.known, n=1, cutoff=0.6)
+            fix = f"did you mean {close[0]!r}?" if close else "remove it"
+            self.problems.append(f"{self.where(key)}: unknown key; {fix}")
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    for kind, name in _TYPE_NAMES.items():
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+# ---------------------------------------------------------------- sections
+def _read_topics(root: _Section) -> tuple[TopicConfig, ...]:
+    topics: list[TopicConfig] = []
+    for item in root.objects("kafka.topics", hint=", a list of {name, partitions}"):
+        name = item.get("name", str, check=topic_name)
+        partitions = item.get("partitions", int, check=positive)
+        replication = item.get("replicationFactor", int, default=1, check=positive)
+        min_isr = item.get("minInsyncReplicas", int, default=None, check=positive)
+        item.reject_unknown()
+        if name in {t.name for t in topics}:
+            root.problems.append(f"{item.path}.name: duplicate topic {name!r}; list it once")
+        elif None not in (name, partitions, replication):
+            topics.append(TopicConfig(name, partitions, replication, min_isr))
+    if root.obj.get("kafka.topics") == []:
+        root.problems.append("kafka.topics: is empty; list at least one {name, partitions}")
+    return tuple(topics)
+
+
+def _read_acl(root: _Section, topic_names: set[str]) -> tuple[AclEntry, ...]:
+    entries: list[AclEntry] = []
+    for item in root.objects("kafka.producer.acl", hint=", a list of {name, secret, topic}"):
+        name = item.get("name", str, check=non_empty)
+        topic = item.get("topic", str)
+        digest = _read_secret(item)
+        item.reject_unknown()
+        if topic is not None and topic not in topic_names:
+            root.problems.append(
+                f"{item.path}.topic: {topic!r} is not in kafka.topics; add it there or fix the name"
+            )
+        if name is not None and name in {e.name for e in entries}:
+            root.problems.append(
+                f"{item.path}.name: duplicate ACL name {name!r}; names must be unique"
+            )
+        elif None not in (name, topic, digest):
+            entries.append(AclEntry(name, digest, topic))
+    return tuple(entries)
+
+
+def _read_secret(item: _Section) -> bytes | None:
+    """A secret is given in clear (`secret`) or as its hex SHA-256 (`secret_sha256`)."""
+    secret = item.get("secret", str, default=None)
+    hashed = item.get("secret_sha256", str, default=None)
+    if (secret is None) == (hashed is None):
+        if "secret" not in item.obj and "secret_sha256" not in item.obj:
+            item.problems.append(f"{item.path}.secret: is missing; add it (or secret_sha256)")
+        elif "secret" in item.obj and "secret_sha256" in item.obj:
+            item.problems.append(f"{item.path}: has both secret and secret_sha256; keep one")
+        return None
+    if secret is not None:
+        return hashlib.sha256(secret.encode()).digest()
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", hashed):
+        item.problems.append(
+            f"{item.path}.secret_sha256: must be 64 hex digits (sha256sum of the secret)"
+        )
+        return None
+    return bytes.fromhex(hashed)
+
+
+def _read_breaker(item: _Section) -> BreakerConfig | None:
+    section = item.section("circuitBreaker")
+    if section is None:
+        return None
+    values = (
+        section.get("breakPeriod", float, check=positive),
+        section.get("recoverPeriod", float, check=positive),
+        section.get("winSize", int, check=positive),
+        section.get("minStats", int, check=non_negative),
+        section.get("healthRate", float, check=between(0, 1)),
+    )
+    section.reject_unknown()
+    return None if None in values else BreakerConfig(*values)
+
+
+def _read_consumer(item: _Section, topic_names: set[str]) -> ConsumerConfig | None:
+    topic = item.get("topic", str)
+    if topic is not None and topic not in topic_names:
+        item.problems.append(
+            f"{item.path}.topic: {topic!r} is not in kafka.topics; add it there or fix the name"
+        )
+        topic = None
+    group_id = item.get("groupId", str, check=non_empty)
+    rate_limit = item.get("rateLimit", float, check=positive)
+    timeout_ms = item.get("timeout", int, check=positive)
+    retries = item.get("retries", int, check=non_negative)
+    concurrency = item.get("concurrency", int, check=positive)
+    breaker = _read_breaker(item)
+    dead_letter = item.get("deadLetterTopic", str, default=f"{topic}.dlq", check=topic_name)
+    backoff_base = item.get("backoffBase", int, default=200, check=positive)
+    backoff_max = item.get("backoffMax", int, default=30_000, check=positive)
+    retry_status = item.get(
+        "retryStatus", list, default=list(DEFAULT_RETRY_STATUS), check=_status_list
+    )
+    max_buffered = item.get("maxBuffered", int, default=None, check=positive)
+    item.reject_unknown()
+    if "circuitBreaker" in item.obj and breaker is None:
+        return None
+    if None in (
+        topic,
+        group_id,
+        rate_limit,
+        timeout_ms,
+        retries,
+        concurrency,
+        dead_letter,
+        backoff_base,
+        backoff_max,
+        retry_status,
+    ):
+        return None
+    if dead_letter == topic:
+        item.problems.append(f"{item.path}.deadLetterTopic: must differ from topic {topic!r}")
+        return None
+    if backoff_max < backoff_base:
+        item.problems.append(f"{item.path}.backoffMax: must be >= backoffBase ({backoff_base})")
+        return None
+    return ConsumerConfig(
+        topic=topic,
+        group_id=group_id,
+        rate_limit=rate_limit,
+        timeout_ms=timeout_ms,
+        retries=retries,
+        concurrency=concurrency,
+        breaker=breaker,
+        dead_letter_topic=dead_letter,
+        backoff_base_ms=backoff_base,
+        backoff_max_ms=backoff_max,
+        retry_status=frozenset(retry_status),
+        max_buffered=max_buffered or max(100, 4 * concurrency),
+    )
+
+
+def _status_list(value: list[Any]) -> str | None:
+    if all(isinstance(s, int) and not isinstance(s, bool) and 400 <= s <= 499 for s in value):
+        return None
+    return "must list 4xx status codes (integers 400-499) to retry; 5xx are always retried"
+
+
+def _read_consumers(root: _Section, topic_names: set[str]) -> tuple[ConsumerConfig, ...]:
+    consumers: list[ConsumerConfig] = []
+    hint = ", a list of {topic, groupId, rateLimit, timeout, retries, concurrency}"
+    for item in root.objects("kafka.consumer.list", hint=hint):
+        consumer = _read_consumer(item, topic_names)
+        if consumer is None:
+            continue
+        if consumer.key in {c.key for c in consumers}:
+            root.problems.append(
+                f"{item.path}: duplicate (topic, groupId) {consumer.key}; "
+                "each consumer group may be listed once per topic"
+            )
+            continue
+        consumers.append(consumer)
+    return tuple(consumers)
+
+
+def parse_config(raw: Any, source: Path | None = None) -> Config:
+    """Validate a decoded JSON document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config: must be a JSON object, got {_json_type(raw)}"])
+    root = _Section(raw, "", problems)
+    log_level = root.get("log.level", int, default=4, check=between(1, 5))
+    log_directory = root.get("log.directory", str, default="")
+    servers = root.get(
+        "kafka.bootstrap.servers", str, check=non_empty, hint=', e.g. "127.0.0.1:9092"'
+    )
+    topics = _read_topics(root)
+    topic_names = {t.name for t in topics}
+    producer_retries = root.get("kafka.producer.retries", int, default=2, check=non_negative)
+    ack_timeout = root.get("kafka.producer.ack.timeout", int, default=5000, check=positive)
+    acl = _read_acl(root, topic_names)
+    consumers = _read_consumers(root, topic_names)
+    values = dict(
+        http_host=root.get("http.server.host", str, default="0.0.0.0", check=non_empty),
+        http_port=root.get("http.server.port", int, check=between(1, 65535)),
+        channel_size=root.get(
+            "http.server.handler.channel.size", int, default=10_000, check=positive
+        ),
+        read_timeout_ms=root.get("http.server.read.timeout", int, default=5000, check=positive),
+        write_timeout_ms=root.get("http.server.write.timeout", int, default=5000, check=positive),
+        body_limit=root.get("http.server.body.limit", int, default=1 << 20, check=positive),
+        shutdown_timeout_ms=root.get(
+            "http.server.shutdown.timeout", int, default=10_000, check=positive
+        ),
+    )
+    root.reject_unknown()
+    _check_topic_roles(topics, consumers, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        log_level=log_level,
+        log_directory=log_directory,
+        bootstrap_servers=servers,
+        topics=topics,
+        producer_retries=producer_retries,
+        producer_ack_timeout_ms=ack_timeout,
+        acl=acl,
+        consumers=consumers,
+        source=source,
+        **values,
+    )
+
+
+def _check_topic_roles(
+    topics: tuple[TopicConfig, ...], consumers: tuple[ConsumerConfig, ...], problems: list[str]
+) -> None:
+    """A dead-letter topic must not also be a call topic, or calls would loop."""
+    call_topics = {t.name for t in topics}
+    for index, consumer in enumerate(consumers):
+        if consumer.dead_letter_topic in call_topics:
+            problems.append(
+                f"kafka.consumer.list[{index}].deadLetterTopic: {consumer.dead_letter_topic!r} "
+                "is a call topic in kafka.topics; pick a topic only used for dead letters"
+            )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raise ConfigError with one line per problem."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"config {path}: cannot read it ({exc.strerror})"]) from None
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError([f"config {path}: invalid JSON ({exc})"]) from None
+    return parse_config(raw, source=path)

@@ -1,0 +1,310 @@
+"""One consumer group: poll calls from Kafka, deliver them concurrently, commit safely.
+
+At-least-once rests on three rules:
+- a partition's offset is committed only over a contiguous run of finished calls
+  (delivered, or written to the dead-letter topic);
+- a revoked partition commits what has finished and drops the rest, which its
+  next owner delivers again; a lost partition commits nothing;
+- waiting (for a token, a slot, the breaker or buffer room) pauses partitions and
+  never stops polling, so the broker does not evict the consumer.
+
+librdkafka fetches in its own threads; `consume(timeout=0)` only takes what it
+already has, so the poll loop runs on the event loop without blocking it, and the
+rebalance callbacks run there too, with no locks needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pybreaker
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from bigpipe.breaker import BREAK, Breaker
+from bigpipe.client import DeliveryClient, Outcome
+from bigpipe.config import Config, ConsumerConfig
+from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_dead_letter
+from bigpipe.offsets import PartitionOffsets
+from bigpipe.producer import ProduceFailed, Producer
+from bigpipe.retry import backoff_seconds
+from bigpipe.stats import GroupCounters
+
+log = logging.getLogger(__name__)
+
+POLL_BATCH = 500
+IDLE_POLL_SECONDS = 0.005
+COMMIT_INTERVAL_SECONDS = 0.5
+
+
+def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": config.bootstrap_servers,
+        "group.id": consumer.group_id,
+        "client.id": f"bigpipe-{consumer.group_id}",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        # A group seen for the first time must start at the oldest call, not the newest:
+        # calls accepted before the group existed are owed a delivery too.
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 2_000,
+        # Bound what librdkafka prefetches, so memory stays bounded under a backlog.
+        "queued.max.messages.kbytes": 8_192,
+    }
+
+
+@dataclass(slots=True)
+class _Partition:
+    offsets: PartitionOffsets = field(default_factory=PartitionOffsets)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class ConsumerGroup:
+    def __init__(
+        self, config: Config, consumer: ConsumerConfig, producer: Producer, counters: GroupCounters
+    ) -> None:
+        self.config = consumer
+        self._counters = counters
+        self._producer = producer
+        self._breaker = _make_breaker(consumer, counters)
+        self._client = DeliveryClient(consumer, counters, self._breaker)
+        self._kafka = Consumer(
+            {
+                **consumer_settings(config, consumer),
+                "error_cb": self._on_error,
+                "on_commit": self._on_commit,
+            }
+        )
+        self._partitions: dict[int, _Partition] = {}
+        self._paused: set[int] = set()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.topic}/{self.config.group_id}"
+
+    def start(self) -> None:
+        self._kafka.subscribe(
+            [self.config.topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._task = asyncio.create_task(self._poll_forever(), name=f"poll {self.name}")
+
+    async def stop(self, timeout: float) -> None:
+        """Stop polling, give calls in flight `timeout` s to finish, commit, leave the group."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+        tasks = [t for p in self._partitions.values() for t in p.tasks]
+        if tasks:
+            _, unfinished = await asyncio.wait(tasks, timeout=timeout)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+            if unfinished:
+                log.warning(
+                    "%s: %d calls unfinished at shutdown; they will be delivered again",
+                    self.name,
+                    len(unfinished),
+                )
+        self._commit(asynchronous=False)
+        self._kafka.close()
+        await self._client.close()
+
+    # ------------------------------------------------------------ polling
+    async def _poll_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_commit = loop.time() + COMMIT_INTERVAL_SECONDS
+        while not self._stopping.is_set():
+            room = self.config.max_buffered - self._buffered()
+            messages = self._kafka.consume(num_messages=max(1, min(POLL_BATCH, room)), timeout=0)
+            for message in messages:
+                self._accept(message)
+            self._steer()
+            if loop.time() >= next_commit:
+                self._commit(asynchronous=True)
+                next_commit = loop.time() + COMMIT_INTERVAL_SECONDS
+            await asyncio.sleep(0 if messages else IDLE_POLL_SECONDS)
+
+    def _buffered(self) -> int:
+        return sum(len(p.offsets) for p in self._partitions.values())
+
+    def _accept(self, message: Message) -> None:
+        if message.error() is not None:
+            log.warning("%s: consume error: %s", self.name, message.error().str())
+            return
+        partition = self._partitions.get(message.partition())
+        if partition is None:  # a straggler from a partition just taken away
+            return
+        partition.offsets.track(message.offset())
+        self._counters.handleMessage += 1
+        task = asyncio.create_task(self._handle(message, partition))
+        partition.tasks.add(task)
+        task.add_done_callback(partition.tasks.discard)
+
+    def _steer(self) -> None:
+        """Pause every partition while the buffer is full or the breaker holds calls.
+
+        Resuming waits until the buffer is half empty, so a full group does not
+        flap between pause and resume on every finished call.
+        """
+        buffered = self._buffered()
+        limit = self.config.max_buffered
+        breaking = self._breaker is not None and self._breaker.update() == BREAK
+        hold = breaking or buffered >= limit or (bool(self._paused) and buffered > limit // 2)
+        assigned = set(self._partitions)
+        if hold and assigned - self._paused:
+            self._kafka.pause(self._topic_partitions(assigned - self._paused))
+            self._paused |= assigned
+        elif not hold and self._paused:
+            self._kafka.resume(self._topic_partitions(self._paused & assigned))
+            self._paused.clear()
+
+    # ------------------------------------------------------------ one call
+    async def _handle(self, message: Message, partition: _Partition) -> None:
+        value = message.value()
+        try:
+            call = decode_call(value)
+        except InvalidRecord as exc:
+            self._counters.invalidMessage += 1
+            log.warning(
+                "%s: skipping invalid record at %d/%d: %s",
+                self.name,
+                message.partition(),
+                message.offset(),
+                exc,
+            )
+            await self._dead_letter(message, None, None, f"invalid record: {exc}")
+        else:
+            outcome = await self._client.deliver(call)
+            self._counters.rpcTotal += 1
+            if outcome.delivered:
+                self._counters.rpcSuccess += 1
+            else:
+                self._counters.rpcFail += 1
+                log.info(
+                    "%s: call %s failed after %d attempts: %s",
+                    self.name,
+                    call.id,
+                    outcome.attempts,
+                    outcome.last.error,
+                )
+                await self._dead_letter(message, call, outcome, outcome.last.error)
+        partition.offsets.finish(message.offset())
+
+    async def _dead_letter(
+        self, message: Message, call: Call | None, outcome: Outcome | None, error: str
+    ) -> None:
+        """Write the dead letter, retrying until Kafka takes it: its offset waits till then."""
+        record = encode_dead_letter(
+            value=message.value(),
+            call=call,
+            topic=message.topic(),
+            partition=message.partition(),
+            offset=message.offset(),
+            group_id=self.config.group_id,
+            attempts=outcome.attempts if outcome else 0,
+            last_status=outcome.last.status if outcome else None,
+            last_error=error,
+            first_attempt_ms=outcome.first_attempt_ms if outcome else None,
+        )
+        failures = 0
+        while True:
+            try:
+                await self._producer.send(self.config.dead_letter_topic, record, message.key())
+                break
+            except ProduceFailed as exc:
+                failures += 1
+                log.error("%s: dead letter not written (%s); retrying", self.name, exc)
+                await asyncio.sleep(backoff_seconds(failures, 500, 10_000))
+        self._counters.deadLetter += 1
+
+    # ------------------------------------------------------------ offsets
+    def _commit(self, asynchronous: bool, only: list[int] | None = None) -> None:
+        offsets = []
+        for number, partition in self._partitions.items():
+            offset = partition.offsets.to_commit()
+            if offset is not None and (only is None or number in only):
+                offsets.append(TopicPartition(self.config.topic, number, offset))
+                partition.offsets.committed(offset)
+        if not offsets:
+            return
+        try:
+            self._kafka.commit(offsets=offsets, asynchronous=asynchronous)
+        except KafkaException as exc:
+            # Not fatal: the calls are delivered again by whoever owns the partition next.
+            log.warning("%s: commit failed: %s", self.name, exc.args[0].str())
+
+    def _topic_partitions(self, numbers: set[int]) -> list[TopicPartition]:
+        return [TopicPartition(self.config.topic, n) for n in sorted(numbers)]
+
+    # ------------------------------------------------------------ rebalance callbacks
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._partitions[tp.partition] = _Partition()
+        consumer.incremental_assign(partitions)
+        log.info("%s: assigned partitions %s", self.name, [tp.partition for tp in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = [tp.partition for tp in partitions]
+        self._cancel(numbers)
+        self._commit(asynchronous=False, only=numbers)
+        self._forget(consumer, partitions)
+        log.info("%s: revoked partitions %s", self.name, numbers)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Another member may own these already: committing now could skip its work.
+        self._cancel([tp.partition for tp in partitions])
+        self._forget(consumer, partitions)
+        log.warning("%s: lost partitions %s", self.name, [tp.partition for tp in partitions])
+
+    def _cancel(self, numbers: list[int]) -> None:
+        for number in numbers:
+            partition = self._partitions.get(number)
+            for task in list(partition.tasks) if partition else []:
+                task.cancel()
+
+    def _forget(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._partitions.pop(tp.partition, None)
+            self._paused.discard(tp.partition)
+        consumer.incremental_unassign(partitions)
+
+    def _on_error(self, error: KafkaError) -> None:
+        log.warning("%s: kafka: %s", self.name, error.str())
+
+    def _on_commit(self, error: KafkaError | None, _partitions: list[TopicPartition]) -> None:
+        if error is not None and error.code() != KafkaError._NO_OFFSET:
+            log.warning("%s: commit failed: %s", self.name, error.str())
+
+
+def _make_breaker(consumer: ConsumerConfig, counters: GroupCounters) -> Breaker | None:
+    if consumer.breaker is None:
+        return None
+    return Breaker(
+        consumer.breaker,
+        f"{consumer.topic}/{consumer.group_id}",
+        listeners=[_BreakerGauge(counters)],
+    )
+
+
+class _BreakerGauge(pybreaker.CircuitBreakerListener):
+    """Keeps `circuitIsBreak` true to the breaker: 1 in BREAK, else 0."""
+
+    def __init__(self, counters: GroupCounters) -> None:
+        self._counters = counters
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        self._counters.circuitIsBreak = int(new_state.name == BREAK)

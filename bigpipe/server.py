@@ -1,0 +1,187 @@
+"""The HTTP side: `/rpc/call` ingest, `/stats` and the `/rpc/server/mock` downstream.
+
+Every reply is `{"errno", "msg", "data"}` as JSON, with an HTTP status that
+matches: a caller can branch on either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from bigpipe.envelope import encode_call, forwardable_headers, new_call
+from bigpipe.producer import ProduceFailed
+
+if TYPE_CHECKING:
+    from bigpipe.app import Node
+
+log = logging.getLogger(__name__)
+
+OK, CALLER_ERROR, INTERNAL_ERROR = 0, -1, 1
+MAX_URL_LENGTH = 8192
+
+
+class Reject(Exception):
+    """A call refused before it reaches Kafka: nothing is written."""
+
+    def __init__(self, status: int, msg: str, errno: int = CALLER_ERROR) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.errno = errno
+        self.msg = msg
+
+
+@dataclass(slots=True, frozen=True)
+class CallRequest:
+    name: str
+    secret: str
+    url: str
+    data: str
+    partition_key: str | None
+
+
+def reply(status: int, errno: int, msg: str, data: Any = None) -> web.Response:
+    body = orjson.dumps({"data": data, "errno": errno, "msg": msg})
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def parse_call_request(body: bytes) -> CallRequest:
+    """Decode and check a /rpc/call body; raise Reject naming the first bad field."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Reject(400, f"invalid JSON body: {exc}") from None
+    if not isinstance(payload, dict):
+        raise Reject(400, "body must be a JSON object")
+    acl = payload.get("acl")
+    if not isinstance(acl, dict):
+        raise Reject(400, "field acl: must be an object {name, secret}")
+    name = _string(acl, "name", "acl.name")
+    secret = _string(acl, "secret", "acl.secret")
+    url = _string(payload, "url", "url")
+    data = _string(payload, "data", "data")
+    partition_key = payload.get("partition_key")
+    if partition_key is not None and not isinstance(partition_key, str):
+        raise Reject(400, "field partition_key: must be a string when given")
+    _check_url(url)
+    return CallRequest(name, secret, url, data, partition_key)
+
+
+def _string(obj: dict[str, Any], key: str, path: str) -> str:
+    value = obj.get(key)
+    if value is None:
+        raise Reject(400, f"field {path}: is missing")
+    if not isinstance(value, str):
+        raise Reject(400, f"field {path}: must be a string")
+    return value
+
+
+def _check_url(url: str) -> None:
+    if len(url) > MAX_URL_LENGTH:
+        raise Reject(400, f"field url: longer than {MAX_URL_LENGTH} characters")
+    try:
+        parsed = URL(url)
+    except ValueError:
+        raise Reject(400, "field url: not a valid URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise Reject(400, "field url: must be an absolute http:// or https:// URL")
+
+
+class Ingest:
+    """Turns an HTTP request into a durable Kafka record, or a clear refusal."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self._waiting = 0  # calls handed to Kafka and not yet acknowledged
+
+    async def rpc_call(self, request: web.Request) -> web.Response:
+        stats = self._node.stats
+        stats.server.receivedCall += 1
+        try:
+            call_id = await self._accept(request)
+        except Reject as exc:
+            return reply(exc.status, exc.errno, exc.msg)
+        stats.server.acceptedCall += 1
+        return reply(200, OK, "success", {"id": call_id})
+
+    async def _accept(self, request: web.Request) -> str:
+        node = self._node
+        config = node.config
+        body = await _read_body(request, config.read_timeout_ms / 1000)
+        call_request = parse_call_request(body)
+        entry = node.acl.authenticate(call_request.name, call_request.secret)
+        if entry is None:
+            raise Reject(403, "acl refused: unknown name or wrong secret")
+        if not node.ready:
+            raise Reject(503, node.not_ready_reason(), INTERNAL_ERROR)
+        if self._waiting >= config.channel_size:
+            node.stats.server.overloadCall += 1
+            raise Reject(503, "overloaded: too many calls waiting for Kafka; retry later")
+        headers = forwardable_headers(request.headers.items(), call_request.secret)
+        call = new_call(call_request.url, call_request.data, call_request.name, headers)
+        key = call_request.partition_key.encode() if call_request.partition_key else None
+        counters = node.stats.producer(entry.topic)
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(config.write_timeout_ms / 1000):
+                await node.producer.send(entry.topic, encode_call(call), key)
+        except (ProduceFailed, TimeoutError) as exc:
+            counters.deliveryFail += 1
+            reason = str(exc) or "no acknowledgement in time"
+            raise Reject(503, f"kafka did not take the call: {reason}", INTERNAL_ERROR) from None
+        finally:
+            self._waiting -= 1
+        counters.deliverySuccess += 1
+        return call.id
+
+
+async def _read_body(request: web.Request, timeout: float) -> bytes:
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise Reject(
+            413, f"body over the limit of {exc.max_size} bytes (http.server.body.limit)"
+        ) from None
+    except TimeoutError:
+        raise Reject(408, "body not received within http.server.read.timeout") from None
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Keep the {errno, msg, data} shape for routing errors and crashes too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return reply(exc.status, CALLER_ERROR, exc.reason.lower())
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return reply(500, INTERNAL_ERROR, "internal error")
+
+
+def build_app(node: Node) -> web.Application:
+    app = web.Application(middlewares=[json_errors], client_max_size=node.config.body_limit)
+    ingest = Ingest(node)
+
+    async def stats(_request: web.Request) -> web.Response:
+        return reply(200, OK, "success", node.stats.snapshot(node.config))
+
+    async def mock(_request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    app.router.add_post("/rpc/call", ingest.rpc_call)
+    app.router.add_get("/stats", stats)
+    app.router.add_route("*", "/rpc/server/mock", mock)
+    return app
