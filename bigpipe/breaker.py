@@ -83,20 +83,31 @@ class Breaker:
         self._window.record(self._clock(), success)
 
     def update(self) -> str:
-        """Move between states as the window and the clock say; return the state."""
+        """Move between states as the window and the clock say; return the state.
+
+        After a long quiet spell BREAK may be due for RECOVER and RECOVER for NORMAL
+        at once, so steps repeat until the state settles.
+        """
         now = self._clock()
         healthy = self._window.healthy(now)
-        held_for = now - self._break_time
-        state = self.state
-        if state == NORMAL and not healthy:
-            self._trip(now)
-        elif state == BREAK and healthy and held_for >= self._config.break_period:
-            self._machine.half_open()
-        elif state == RECOVER and not healthy:
-            self._trip(now)
-        elif state == RECOVER and held_for >= self._ramp_seconds:
-            self._machine.close()
+        while self._step(now, healthy):
+            pass
         return self.state
+
+    def _step(self, now: float, healthy: bool) -> bool:
+        """Take one transition if one is due; say whether one was taken."""
+        state = self.state
+        held_for = now - self._break_time
+        if state != BREAK and not healthy:
+            self._trip(now)
+            return True
+        if state == BREAK and healthy and held_for >= self._config.break_period:
+            self._machine.half_open()
+            return True
+        if state == RECOVER and held_for >= self._ramp_seconds:
+            self._machine.close()
+            return True
+        return False
 
     def allows(self) -> bool:
         """May one attempt go out now? In RECOVER the chance ramps up with time."""

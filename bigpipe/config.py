@@ -223,31 +223,39 @@ def _json_type(value: Any) -> str:
 
 
 # ---------------------------------------------------------------- sections
-def _read_topics(root: _Section) -> tuple[TopicConfig, ...]:
+def _read_topics(root: _Section) -> tuple[tuple[TopicConfig, ...], set[str] | None]:
+    """The valid topics, and every name listed (so one bad field does not cascade).
+
+    The names are None when the list itself is unusable: then references to topics
+    cannot be checked, and are not reported.
+    """
     topics: list[TopicConfig] = []
+    names: set[str] = set()
     for item in root.objects("kafka.topics", hint=", a list of {name, partitions}"):
         name = item.get("name", str, check=topic_name)
         partitions = item.get("partitions", int, check=positive)
         replication = item.get("replicationFactor", int, default=1, check=positive)
         min_isr = item.get("minInsyncReplicas", int, default=None, check=positive)
         item.reject_unknown()
-        if name in {t.name for t in topics}:
+        if name in names:
             root.problems.append(f"{item.path}.name: duplicate topic {name!r}; list it once")
-        elif None not in (name, partitions, replication):
+            continue
+        names.add(name)
+        if None not in (name, partitions, replication):
             topics.append(TopicConfig(name, partitions, replication, min_isr))
     if root.obj.get("kafka.topics") == []:
         root.problems.append("kafka.topics: is empty; list at least one {name, partitions}")
-    return tuple(topics)
+    return tuple(topics), names if isinstance(root.obj.get("kafka.topics"), list) else None
 
 
-def _read_acl(root: _Section, topic_names: set[str]) -> tuple[AclEntry, ...]:
+def _read_acl(root: _Section, topic_names: set[str] | None) -> tuple[AclEntry, ...]:
     entries: list[AclEntry] = []
     for item in root.objects("kafka.producer.acl", hint=", a list of {name, secret, topic}"):
         name = item.get("name", str, check=non_empty)
         topic = item.get("topic", str)
         digest = _read_secret(item)
         item.reject_unknown()
-        if topic is not None and topic not in topic_names:
+        if topic is not None and topic_names is not None and topic not in topic_names:
             root.problems.append(
                 f"{item.path}.topic: {topic!r} is not in kafka.topics; add it there or fix the name"
             )
@@ -295,9 +303,9 @@ def _read_breaker(item: _Section) -> BreakerConfig | None:
     return None if None in values else BreakerConfig(*values)
 
 
-def _read_consumer(item: _Section, topic_names: set[str]) -> ConsumerConfig | None:
+def _read_consumer(item: _Section, topic_names: set[str] | None) -> ConsumerConfig | None:
     topic = item.get("topic", str)
-    if topic is not None and topic not in topic_names:
+    if topic is not None and topic_names is not None and topic not in topic_names:
         item.problems.append(
             f"{item.path}.topic: {topic!r} is not in kafka.topics; add it there or fix the name"
         )
@@ -359,7 +367,7 @@ def _status_list(value: list[Any]) -> str | None:
     return "must list 4xx status codes (integers 400-499) to retry; 5xx are always retried"
 
 
-def _read_consumers(root: _Section, topic_names: set[str]) -> tuple[ConsumerConfig, ...]:
+def _read_consumers(root: _Section, topic_names: set[str] | None) -> tuple[ConsumerConfig, ...]:
     consumers: list[ConsumerConfig] = []
     hint = ", a list of {topic, groupId, rateLimit, timeout, retries, concurrency}"
     for item in root.objects("kafka.consumer.list", hint=hint):
@@ -387,8 +395,7 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
     servers = root.get(
         "kafka.bootstrap.servers", str, check=non_empty, hint=', e.g. "127.0.0.1:9092"'
     )
-    topics = _read_topics(root)
-    topic_names = {t.name for t in topics}
+    topics, topic_names = _read_topics(root)
     producer_retries = root.get("kafka.producer.retries", int, default=2, check=non_negative)
     ack_timeout = root.get("kafka.producer.ack.timeout", int, default=5000, check=positive)
     acl = _read_acl(root, topic_names)

@@ -181,7 +181,17 @@ def build_app(node: Node) -> web.Application:
     async def mock(_request: web.Request) -> web.Response:
         return web.Response(status=200)
 
+    async def healthz(_request: web.Request) -> web.Response:
+        return reply(200, OK, "alive")
+
+    async def readyz(_request: web.Request) -> web.Response:
+        if node.ready:
+            return reply(200, OK, "ready")
+        return reply(503, INTERNAL_ERROR, node.not_ready_reason())
+
     app.router.add_post("/rpc/call", ingest.rpc_call)
     app.router.add_get("/stats", stats)
     app.router.add_route("*", "/rpc/server/mock", mock)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app

@@ -1,0 +1,54 @@
+"""Fixtures: one real Kafka for the session, real HTTP servers, real Bigpipe processes.
+
+`./build.sh test` starts a Kafka of its own and passes its address in
+BIGPIPE_TEST_BOOTSTRAP. Run bare, pytest starts (and leaves running, for the
+next run) the test broker on port 19092 itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+
+from tests.support import LOCAL_KAFKA, REPO, Bigpipe, Downstream
+
+TEST_KAFKA_PORT = "19092"
+TEST_KAFKA_DIR = REPO / ".local" / "kafka-test"
+
+
+@pytest.fixture(scope="session")
+def kafka() -> str:
+    """The bootstrap address of a real Kafka broker."""
+    if bootstrap := os.environ.get("BIGPIPE_TEST_BOOTSTRAP"):
+        return bootstrap
+    started = subprocess.run(
+        [str(LOCAL_KAFKA), "start", "--port", TEST_KAFKA_PORT, "--dir", str(TEST_KAFKA_DIR)],
+        check=True, stdout=subprocess.PIPE, text=True, timeout=180)
+    return started.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def downstream() -> AsyncIterator[Downstream]:
+    server = await Downstream().start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Bigpipe]]:
+    """Bigpipe processes a test starts; any still running at the end are killed by PID."""
+    started: list[Bigpipe] = []
+    yield started
+    for bigpipe in started:
+        if bigpipe.process is not None and bigpipe.process.returncode is None:
+            bigpipe.process.kill()

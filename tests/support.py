@@ -1,0 +1,244 @@
+"""Real parts for integration tests: a recording downstream, a Bigpipe process, Kafka probes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from confluent_kafka import Consumer, TopicPartition
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_KAFKA = REPO / "deploy" / "kafka" / "local-kafka"
+ACL_NAME, ACL_SECRET = "system-1", "s3cret-for-tests"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float, what: str,
+                     interval: float = 0.05) -> None:
+    """Wait until `predicate()` holds, failing with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+# ---------------------------------------------------------------- downstream
+@dataclass
+class Received:
+    body: bytes
+    headers: dict[str, str]
+    call_id: str
+    attempt: int
+    at: float
+
+
+Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
+
+
+async def answer_200(_request: web.Request, _number: int) -> web.StreamResponse:
+    return web.Response(status=200, text="ok")
+
+
+@dataclass
+class Downstream:
+    """A real HTTP server on loopback that records every request it gets."""
+
+    behaviour: Behaviour = answer_200
+    requests: list[Received] = field(default_factory=list)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> Downstream:
+        app = web.Application(client_max_size=4 << 20)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def call_ids(self) -> set[str]:
+        return {r.call_id for r in self.requests}
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            body = await request.read()
+            number = len(self.requests)
+            self.requests.append(Received(
+                body, dict(request.headers), request.headers.get("X-Bigpipe-Call-Id", ""),
+                int(request.headers.get("X-Bigpipe-Attempt", "0")), time.monotonic()))
+            return await self.behaviour(request, number)
+        finally:
+            self.in_flight -= 1
+
+
+# ---------------------------------------------------------------- bigpipe
+def base_config(bootstrap: str, topic: str, port: int, *, partitions: int = 3,
+                consumers: list[dict[str, Any]] | None = None,
+                **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "log.level": 4,
+        "log.directory": "",
+        "kafka.bootstrap.servers": bootstrap,
+        "kafka.topics": [{"name": topic, "partitions": partitions}],
+        "kafka.producer.acl": [{"name": ACL_NAME, "secret": ACL_SECRET, "topic": topic}],
+        "kafka.consumer.list": consumers or [],
+        "http.server.host": "127.0.0.1",
+        "http.server.port": port,
+        "http.server.shutdown.timeout": 5000,
+    }
+    config.update(overrides)
+    return config
+
+
+def consumer_entry(topic: str, group: str, **overrides: Any) -> dict[str, Any]:
+    entry = {"topic": topic, "groupId": group, "rateLimit": 10_000, "timeout": 2000,
+             "retries": 2, "concurrency": 20, "backoffBase": 20, "backoffMax": 200}
+    entry.update(overrides)
+    return entry
+
+
+class Bigpipe:
+    """A Bigpipe process started from a config dict; stopped by its PID."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+        self.config = config
+        self.port = config["http.server.port"]
+        self.config_path = workdir / f"bigpipe-{self.port}.json"
+        self.log_path = workdir / f"bigpipe-{self.port}.log"
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, wait_ready: bool = True) -> Bigpipe:
+        self.config_path.write_bytes(orjson.dumps(self.config))
+        log = self.log_path.open("ab")
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bigpipe", "-config", str(self.config_path),
+            stdout=log, stderr=log, cwd=REPO)
+        log.close()
+        if wait_ready:
+            await self.wait_ready()
+        return self
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                if self.process.returncode is not None:
+                    raise AssertionError(f"bigpipe exited {self.process.returncode}:\n"
+                                         f"{self.log_tail()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{self.url}/readyz") as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"bigpipe not ready after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signum)
+
+    async def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, and wait for the exit code; SIGKILL if it does not come."""
+        if self.process is None or self.process.returncode is not None:
+            return self.process.returncode if self.process else 0
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            self.signal(signal.SIGKILL)
+            await self.process.wait()
+            raise AssertionError(f"bigpipe did not stop in {timeout} s:\n{self.log_tail()}")
+
+    async def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        assert self.process is not None
+        await self.process.wait()
+
+    async def stats(self, session: aiohttp.ClientSession) -> dict[str, Any]:
+        async with session.get(f"{self.url}/stats") as response:
+            return (await response.json())["data"]
+
+    async def post_call(self, session: aiohttp.ClientSession, data: str = "hello",
+                        url: str = "http://127.0.0.1:1/hook", **extra: Any
+                        ) -> tuple[int, dict[str, Any]]:
+        payload = {"acl": {"name": ACL_NAME, "secret": ACL_SECRET}, "url": url, "data": data,
+                   **extra}
+        return await self.post_raw(session, orjson.dumps(payload))
+
+    async def post_raw(self, session: aiohttp.ClientSession, body: bytes,
+                       headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+        async with session.post(f"{self.url}/rpc/call", data=body,
+                                headers=headers or {}) as response:
+            return response.status, await response.json(content_type=None)
+
+
+# ---------------------------------------------------------------- kafka
+def topic_record_count(bootstrap: str, topic: str) -> int:
+    """Records ever written to a topic: the sum of its partitions' high watermarks."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("probe")})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                   for p in partitions)
+    finally:
+        consumer.close()
+
+
+def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30) -> list[Any]:
+    """Read `count` records from the start of a topic (blocking; for dead-letter checks)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("reader"),
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(records) < count and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                records.append(message)
+    finally:
+        consumer.close()
+    return records

@@ -1,0 +1,110 @@
+"""The original's breaker, driven by a fake clock through every transition."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pybreaker
+
+from bigpipe.breaker import BREAK, NORMAL, RECOVER, Breaker, HealthWindow
+from bigpipe.config import BreakerConfig
+
+CONFIG = BreakerConfig(break_period=5, recover_period=5, win_size=3, min_stats=4,
+                       health_rate=0.5)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Transitions(pybreaker.CircuitBreakerListener):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def state_change(self, cb, old_state, new_state) -> None:  # type: ignore[no-untyped-def]
+        self.seen.append(new_state.name)
+
+
+def make() -> tuple[Breaker, Clock, Transitions]:
+    clock, transitions = Clock(), Transitions()
+    return Breaker(CONFIG, "t/g", [transitions], clock, random.Random(1)), clock, transitions
+
+
+def fail(breaker: Breaker, times: int) -> None:
+    for _ in range(times):
+        breaker.record(False)
+
+
+def test_window_is_healthy_below_min_stats_and_judges_the_rate_above() -> None:
+    window = HealthWindow(size=3, min_stats=4, health_rate=0.5)
+    for _ in range(3):
+        window.record(0, False)
+    assert window.healthy(0), "3 samples < minStats 4"
+    window.record(0, True)
+    assert not window.healthy(0), "1/4 success < 0.5"
+    window.record(1, True)
+    assert not window.healthy(1), "2/5 success < 0.5"
+    window.record(1, True)
+    assert window.healthy(1), "3/6 success == 0.5"
+    assert window.healthy(3.5), "second 0 has left a 3-second window; only 2 samples remain"
+
+
+def test_every_transition() -> None:
+    breaker, clock, transitions = make()
+    assert breaker.update() == NORMAL and breaker.allows()
+
+    fail(breaker, 3)
+    assert breaker.update() == NORMAL, "too few samples to judge"
+    fail(breaker, 1)
+    assert breaker.update() == BREAK and not breaker.allows()
+
+    clock.now += 3.5  # window empty again, but breakPeriod not over: BREAK holds
+    assert breaker.update() == BREAK
+
+    clock.now += 1.5  # breakPeriod over and window healthy: RECOVER
+    assert breaker.update() == RECOVER
+    admitted = sum(breaker.allows() for _ in range(2000)) / 2000
+    assert 0.4 < admitted < 0.6, "at 5 s of a 10 s ramp about half the calls go through"
+
+    fail(breaker, 4)  # unhealthy again while recovering: back to BREAK, clock restarts
+    assert breaker.update() == BREAK
+    clock.now += 4.9
+    assert breaker.update() == BREAK
+    clock.now += 0.2
+    assert breaker.update() == RECOVER
+    clock.now += 3
+    admitted = sum(breaker.allows() for _ in range(2000)) / 2000
+    assert 0.7 < admitted < 0.9, "the ramp rises with time"
+    clock.now += 2
+    assert breaker.update() == NORMAL and breaker.allows()
+
+    assert transitions.seen == [BREAK, RECOVER, BREAK, RECOVER, NORMAL]
+
+
+def test_an_unhealthy_window_keeps_break_past_the_break_period() -> None:
+    breaker, clock, _ = make()
+    fail(breaker, 4)
+    assert breaker.update() == BREAK
+    clock.now += 3
+    fail(breaker, 4)  # failures recorded while BREAK still count (calls already in flight)
+    clock.now += 2.5
+    assert breaker.update() == BREAK, "break period over but window still unhealthy"
+    clock.now += 2
+    assert breaker.update() == RECOVER
+
+
+async def test_admit_holds_calls_while_broken_and_releases_them_later() -> None:
+    breaker, clock, _ = make()
+    fail(breaker, 4)
+    breaker.update()
+    waiter = asyncio.create_task(breaker.admit())
+    done, _ = await asyncio.wait({waiter}, timeout=0.4)
+    assert not done, "a held call must wait, not be dropped or let through"
+    clock.now += 100  # long after the ramp: NORMAL
+    await asyncio.wait_for(waiter, timeout=2)
+    assert breaker.state == NORMAL

@@ -1,0 +1,144 @@
+"""Pure units: offsets, retry policy, envelope, ACL, stats shape."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import orjson
+import pytest
+
+from bigpipe.acl import Acl
+from bigpipe.config import AclEntry, parse_config
+from bigpipe.envelope import (InvalidRecord, decode_call, encode_call, encode_dead_letter,
+                              forwardable_headers, new_call)
+from bigpipe.offsets import PartitionOffsets
+from bigpipe.retry import Verdict, backoff_seconds, classify, retry_after_seconds
+from bigpipe.stats import Stats
+from tests.test_config import EXAMPLE
+
+
+# ---------------------------------------------------------------- offsets
+def test_commit_point_advances_only_over_contiguous_finished_offsets() -> None:
+    offsets = PartitionOffsets()
+    for offset in (10, 11, 12, 13):
+        offsets.track(offset)
+    assert offsets.to_commit() is None
+    offsets.finish(12)
+    offsets.finish(13)
+    assert offsets.to_commit() is None, "10 and 11 are unfinished: nothing may be committed"
+    offsets.finish(10)
+    assert offsets.to_commit() == 11
+    offsets.committed(11)
+    assert offsets.to_commit() is None
+    offsets.finish(11)
+    assert offsets.to_commit() == 14
+    assert len(offsets) == 0
+
+
+def test_commit_point_skips_gaps_in_offsets() -> None:
+    offsets = PartitionOffsets()
+    offsets.track(5)
+    offsets.track(9)  # 6-8 were transaction markers or compacted away
+    offsets.finish(9)
+    assert len(offsets) == 1
+    offsets.finish(5)
+    assert offsets.to_commit() == 10
+
+
+# ---------------------------------------------------------------- retry
+@pytest.mark.parametrize(("status", "verdict"), [
+    (200, Verdict.SUCCESS), (204, Verdict.SUCCESS), (299, Verdict.SUCCESS),
+    (301, Verdict.FINAL), (302, Verdict.FINAL), (400, Verdict.FINAL), (404, Verdict.FINAL),
+    (408, Verdict.RETRY), (429, Verdict.RETRY), (500, Verdict.RETRY), (503, Verdict.RETRY),
+])
+def test_classify(status: int, verdict: Verdict) -> None:
+    assert classify(status, frozenset({408, 429})) is verdict
+
+
+def test_classify_honours_configured_retry_statuses() -> None:
+    assert classify(409, frozenset({409})) is Verdict.RETRY
+    assert classify(429, frozenset()) is Verdict.FINAL
+
+
+def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
+    rng = random.Random(7)
+    for retry in range(1, 12):
+        ceiling = min(5000, 100 * 2 ** (retry - 1)) / 1000
+        delays = [backoff_seconds(retry, 100, 5000, rng) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling * 0.8, "jitter should spread up to the ceiling"
+
+
+def test_retry_after_parses_seconds_and_dates() -> None:
+    assert retry_after_seconds("7", now=0) == 7
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480) == 10
+    assert retry_after_seconds("soon", now=0) is None
+    assert retry_after_seconds(None, now=0) is None
+
+
+# ---------------------------------------------------------------- envelope
+def test_envelope_round_trips_and_is_plain_json() -> None:
+    call = new_call("http://svc/hook", "héllo ✓", "system-1", {"X-Trace": "abc"})
+    value = encode_call(call)
+    assert decode_call(value) == call
+    assert set(orjson.loads(value)) == {"v", "id", "url", "data", "caller", "ts", "headers"}
+
+
+@pytest.mark.parametrize("value", [None, b"", b"nope", b"[]", b'{"v": 2}',
+                                   b'{"v":1,"id":"x","url":"u","data":3,"caller":"c","ts":1,'
+                                   b'"headers":{}}'])
+def test_undecodable_records_are_refused_with_a_reason(value: bytes | None) -> None:
+    with pytest.raises(InvalidRecord):
+        decode_call(value)
+
+
+def test_forwarded_headers_drop_hop_by_hop_host_and_the_secret() -> None:
+    headers = [("Host", "bigpipe"), ("Content-Length", "10"), ("Connection", "keep-alive, X-Hop"),
+               ("X-Hop", "1"), ("Keep-Alive", "5"), ("Transfer-Encoding", "chunked"),
+               ("Authorization", "Bearer t"), ("X-Bigpipe-Call-Id", "forged"),
+               ("X-Leak", "pre-s3cret-post"), ("X-Trace", "a"), ("X-Trace", "b"),
+               ("User-Agent", "curl/8")]
+    assert forwardable_headers(headers, "s3cret") == {"X-Trace": "a, b", "User-Agent": "curl/8"}
+
+
+def test_dead_letter_keeps_the_envelope_or_the_raw_bytes() -> None:
+    call = new_call("http://svc/hook", "d", "c", {})
+    letter = orjson.loads(encode_dead_letter(
+        value=encode_call(call), call=call, topic="t", partition=1, offset=5, group_id="g",
+        attempts=3, last_status=500, last_error="HTTP 500", first_attempt_ms=1))
+    assert letter["call"]["id"] == call.id and letter["raw"] is None
+    assert letter["source"] == {"topic": "t", "partition": 1, "offset": 5, "group": "g"}
+    assert (letter["attempts"], letter["lastStatus"]) == (3, 500)
+    raw = orjson.loads(encode_dead_letter(
+        value=b"\xff junk", call=None, topic="t", partition=0, offset=0, group_id="g",
+        attempts=0, last_status=None, last_error="invalid", first_attempt_ms=None))
+    assert raw["call"] is None and raw["raw"] == "/yBqdW5r"
+
+
+# ---------------------------------------------------------------- acl
+def test_acl_checks_name_and_secret() -> None:
+    entry = AclEntry("a", hashlib.sha256(b"right").digest(), "t")
+    acl = Acl((entry,))
+    assert acl.authenticate("a", "right") is entry
+    assert acl.authenticate("a", "wrong") is None
+    assert acl.authenticate("b", "right") is None
+    assert acl.authenticate("a", "") is None
+
+
+# ---------------------------------------------------------------- stats
+def test_stats_shape_matches_the_original() -> None:
+    config = parse_config(EXAMPLE)
+    stats = Stats()
+    stats.group("test", "G1").rpcSuccess += 2
+    stats.group("test", "G2").rpcSuccess += 3
+    stats.group("test", "G2").circuitIsBreak = 1
+    snapshot = stats.snapshot(config)
+    assert list(snapshot) == ["serverStats", "producerStats", "consumerStats", "clientStats"]
+    assert snapshot["serverStats"] == {"receivedCall": 0, "acceptedCall": 0, "overloadCall": 0}
+    assert snapshot["producerStats"] == {"test": {"deliverySuccess": 0, "deliveryFail": 0}}
+    assert [(c["topic"], c["groupId"]) for c in snapshot["consumerStats"]] == [
+        ("test", "G1"), ("test", "G2")]
+    assert {"handleMessage", "invalidMessage"} <= set(snapshot["consumerStats"][0])
+    assert snapshot["clientStats"] == {"test": {"rpcTotal": 0, "rpcSuccess": 5, "rpcFail": 0,
+                                                "rpcRetries": 0, "circuitIsBreak": 1}}
