@@ -27,7 +27,11 @@ def kafka() -> str:
         return bootstrap
     started = subprocess.run(
         [str(LOCAL_KAFKA), "start", "--port", TEST_KAFKA_PORT, "--dir", str(TEST_KAFKA_DIR)],
-        check=True, stdout=subprocess.PIPE, text=True, timeout=180)
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=180,
+    )
     return started.stdout.strip().splitlines()[-1]
 
 

@@ -35,8 +35,9 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float, what: str,
-                     interval: float = 0.05) -> None:
+async def eventually(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
     """Wait until `predicate()` holds, failing with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -98,18 +99,30 @@ class Downstream:
         try:
             body = await request.read()
             number = len(self.requests)
-            self.requests.append(Received(
-                body, dict(request.headers), request.headers.get("X-Bigpipe-Call-Id", ""),
-                int(request.headers.get("X-Bigpipe-Attempt", "0")), time.monotonic()))
+            self.requests.append(
+                Received(
+                    body,
+                    dict(request.headers),
+                    request.headers.get("X-Bigpipe-Call-Id", ""),
+                    int(request.headers.get("X-Bigpipe-Attempt", "0")),
+                    time.monotonic(),
+                )
+            )
             return await self.behaviour(request, number)
         finally:
             self.in_flight -= 1
 
 
 # ---------------------------------------------------------------- bigpipe
-def base_config(bootstrap: str, topic: str, port: int, *, partitions: int = 3,
-                consumers: list[dict[str, Any]] | None = None,
-                **overrides: Any) -> dict[str, Any]:
+def base_config(
+    bootstrap: str,
+    topic: str,
+    port: int,
+    *,
+    partitions: int = 3,
+    consumers: list[dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "log.level": 4,
         "log.directory": "",
@@ -126,8 +139,16 @@ def base_config(bootstrap: str, topic: str, port: int, *, partitions: int = 3,
 
 
 def consumer_entry(topic: str, group: str, **overrides: Any) -> dict[str, Any]:
-    entry = {"topic": topic, "groupId": group, "rateLimit": 10_000, "timeout": 2000,
-             "retries": 2, "concurrency": 20, "backoffBase": 20, "backoffMax": 200}
+    entry = {
+        "topic": topic,
+        "groupId": group,
+        "rateLimit": 10_000,
+        "timeout": 2000,
+        "retries": 2,
+        "concurrency": 20,
+        "backoffBase": 20,
+        "backoffMax": 200,
+    }
     entry.update(overrides)
     return entry
 
@@ -150,8 +171,15 @@ class Bigpipe:
         self.config_path.write_bytes(orjson.dumps(self.config))
         log = self.log_path.open("ab")
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bigpipe", "-config", str(self.config_path),
-            stdout=log, stderr=log, cwd=REPO)
+            sys.executable,
+            "-m",
+            "bigpipe",
+            "-config",
+            str(self.config_path),
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+        )
         log.close()
         if wait_ready:
             await self.wait_ready()
@@ -163,8 +191,9 @@ class Bigpipe:
             while time.monotonic() < deadline:
                 assert self.process is not None
                 if self.process.returncode is not None:
-                    raise AssertionError(f"bigpipe exited {self.process.returncode}:\n"
-                                         f"{self.log_tail()}")
+                    raise AssertionError(
+                        f"bigpipe exited {self.process.returncode}:\n{self.log_tail()}"
+                    )
                 with contextlib.suppress(aiohttp.ClientError):
                     async with session.get(f"{self.url}/readyz") as response:
                         if response.status == 200:
@@ -190,7 +219,9 @@ class Bigpipe:
         except TimeoutError:
             self.signal(signal.SIGKILL)
             await self.process.wait()
-            raise AssertionError(f"bigpipe did not stop in {timeout} s:\n{self.log_tail()}")
+            raise AssertionError(
+                f"bigpipe did not stop in {timeout} s:\n{self.log_tail()}"
+            ) from None
 
     async def kill(self) -> None:
         self.signal(signal.SIGKILL)
@@ -201,17 +232,27 @@ class Bigpipe:
         async with session.get(f"{self.url}/stats") as response:
             return (await response.json())["data"]
 
-    async def post_call(self, session: aiohttp.ClientSession, data: str = "hello",
-                        url: str = "http://127.0.0.1:1/hook", **extra: Any
-                        ) -> tuple[int, dict[str, Any]]:
-        payload = {"acl": {"name": ACL_NAME, "secret": ACL_SECRET}, "url": url, "data": data,
-                   **extra}
+    async def post_call(
+        self,
+        session: aiohttp.ClientSession,
+        data: str = "hello",
+        url: str = "http://127.0.0.1:1/hook",
+        **extra: Any,
+    ) -> tuple[int, dict[str, Any]]:
+        payload = {
+            "acl": {"name": ACL_NAME, "secret": ACL_SECRET},
+            "url": url,
+            "data": data,
+            **extra,
+        }
         return await self.post_raw(session, orjson.dumps(payload))
 
-    async def post_raw(self, session: aiohttp.ClientSession, body: bytes,
-                       headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-        async with session.post(f"{self.url}/rpc/call", data=body,
-                                headers=headers or {}) as response:
+    async def post_raw(
+        self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        async with session.post(
+            f"{self.url}/rpc/call", data=body, headers=headers or {}
+        ) as response:
             return response.status, await response.json(content_type=None)
 
 
@@ -221,16 +262,24 @@ def topic_record_count(bootstrap: str, topic: str) -> int:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("probe")})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                   for p in partitions)
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions
+        )
     finally:
         consumer.close()
 
 
 def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30) -> list[Any]:
     """Read `count` records from the start of a topic (blocking; for dead-letter checks)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("reader"),
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": unique("reader"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
     records: list[Any] = []
     deadline = time.monotonic() + timeout

@@ -10,8 +10,7 @@ import pybreaker
 from bigpipe.breaker import BREAK, NORMAL, RECOVER, Breaker, HealthWindow
 from bigpipe.config import BreakerConfig
 
-CONFIG = BreakerConfig(break_period=5, recover_period=5, win_size=3, min_stats=4,
-                       health_rate=0.5)
+CONFIG = BreakerConfig(break_period=5, recover_period=5, win_size=3, min_stats=4, health_rate=0.5)
 
 
 class Clock:

@@ -33,35 +33,57 @@ def test_example_config_is_valid() -> None:
     assert config.body_limit == 1 << 20
 
 
-@pytest.mark.parametrize("key", ["kafka.bootstrap.servers", "kafka.topics",
-                                 "kafka.producer.acl", "kafka.consumer.list",
-                                 "http.server.port"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "kafka.bootstrap.servers",
+        "kafka.topics",
+        "kafka.producer.acl",
+        "kafka.consumer.list",
+        "http.server.port",
+    ],
+)
 def test_missing_required_key(key: str) -> None:
-    assert problems_of(lambda raw: raw.pop(key)) == [f"{key}: is missing; add it" +
-                                                     problems_of_hint(key)]
+    assert problems_of(lambda raw: raw.pop(key)) == [
+        f"{key}: is missing; add it" + problems_of_hint(key)
+    ]
 
 
 def problems_of_hint(key: str) -> str:
-    hints = {"kafka.bootstrap.servers": ', e.g. "127.0.0.1:9092"',
-             "kafka.topics": ", a list of {name, partitions}",
-             "kafka.producer.acl": ", a list of {name, secret, topic}",
-             "kafka.consumer.list": ", a list of {topic, groupId, rateLimit, timeout, retries, "
-                                    "concurrency}",
-             "http.server.port": ""}
+    hints = {
+        "kafka.bootstrap.servers": ', e.g. "127.0.0.1:9092"',
+        "kafka.topics": ", a list of {name, partitions}",
+        "kafka.producer.acl": ", a list of {name, secret, topic}",
+        "kafka.consumer.list": ", a list of {topic, groupId, rateLimit, timeout, retries, "
+        "concurrency}",
+        "http.server.port": "",
+    }
     return hints[key]
 
 
-@pytest.mark.parametrize(("path", "value", "expected"), [
-    (("http.server.port",), "10086", "http.server.port: must be an integer, got a string"),
-    (("log.level",), 2.5, "log.level: must be an integer, got a number"),
-    (("kafka.topics",), {}, "kafka.topics: must be a list, got an object"),
-    (("kafka.consumer.list", 0, "concurrency"), True,
-     "kafka.consumer.list[0].concurrency: must be an integer, got a boolean"),
-    (("kafka.producer.acl", 0, "secret"), None,
-     "kafka.producer.acl[0].secret: must be a string, got null"),
-    (("kafka.consumer.list", 1, "circuitBreaker"), [],
-     "kafka.consumer.list[1].circuitBreaker: must be an object, got a list"),
-])
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("http.server.port",), "10086", "http.server.port: must be an integer, got a string"),
+        (("log.level",), 2.5, "log.level: must be an integer, got a number"),
+        (("kafka.topics",), {}, "kafka.topics: must be a list, got an object"),
+        (
+            ("kafka.consumer.list", 0, "concurrency"),
+            True,
+            "kafka.consumer.list[0].concurrency: must be an integer, got a boolean",
+        ),
+        (
+            ("kafka.producer.acl", 0, "secret"),
+            None,
+            "kafka.producer.acl[0].secret: must be a string, got null",
+        ),
+        (
+            ("kafka.consumer.list", 1, "circuitBreaker"),
+            [],
+            "kafka.consumer.list[1].circuitBreaker: must be an object, got a list",
+        ),
+    ],
+)
 def test_wrong_type(path: tuple[Any, ...], value: Any, expected: str) -> None:
     def mutate(raw: Any) -> None:
         target = raw
@@ -72,20 +94,27 @@ def test_wrong_type(path: tuple[Any, ...], value: Any, expected: str) -> None:
     assert expected in problems_of(mutate)
 
 
-@pytest.mark.parametrize(("where", "key", "value"), [
-    ("kafka.topics[0]", "partitions", 0),
-    ("kafka.consumer.list[0]", "rateLimit", 0),
-    ("kafka.consumer.list[0]", "concurrency", -3),
-    ("kafka.consumer.list[0]", "timeout", 0),
-])
+@pytest.mark.parametrize(
+    ("where", "key", "value"),
+    [
+        ("kafka.topics[0]", "partitions", 0),
+        ("kafka.consumer.list[0]", "rateLimit", 0),
+        ("kafka.consumer.list[0]", "concurrency", -3),
+        ("kafka.consumer.list[0]", "timeout", 0),
+    ],
+)
 def test_non_positive_numbers(where: str, key: str, value: int) -> None:
     def mutate(raw: Any) -> None:
-        section = raw["kafka.topics"][0] if where.startswith("kafka.topics") else \
-            raw["kafka.consumer.list"][0]
+        section = (
+            raw["kafka.topics"][0]
+            if where.startswith("kafka.topics")
+            else raw["kafka.consumer.list"][0]
+        )
         section[key] = value
 
-    assert problems_of(mutate) == [f"{where}.{key}: must be > 0, got {value}; "
-                                   "use a positive number"]
+    assert problems_of(mutate) == [
+        f"{where}.{key}: must be > 0, got {value}; use a positive number"
+    ]
 
 
 def test_negative_retries() -> None:
@@ -96,41 +125,47 @@ def test_negative_retries() -> None:
 @pytest.mark.parametrize("rate", [-0.1, 1.5])
 def test_health_rate_outside_unit_interval(rate: float) -> None:
     problems = problems_of(
-        lambda raw: raw["kafka.consumer.list"][1]["circuitBreaker"].update(healthRate=rate))
-    assert problems == [f"kafka.consumer.list[1].circuitBreaker.healthRate: must be between "
-                        f"0 and 1, got {rate}"]
+        lambda raw: raw["kafka.consumer.list"][1]["circuitBreaker"].update(healthRate=rate)
+    )
+    assert problems == [
+        f"kafka.consumer.list[1].circuitBreaker.healthRate: must be between 0 and 1, got {rate}"
+    ]
 
 
 def test_acl_topic_not_in_topics() -> None:
     problems = problems_of(lambda raw: raw["kafka.producer.acl"][1].update(topic="nope"))
-    assert problems == ["kafka.producer.acl[1].topic: 'nope' is not in kafka.topics; "
-                        "add it there or fix the name"]
+    assert problems == [
+        "kafka.producer.acl[1].topic: 'nope' is not in kafka.topics; add it there or fix the name"
+    ]
 
 
 def test_consumer_topic_not_in_topics() -> None:
     problems = problems_of(lambda raw: raw["kafka.consumer.list"][0].update(topic="nope"))
-    assert problems == ["kafka.consumer.list[0].topic: 'nope' is not in kafka.topics; "
-                        "add it there or fix the name"]
+    assert problems == [
+        "kafka.consumer.list[0].topic: 'nope' is not in kafka.topics; add it there or fix the name"
+    ]
 
 
 def test_duplicate_acl_names() -> None:
     problems = problems_of(lambda raw: raw["kafka.producer.acl"][1].update(name="system-1"))
-    assert problems == ["kafka.producer.acl[1].name: duplicate ACL name 'system-1'; "
-                        "names must be unique"]
+    assert problems == [
+        "kafka.producer.acl[1].name: duplicate ACL name 'system-1'; names must be unique"
+    ]
 
 
 def test_duplicate_topic_and_group() -> None:
     problems = problems_of(lambda raw: raw["kafka.consumer.list"][1].update(groupId="G1"))
-    assert problems == ["kafka.consumer.list[1]: duplicate (topic, groupId) ('test', 'G1'); "
-                        "each consumer group may be listed once per topic"]
+    assert problems == [
+        "kafka.consumer.list[1]: duplicate (topic, groupId) ('test', 'G1'); "
+        "each consumer group may be listed once per topic"
+    ]
 
 
 def test_unknown_key_suggests_the_close_one() -> None:
     problems = problems_of(lambda raw: raw.update({"http.server.prot": 1}))
     assert problems == ["http.server.prot: unknown key; did you mean 'http.server.port'?"]
     problems = problems_of(lambda raw: raw["kafka.consumer.list"][0].update(ratelimit=5))
-    assert problems == ["kafka.consumer.list[0].ratelimit: unknown key; did you mean "
-                        "'rateLimit'?"]
+    assert problems == ["kafka.consumer.list[0].ratelimit: unknown key; did you mean 'rateLimit'?"]
 
 
 def test_unknown_key_far_from_any_is_to_be_removed() -> None:
@@ -148,16 +183,14 @@ def test_every_problem_is_reported_at_once() -> None:
 
 def test_hashed_secret_is_accepted_and_clear_one_hashed() -> None:
     raw = copy.deepcopy(EXAMPLE)
-    raw["kafka.producer.acl"][0] = {"name": "system-1", "topic": "test",
-                                    "secret_sha256": "ab" * 32}
+    raw["kafka.producer.acl"][0] = {"name": "system-1", "topic": "test", "secret_sha256": "ab" * 32}
     config = parse_config(raw)
     assert config.acl[0].secret_sha256 == bytes.fromhex("ab" * 32)
     assert len(config.acl[1].secret_sha256) == 32
 
 
 def test_dead_letter_topic_must_not_be_a_call_topic() -> None:
-    problems = problems_of(
-        lambda raw: raw["kafka.consumer.list"][0].update(deadLetterTopic="test"))
+    problems = problems_of(lambda raw: raw["kafka.consumer.list"][0].update(deadLetterTopic="test"))
     assert problems == ["kafka.consumer.list[0].deadLetterTopic: must differ from topic 'test'"]
 
 
@@ -176,8 +209,12 @@ def test_cli_reports_problems_one_per_line_and_exits_2(tmp_path: Path) -> None:
     raw["log.levle"] = 3
     path = tmp_path / "bad.json"
     path.write_bytes(orjson.dumps(raw))
-    result = subprocess.run([sys.executable, "-m", "bigpipe", "-config", str(path)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "bigpipe", "-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [
@@ -188,7 +225,17 @@ def test_cli_reports_problems_one_per_line_and_exits_2(tmp_path: Path) -> None:
 
 
 def test_cli_check_accepts_the_example() -> None:
-    result = subprocess.run([sys.executable, "-m", "bigpipe", "--config",
-                             str(REPO / "config" / "bigpipe.json"), "--check"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bigpipe",
+            "--config",
+            str(REPO / "config" / "bigpipe.json"),
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (result.returncode, result.stdout) == (0, "config ok\n")

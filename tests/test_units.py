@@ -10,8 +10,14 @@ import pytest
 
 from bigpipe.acl import Acl
 from bigpipe.config import AclEntry, parse_config
-from bigpipe.envelope import (InvalidRecord, decode_call, encode_call, encode_dead_letter,
-                              forwardable_headers, new_call)
+from bigpipe.envelope import (
+    InvalidRecord,
+    decode_call,
+    encode_call,
+    encode_dead_letter,
+    forwardable_headers,
+    new_call,
+)
 from bigpipe.offsets import PartitionOffsets
 from bigpipe.retry import Verdict, backoff_seconds, classify, retry_after_seconds
 from bigpipe.stats import Stats
@@ -47,11 +53,22 @@ def test_commit_point_skips_gaps_in_offsets() -> None:
 
 
 # ---------------------------------------------------------------- retry
-@pytest.mark.parametrize(("status", "verdict"), [
-    (200, Verdict.SUCCESS), (204, Verdict.SUCCESS), (299, Verdict.SUCCESS),
-    (301, Verdict.FINAL), (302, Verdict.FINAL), (400, Verdict.FINAL), (404, Verdict.FINAL),
-    (408, Verdict.RETRY), (429, Verdict.RETRY), (500, Verdict.RETRY), (503, Verdict.RETRY),
-])
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (200, Verdict.SUCCESS),
+        (204, Verdict.SUCCESS),
+        (299, Verdict.SUCCESS),
+        (301, Verdict.FINAL),
+        (302, Verdict.FINAL),
+        (400, Verdict.FINAL),
+        (404, Verdict.FINAL),
+        (408, Verdict.RETRY),
+        (429, Verdict.RETRY),
+        (500, Verdict.RETRY),
+        (503, Verdict.RETRY),
+    ],
+)
 def test_classify(status: int, verdict: Verdict) -> None:
     assert classify(status, frozenset({408, 429})) is verdict
 
@@ -85,34 +102,73 @@ def test_envelope_round_trips_and_is_plain_json() -> None:
     assert set(orjson.loads(value)) == {"v", "id", "url", "data", "caller", "ts", "headers"}
 
 
-@pytest.mark.parametrize("value", [None, b"", b"nope", b"[]", b'{"v": 2}',
-                                   b'{"v":1,"id":"x","url":"u","data":3,"caller":"c","ts":1,'
-                                   b'"headers":{}}'])
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        b"",
+        b"nope",
+        b"[]",
+        b'{"v": 2}',
+        b'{"v":1,"id":"x","url":"u","data":3,"caller":"c","ts":1,"headers":{}}',
+    ],
+)
 def test_undecodable_records_are_refused_with_a_reason(value: bytes | None) -> None:
     with pytest.raises(InvalidRecord):
         decode_call(value)
 
 
 def test_forwarded_headers_drop_hop_by_hop_host_and_the_secret() -> None:
-    headers = [("Host", "bigpipe"), ("Content-Length", "10"), ("Connection", "keep-alive, X-Hop"),
-               ("X-Hop", "1"), ("Keep-Alive", "5"), ("Transfer-Encoding", "chunked"),
-               ("Authorization", "Bearer t"), ("X-Bigpipe-Call-Id", "forged"),
-               ("X-Leak", "pre-s3cret-post"), ("X-Trace", "a"), ("X-Trace", "b"),
-               ("User-Agent", "curl/8")]
+    headers = [
+        ("Host", "bigpipe"),
+        ("Content-Length", "10"),
+        ("Connection", "keep-alive, X-Hop"),
+        ("X-Hop", "1"),
+        ("Keep-Alive", "5"),
+        ("Transfer-Encoding", "chunked"),
+        ("Authorization", "Bearer t"),
+        ("X-Bigpipe-Call-Id", "forged"),
+        ("X-Leak", "pre-s3cret-post"),
+        ("X-Trace", "a"),
+        ("X-Trace", "b"),
+        ("User-Agent", "curl/8"),
+    ]
     assert forwardable_headers(headers, "s3cret") == {"X-Trace": "a, b", "User-Agent": "curl/8"}
 
 
 def test_dead_letter_keeps_the_envelope_or_the_raw_bytes() -> None:
     call = new_call("http://svc/hook", "d", "c", {})
-    letter = orjson.loads(encode_dead_letter(
-        value=encode_call(call), call=call, topic="t", partition=1, offset=5, group_id="g",
-        attempts=3, last_status=500, last_error="HTTP 500", first_attempt_ms=1))
+    letter = orjson.loads(
+        encode_dead_letter(
+            value=encode_call(call),
+            call=call,
+            topic="t",
+            partition=1,
+            offset=5,
+            group_id="g",
+            attempts=3,
+            last_status=500,
+            last_error="HTTP 500",
+            first_attempt_ms=1,
+        )
+    )
     assert letter["call"]["id"] == call.id and letter["raw"] is None
     assert letter["source"] == {"topic": "t", "partition": 1, "offset": 5, "group": "g"}
     assert (letter["attempts"], letter["lastStatus"]) == (3, 500)
-    raw = orjson.loads(encode_dead_letter(
-        value=b"\xff junk", call=None, topic="t", partition=0, offset=0, group_id="g",
-        attempts=0, last_status=None, last_error="invalid", first_attempt_ms=None))
+    raw = orjson.loads(
+        encode_dead_letter(
+            value=b"\xff junk",
+            call=None,
+            topic="t",
+            partition=0,
+            offset=0,
+            group_id="g",
+            attempts=0,
+            last_status=None,
+            last_error="invalid",
+            first_attempt_ms=None,
+        )
+    )
     assert raw["call"] is None and raw["raw"] == "/yBqdW5r"
 
 
@@ -138,7 +194,10 @@ def test_stats_shape_matches_the_original() -> None:
     assert snapshot["serverStats"] == {"receivedCall": 0, "acceptedCall": 0, "overloadCall": 0}
     assert snapshot["producerStats"] == {"test": {"deliverySuccess": 0, "deliveryFail": 0}}
     assert [(c["topic"], c["groupId"]) for c in snapshot["consumerStats"]] == [
-        ("test", "G1"), ("test", "G2")]
+        ("test", "G1"),
+        ("test", "G2"),
+    ]
     assert {"handleMessage", "invalidMessage"} <= set(snapshot["consumerStats"][0])
-    assert snapshot["clientStats"] == {"test": {"rpcTotal": 0, "rpcSuccess": 5, "rpcFail": 0,
-                                                "rpcRetries": 0, "circuitIsBreak": 1}}
+    assert snapshot["clientStats"] == {
+        "test": {"rpcTotal": 0, "rpcSuccess": 5, "rpcFail": 0, "rpcRetries": 0, "circuitIsBreak": 1}
+    }
