@@ -19,10 +19,10 @@ from confluent_kafka import KafkaException
 from bigpipe.acl import Acl
 from bigpipe.config import Config
 from bigpipe.consumer import ConsumerGroup
+from bigpipe.kafka import ensure_topics
 from bigpipe.producer import Producer
 from bigpipe.server import build_app
 from bigpipe.stats import Stats
-from bigpipe.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from bigpipe.breaker import BREAK, Breaker
 from bigpipe.client import DeliveryClient, Outcome
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_dead_letter
+from bigpipe.kafka import client_settings
 from bigpipe.offsets import PartitionOffsets
 from bigpipe.producer import ProduceFailed, Producer
 from bigpipe.retry import backoff_seconds
@@ -41,7 +42,7 @@ COMMIT_INTERVAL_SECONDS = 0.5
 
 def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any]:
     return {
-        "bootstrap.servers": config.bootstrap_servers,
+        **client_settings(config),
         "group.id": consumer.group_id,
         "client.id": f"bigpipe-{consumer.group_id}",
         "enable.auto.commit": False,

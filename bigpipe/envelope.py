@@ -111,7 +111,8 @@ def forwardable_headers(headers: Iterable[tuple[str, str]], secret: str) -> dict
         for token in value.split(",")
     }
     kept: dict[str, str] = {}
-    for name, value in pairs:
+    for raw_name, value in pairs:
+        name = str(raw_name)  # aiohttp hands out istr; the envelope wants plain str
         lower = name.lower()
         if lower in _NOT_FORWARDED or lower in hop_named or lower.startswith(_OWN_PREFIX):
             continue

@@ -17,6 +17,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka import Producer as KafkaProducer
 
 from bigpipe.config import Config
+from bigpipe.kafka import client_settings, record_size_limit
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class ProduceFailed(Exception):
 
 def producer_settings(config: Config) -> dict[str, Any]:
     return {
-        "bootstrap.servers": config.bootstrap_servers,
+        **client_settings(config),
         "client.id": "bigpipe",
         # Idempotence gives acks=all and no duplicates or reordering from librdkafka's own
         # retries: "accepted" then means every in-sync replica has the call.
@@ -37,6 +38,7 @@ def producer_settings(config: Config) -> dict[str, Any]:
         # librdkafka insists on at least one retry when idempotence is on.
         "message.send.max.retries": max(1, config.producer_retries),
         "linger.ms": 2,
+        "message.max.bytes": record_size_limit(config),
         "queue.buffering.max.messages": 4 * config.channel_size + 10_000,
         "socket.keepalive.enable": True,
     }

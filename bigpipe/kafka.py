@@ -1,8 +1,9 @@
-"""Create the call topics and their dead-letter topics that Kafka does not have yet."""
+"""What every Kafka client of Bigpipe shares, and the topics it needs to exist."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -10,6 +11,25 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from bigpipe.config import Config, TopicConfig
 
 log = logging.getLogger(__name__)
+
+
+def record_size_limit(config: Config) -> int:
+    """The largest record Bigpipe writes.
+
+    A call envelope is the body plus forwarded headers; a dead letter may carry
+    an undecodable record in base64 (4/3 of its size). Twice the body limit plus
+    1 MiB covers both with room to spare.
+    """
+    return 2 * (config.body_limit + (1 << 20))
+
+
+def client_settings(config: Config) -> dict[str, Any]:
+    """Settings common to the producer, the consumers and the admin client."""
+    return {
+        "bootstrap.servers": config.bootstrap_servers,
+        # librdkafka's own log lines go through Python logging, not straight to stderr.
+        "logger": logging.getLogger("librdkafka"),
+    }
 
 
 def wanted_topics(config: Config) -> list[TopicConfig]:
@@ -34,7 +54,7 @@ def ensure_topics(config: Config, timeout: float) -> list[str]:
 
     Raises KafkaException when Kafka cannot be reached or refuses a topic.
     """
-    admin = AdminClient({"bootstrap.servers": config.bootstrap_servers})
+    admin = AdminClient(client_settings(config))
     existing = admin.list_topics(timeout=timeout).topics
     for topic in wanted_topics(config):
         have = existing.get(topic.name)
@@ -46,7 +66,8 @@ def ensure_topics(config: Config, timeout: float) -> list[str]:
                 len(have.partitions),
                 topic.partitions,
             )
-    missing = [_new_topic(t) for t in wanted_topics(config) if t.name not in existing]
+    limit = record_size_limit(config)
+    missing = [_new_topic(t, limit) for t in wanted_topics(config) if t.name not in existing]
     if not missing:
         return []
     futures = admin.create_topics(missing, operation_timeout=timeout, request_timeout=timeout)
@@ -60,8 +81,8 @@ def ensure_topics(config: Config, timeout: float) -> list[str]:
     return list(futures)
 
 
-def _new_topic(topic: TopicConfig) -> NewTopic:
-    settings = {}
+def _new_topic(topic: TopicConfig, record_limit: int) -> NewTopic:
+    settings = {"max.message.bytes": str(record_limit)}
     if topic.min_insync_replicas is not None:
         settings["min.insync.replicas"] = str(topic.min_insync_replicas)
     return NewTopic(
