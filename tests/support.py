@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -36,14 +37,22 @@ def unique(prefix: str) -> str:
 
 
 async def eventually(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
 ) -> None:
-    """Wait until `predicate()` holds, failing with `what` after `timeout` seconds."""
+    """Wait until `predicate()` (sync or async) holds; fail naming `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not await _holds(predicate):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def _holds(predicate: Callable[[], bool | Awaitable[bool]]) -> bool:
+    result = predicate()
+    return bool(await result) if inspect.isawaitable(result) else bool(result)
 
 
 # ---------------------------------------------------------------- downstream
