@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# build.sh: set up, run and test Bigpipe on a fresh machine.
+#
+#   ./build.sh          set up only: .venv with Bigpipe and its test tools, Kafka's jars
+#   ./build.sh run      start a local Kafka if none answers, then run Bigpipe in the foreground
+#   ./build.sh test     run the test suite against a Kafka of its own (port 19092)
+#   ./build.sh lint     ruff over the package and the tests
+#
+# Every step is idempotent; a re-run with nothing changed takes about a second.
+# Exit codes: the command's own (pytest's for `test`), 3 when a prerequisite is missing.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+readonly ROOT=$PWD
+readonly VENV=$ROOT/.venv
+readonly LOCAL_KAFKA=$ROOT/deploy/kafka/local-kafka
+readonly CONFIG=${BIGPIPE_CONFIG:-$ROOT/config/bigpipe.json}
+readonly TEST_KAFKA_PORT=19092
+readonly TEST_KAFKA_DIR=$ROOT/.local/kafka-test
+
+say() { printf 'build.sh: %s\n' "$*" >&2; }
+die() { say "$*"; exit 3; }
+
+# ------------------------------------------------------------------ prerequisites
+find_python() {
+  local candidate
+  for candidate in python3.13 python3.12 python3.11 python3; do
+    if command -v "$candidate" >/dev/null &&
+      "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      command -v "$candidate"
+      return
+    fi
+  done
+  die "Python 3.11+ not found; install it (e.g. apt-get install -y python3 python3-venv)"
+}
+
+java_ok() {
+  command -v java >/dev/null || return 1
+  local major
+  major=$(java -XshowSettings:properties -version 2>&1 | awk -F'= ' '/java.specification.version/ {print $2}')
+  [[ ${major%%.*} -ge 17 ]]
+}
+
+# Java 17+ and Maven run the broker and fetch its jars. As root, install them with apt-get.
+ensure_java_and_maven() {
+  if java_ok && command -v mvn >/dev/null; then
+    return
+  fi
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing Java 17 and Maven with apt-get"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+  fi
+  java_ok || die "java 17+ not found; install it: apt-get install -y openjdk-17-jre-headless"
+  command -v mvn >/dev/null || die "mvn not found; install it: apt-get install -y maven"
+}
+
+# ------------------------------------------------------------------ set-up
+setup_venv() {
+  local stamp=$VENV/.bigpipe-stamp want
+  want=$(sha256sum <pyproject.toml | cut -d' ' -f1)
+  if [[ -x $VENV/bin/python && -f $stamp && $(cat "$stamp") == "$want" ]]; then
+    return
+  fi
+  say "creating .venv and installing Bigpipe with its test tools"
+  "$(find_python)" -m venv "$VENV"
+  if ! "$VENV/bin/pip" install -q -e '.[test]' >"$VENV/pip.log" 2>&1; then
+    cat "$VENV/pip.log" >&2
+    die "pip could not install Bigpipe (log above, also in .venv/pip.log)"
+  fi
+  echo "$want" >"$stamp"
+}
+
+setup() {
+  setup_venv
+  ensure_java_and_maven
+  "$LOCAL_KAFKA" fetch
+}
+
+# ------------------------------------------------------------------ commands
+config_bootstrap() {
+  "$VENV/bin/python" -c 'import sys, json; print(json.load(open(sys.argv[1]))["kafka.bootstrap.servers"])' "$CONFIG"
+}
+
+cmd_run() {
+  setup
+  "$VENV/bin/bigpipe" -config "$CONFIG" --check >/dev/null || exit 2
+  local bootstrap first port
+  bootstrap=$(config_bootstrap)
+  first=${bootstrap%%,*}
+  if python3 "$ROOT/deploy/kafka/kafka_ready.py" metadata --bootstrap "$first" >/dev/null 2>&1; then
+    say "Kafka answers at $first"
+  else
+    port=${first##*:}
+    say "no Kafka at $first; starting the local one (deploy/kafka/local-kafka start --port $port)"
+    "$LOCAL_KAFKA" start --port "$port" >/dev/null
+  fi
+  say "running bigpipe -config $CONFIG (Ctrl-C drains and stops it)"
+  exec "$VENV/bin/bigpipe" -config "$CONFIG"
+}
+
+cmd_test() {
+  setup
+  local started=0 status=0 bootstrap
+  if ! "$LOCAL_KAFKA" status --dir "$TEST_KAFKA_DIR" >/dev/null 2>&1; then
+    started=1
+  fi
+  bootstrap=$("$LOCAL_KAFKA" start --port "$TEST_KAFKA_PORT" --dir "$TEST_KAFKA_DIR" | tail -n 1)
+  if [[ $started -eq 1 ]]; then
+    trap '"$LOCAL_KAFKA" stop --dir "$TEST_KAFKA_DIR" >/dev/null' EXIT
+  fi
+  BIGPIPE_TEST_BOOTSTRAP=$bootstrap "$VENV/bin/python" -m pytest "$@" || status=$?
+  return "$status"
+}
+
+cmd_lint() {
+  setup_venv
+  "$VENV/bin/ruff" check bigpipe tests
+  "$VENV/bin/ruff" format --check bigpipe tests
+}
+
+main() {
+  local command=${1:-setup}
+  [[ $# -gt 0 ]] && shift
+  case $command in
+    setup) setup ;;
+    run) cmd_run "$@" ;;
+    test) cmd_test "$@" ;;
+    lint) cmd_lint ;;
+    -h | --help | help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) say "unknown command '$command'; use one of: run, test, lint (or none to set up)"; exit 2 ;;
+  esac
+}
+
+main "$@"
