@@ -37,7 +37,7 @@ class Outcome:
     delivered: bool
     attempts: int
     last: AttemptResult
-    first_attempt_ms: int
+    first_attempt_ms: int | None
 
 
 class DeliveryClient:

@@ -24,13 +24,13 @@ import pybreaker
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from bigpipe.breaker import BREAK, Breaker
-from bigpipe.client import DeliveryClient, Outcome
+from bigpipe.client import AttemptResult, DeliveryClient, Outcome
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_dead_letter
 from bigpipe.kafka import client_settings
 from bigpipe.offsets import PartitionOffsets
 from bigpipe.producer import ProduceFailed, Producer
-from bigpipe.retry import backoff_seconds
+from bigpipe.retry import Verdict, backoff_seconds
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
@@ -184,21 +184,31 @@ class ConsumerGroup:
             )
             await self._dead_letter(message, None, None, f"invalid record: {exc}")
         else:
-            outcome = await self._client.deliver(call)
-            self._counters.rpcTotal += 1
-            if outcome.delivered:
-                self._counters.rpcSuccess += 1
-            else:
-                self._counters.rpcFail += 1
-                log.info(
-                    "%s: call %s failed after %d attempts: %s",
-                    self.name,
-                    call.id,
-                    outcome.attempts,
-                    outcome.last.error,
-                )
-                await self._dead_letter(message, call, outcome, outcome.last.error)
+            await self._deliver(message, call)
         partition.offsets.finish(message.offset())
+
+    async def _deliver(self, message: Message, call: Call) -> None:
+        try:
+            outcome = await self._client.deliver(call)
+        except Exception as exc:
+            # A bug here must not wedge the partition's commit point: dead-letter the call.
+            log.exception("%s: delivering call %s failed unexpectedly", self.name, call.id)
+            outcome = Outcome(
+                False, 0, AttemptResult(Verdict.FINAL, error=f"internal: {exc!r}"), None
+            )
+        self._counters.rpcTotal += 1
+        if outcome.delivered:
+            self._counters.rpcSuccess += 1
+            return
+        self._counters.rpcFail += 1
+        log.debug(
+            "%s: call %s failed after %d attempts: %s",
+            self.name,
+            call.id,
+            outcome.attempts,
+            outcome.last.error,
+        )
+        await self._dead_letter(message, call, outcome, outcome.last.error)
 
     async def _dead_letter(
         self, message: Message, call: Call | None, outcome: Outcome | None, error: str

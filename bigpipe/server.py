@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from bigpipe.config import Config
 from bigpipe.envelope import encode_call, forwardable_headers, new_call
 from bigpipe.producer import ProduceFailed
 
@@ -114,7 +115,7 @@ class Ingest:
     async def _accept(self, request: web.Request) -> str:
         node = self._node
         config = node.config
-        body = await _read_body(request, config.read_timeout_ms / 1000)
+        body = await _read_body(request, config)
         call_request = parse_call_request(body)
         entry = node.acl.authenticate(call_request.name, call_request.secret)
         if entry is None:
@@ -142,13 +143,13 @@ class Ingest:
         return call.id
 
 
-async def _read_body(request: web.Request, timeout: float) -> bytes:
+async def _read_body(request: web.Request, config: Config) -> bytes:
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(config.read_timeout_ms / 1000):
             return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         raise Reject(
-            413, f"body over the limit of {exc.max_size} bytes (http.server.body.limit)"
+            413, f"body over the limit of {config.body_limit} bytes (http.server.body.limit)"
         ) from None
     except TimeoutError:
         raise Reject(408, "body not received within http.server.read.timeout") from None

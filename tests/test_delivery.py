@@ -1,0 +1,267 @@
+"""The delivery engine against real downstreams: retries, dead letters, limits, the breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from confluent_kafka import Producer
+
+from tests.support import (
+    Bigpipe,
+    Downstream,
+    base_config,
+    consumer_entry,
+    eventually,
+    free_port,
+    read_topic,
+    unique,
+)
+
+
+async def start_bigpipe(
+    kafka: str, tmp_path: Path, processes: list[Bigpipe], **entry: Any
+) -> tuple[Bigpipe, str]:
+    topic = unique("deliver")
+    config = base_config(
+        kafka, topic, free_port(), consumers=[consumer_entry(topic, unique("g"), **entry)]
+    )
+    bigpipe = await Bigpipe(config, tmp_path).start()
+    processes.append(bigpipe)
+    return bigpipe, topic
+
+
+async def send(
+    bigpipe: Bigpipe,
+    http: aiohttp.ClientSession,
+    url: str,
+    count: int = 1,
+) -> list[str]:
+    ids = []
+    for index in range(count):
+        status, reply = await bigpipe.post_call(
+            http, data=f"call-{index}", url=url, partition_key=str(index)
+        )
+        assert (status, reply["errno"]) == (200, 0), reply
+        ids.append(reply["data"]["id"])
+    return ids
+
+
+async def group_stats(bigpipe: Bigpipe, http: aiohttp.ClientSession) -> dict[str, Any]:
+    return (await bigpipe.stats(http))["consumerStats"][0]
+
+
+async def dead_letters(kafka: str, topic: str, count: int) -> list[dict[str, Any]]:
+    records = await asyncio.to_thread(read_topic, kafka, f"{topic}.dlq", count)
+    return [orjson.loads(r.value()) for r in records]
+
+
+def status(code: int, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    async def behaviour(_request: web.Request, _number: int) -> web.Response:
+        return web.Response(status=code, text=f"status {code}", headers=headers)
+
+    return behaviour
+
+
+async def test_failing_throughout_is_dead_lettered_after_exactly_retries_plus_one(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    downstream = await Downstream(behaviour=status(500)).start()
+    bigpipe, topic = await start_bigpipe(kafka, tmp_path, processes, retries=3)
+    [call_id] = await send(bigpipe, http, downstream.url())
+    [letter] = await dead_letters(kafka, topic, 1)
+    assert [r.attempt for r in downstream.requests] == [1, 2, 3, 4]
+    assert letter["call"]["id"] == call_id
+    assert (letter["attempts"], letter["lastStatus"]) == (4, 500)
+    assert letter["lastError"] == "HTTP 500: status 500"
+    assert letter["source"]["topic"] == topic
+    stats = await group_stats(bigpipe, http)
+    assert (stats["rpcFail"], stats["rpcRetries"], stats["deadLetter"]) == (1, 3, 1)
+    await downstream.stop()
+
+
+async def test_slower_than_the_timeout_is_retried_then_dead_lettered(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    async def too_slow(_request: web.Request, _number: int) -> web.Response:
+        await asyncio.sleep(3)
+        return web.Response(status=200)
+
+    downstream = await Downstream(behaviour=too_slow).start()
+    bigpipe, topic = await start_bigpipe(kafka, tmp_path, processes, timeout=300, retries=1)
+    await send(bigpipe, http, downstream.url())
+    [letter] = await dead_letters(kafka, topic, 1)
+    assert letter["attempts"] == 2 and letter["lastStatus"] is None
+    assert letter["lastError"] == "timeout after 300 ms"
+    assert len(downstream.requests) == 2
+    await downstream.stop()
+
+
+async def test_refused_connections_are_retried_then_dead_lettered(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    bigpipe, topic = await start_bigpipe(kafka, tmp_path, processes, retries=2)
+    await send(bigpipe, http, f"http://127.0.0.1:{free_port()}/nobody-home")
+    [letter] = await dead_letters(kafka, topic, 1)
+    assert letter["attempts"] == 3
+    assert "Connect" in letter["lastError"]
+
+
+async def test_final_statuses_are_not_retried(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    downstream = await Downstream(behaviour=status(404)).start()
+    redirect = await Downstream(behaviour=status(302, {"Location": downstream.url()})).start()
+    bigpipe, topic = await start_bigpipe(kafka, tmp_path, processes, retries=5)
+    await send(bigpipe, http, downstream.url())
+    await send(bigpipe, http, redirect.url())
+    letters = await dead_letters(kafka, topic, 2)
+    assert sorted(letter["lastStatus"] for letter in letters) == [302, 404]
+    assert all(letter["attempts"] == 1 for letter in letters)
+    assert len(downstream.requests) == 1, "the 302 must not be followed"
+    await downstream.stop()
+    await redirect.stop()
+
+
+async def test_retry_after_on_429_is_honoured(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    async def busy_once(_request: web.Request, number: int) -> web.Response:
+        if number == 0:
+            return web.Response(status=429, headers={"Retry-After": "1"})
+        return web.Response(status=200)
+
+    downstream = await Downstream(behaviour=busy_once).start()
+    bigpipe, _ = await start_bigpipe(
+        kafka, tmp_path, processes, retries=2, backoffBase=10, backoffMax=5000
+    )
+    await send(bigpipe, http, downstream.url())
+    await eventually(lambda: len(downstream.requests) == 2, 15, "the retry")
+    first, second = downstream.requests
+    assert second.at - first.at >= 0.95, "Retry-After: 1 asks for a 1 s wait"
+
+    async def succeeded() -> bool:
+        return (await group_stats(bigpipe, http))["rpcSuccess"] == 1
+
+    await eventually(succeeded, 10, "the retried call to count as a success")
+    await downstream.stop()
+
+
+async def test_concurrency_cap_holds(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    async def slowish(_request: web.Request, _number: int) -> web.Response:
+        await asyncio.sleep(0.05)
+        return web.Response(status=200)
+
+    downstream = await Downstream(behaviour=slowish).start()
+    bigpipe, _ = await start_bigpipe(kafka, tmp_path, processes, concurrency=7)
+    ids = await send_many(bigpipe, http, downstream.url(), 300)
+    await eventually(lambda: set(ids) <= downstream.call_ids(), 60, "all deliveries")
+    print(f"\nconcurrency: cap=7 peak={downstream.peak_in_flight}")
+    assert downstream.peak_in_flight == 7
+
+
+async def send_many(
+    bigpipe: Bigpipe, http: aiohttp.ClientSession, url: str, count: int
+) -> list[str]:
+    gate = asyncio.Semaphore(50)
+
+    async def one(index: int) -> str:
+        async with gate:
+            status, reply = await bigpipe.post_call(
+                http, data=str(index), url=url, partition_key=str(index)
+            )
+        assert (status, reply["errno"]) == (200, 0)
+        return reply["data"]["id"]
+
+    return await asyncio.gather(*(one(i) for i in range(count)))
+
+
+async def test_rate_limit_holds_over_ten_seconds(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    rate = 100
+    downstream = await Downstream().start()
+    bigpipe, _ = await start_bigpipe(kafka, tmp_path, processes, rateLimit=rate, concurrency=50)
+    await send_many(bigpipe, http, downstream.url(), rate * 13)
+    await eventually(lambda: len(downstream.requests) >= rate * 12, 30, "12 s of deliveries")
+    times = [r.at for r in downstream.requests]
+    start = times[0] + 1  # skip the first second: the group may still be warming up
+    in_window = sum(1 for t in times if start <= t < start + 10)
+    print(f"\nrate: limit={rate}/s measured={in_window / 10:.1f}/s over 10 s")
+    assert abs(in_window / 10 - rate) <= rate * 0.10
+
+
+async def test_invalid_record_is_counted_dead_lettered_and_skipped(
+    kafka: str,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    bigpipe, topic = await start_bigpipe(kafka, tmp_path, processes)
+    producer = Producer({"bootstrap.servers": kafka})
+    producer.produce(topic, b"\xffnot an envelope", b"k")
+    producer.flush(10)
+    [call_id] = await send(bigpipe, http, downstream.url())
+    await eventually(lambda: call_id in downstream.call_ids(), 30, "the valid call")
+    [letter] = await dead_letters(kafka, topic, 1)
+    assert letter["call"] is None and letter["raw"] == "/25vdCBhbiBlbnZlbG9wZQ=="
+    assert letter["lastError"].startswith("invalid record: not JSON")
+    stats = await group_stats(bigpipe, http)
+    assert (stats["invalidMessage"], stats["deadLetter"]) == (1, 1)
+
+
+async def test_outage_opens_the_breaker_and_the_backlog_drains_without_loss(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    outage_until = time.monotonic() + 15
+
+    async def down_then_up(_request: web.Request, _number: int) -> web.Response:
+        return web.Response(status=503 if time.monotonic() < outage_until else 200)
+
+    downstream = await Downstream(behaviour=down_then_up).start()
+    breaker = {"breakPeriod": 2, "recoverPeriod": 2, "winSize": 3, "minStats": 5, "healthRate": 0.5}
+    bigpipe, topic = await start_bigpipe(
+        kafka, tmp_path, processes, retries=4, circuitBreaker=breaker, rateLimit=200
+    )
+    broke = False
+
+    async def watch_breaker() -> None:
+        nonlocal broke
+        while True:
+            broke = broke or (await group_stats(bigpipe, http))["circuitIsBreak"] == 1
+            await asyncio.sleep(0.1)
+
+    watcher = asyncio.create_task(watch_breaker())
+    ids: list[str] = []
+    while time.monotonic() < outage_until + 2:  # a steady trickle through the outage
+        ids += await send(bigpipe, http, downstream.url(), 5)
+        await asyncio.sleep(0.2)
+
+    async def all_finished() -> bool:
+        return (await group_stats(bigpipe, http))["rpcTotal"] == len(ids)
+
+    await eventually(all_finished, 60, "every call to be delivered or dead-lettered")
+    watcher.cancel()
+    stats = await group_stats(bigpipe, http)
+    delivered = {r.call_id for r in downstream.requests if r.at >= outage_until}
+    letters = {
+        letter["call"]["id"] for letter in await dead_letters(kafka, topic, stats["deadLetter"])
+    }
+    lost = set(ids) - delivered - letters
+    during_outage = sum(1 for r in downstream.requests if r.at < outage_until)
+    print(
+        f"\noutage: sent={len(ids)} delivered={len(delivered)} dead={len(letters)} "
+        f"lost={len(lost)} attempts_during_15s_outage={during_outage}"
+    )
+    assert broke, "the breaker must open during the outage"
+    assert not lost
+    assert stats["circuitIsBreak"] == 0
+    await downstream.stop()
