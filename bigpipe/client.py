@@ -50,10 +50,10 @@ class DeliveryClient:
         self._counters = counters
         self._breaker = breaker
         self._limits = Limits(config.rate_limit, config.concurrency)
-        self._timeout = config.timeout_ms / 1000
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=config.concurrency, ttl_dns_cache=60),
-            timeout=aiohttp.ClientTimeout(total=None),
+            # One deadline per attempt: connect, send, and read the (bounded) response.
+            timeout=aiohttp.ClientTimeout(total=config.timeout_ms / 1000),
             auto_decompress=False,
         )
 
@@ -70,8 +70,11 @@ class DeliveryClient:
             attempt += 1
             if self._breaker is not None:
                 await self._breaker.admit()
-            async with self._limits.attempt():
+            await self._limits.acquire()
+            try:
                 result = await self._attempt(call, body, attempt)
+            finally:
+                self._limits.release()
             if self._breaker is not None:
                 self._breaker.record(result.verdict is Verdict.SUCCESS)
             if result.verdict is not Verdict.RETRY or attempt >= max_attempts:
@@ -95,12 +98,11 @@ class DeliveryClient:
         }
         self._counters.inFlight += 1
         try:
-            async with asyncio.timeout(self._timeout):
-                async with self._session.post(
-                    call.url, data=body, headers=headers, allow_redirects=False
-                ) as response:
-                    excerpt = await _read_bounded(response)
-                    return _result_of(response, excerpt, self._config.retry_status)
+            async with self._session.post(
+                call.url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                excerpt = await _read_bounded(response)
+                return _result_of(response, excerpt, self._config.retry_status)
         except TimeoutError:
             return AttemptResult(Verdict.RETRY, error=f"timeout after {self._config.timeout_ms} ms")
         except aiohttp.InvalidURL as exc:
@@ -128,6 +130,8 @@ def _result_of(
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
     """Read the reply up to a limit; a longer one is cut and its connection dropped."""
+    if response.content_length is not None and response.content_length <= RESPONSE_READ_LIMIT:
+        return await response.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_any():

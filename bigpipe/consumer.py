@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 POLL_BATCH = 500
 IDLE_POLL_SECONDS = 0.005
 COMMIT_INTERVAL_SECONDS = 0.5
+# How long the buffer may stay full, unpolled, before the group pauses its partitions.
+# Short, because rebalances are only served while consume() runs.
+STALL_SECONDS = 1.0
 
 
 def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any]:
@@ -123,15 +126,25 @@ class ConsumerGroup:
     async def _poll_forever(self) -> None:
         loop = asyncio.get_running_loop()
         next_commit = loop.time() + COMMIT_INTERVAL_SECONDS
+        full_since: float | None = None
         while not self._stopping.is_set():
+            now = loop.time()
             room = self.config.max_buffered - self._buffered()
-            messages = self._kafka.consume(num_messages=max(1, min(POLL_BATCH, room)), timeout=0)
+            full_since = (full_since or now) if room <= 0 else None
+            messages = []
+            # A full buffer skips consume() for a moment rather than pausing: a pause drops
+            # librdkafka's prefetched messages, and refetching them costs more than waiting.
+            # While paused, consume() still runs, to serve rebalances and stay in the group.
+            if room > 0 or self._paused:
+                messages = self._kafka.consume(
+                    num_messages=max(1, min(POLL_BATCH, room)), timeout=0
+                )
             for message in messages:
                 self._accept(message)
-            self._steer()
-            if loop.time() >= next_commit:
+            self._steer(stalled=full_since is not None and now - full_since >= STALL_SECONDS)
+            if now >= next_commit:
                 self._commit(asynchronous=True)
-                next_commit = loop.time() + COMMIT_INTERVAL_SECONDS
+                next_commit = now + COMMIT_INTERVAL_SECONDS
             await asyncio.sleep(0 if messages else IDLE_POLL_SECONDS)
 
     def _buffered(self) -> int:
@@ -150,16 +163,15 @@ class ConsumerGroup:
         partition.tasks.add(task)
         task.add_done_callback(partition.tasks.discard)
 
-    def _steer(self) -> None:
-        """Pause every partition while the buffer is full or the breaker holds calls.
+    def _steer(self, stalled: bool) -> None:
+        """Pause every partition while the breaker holds calls or the buffer stays full.
 
-        Resuming waits until the buffer is half empty, so a full group does not
+        Resuming waits until the buffer is half empty, so a slow group does not
         flap between pause and resume on every finished call.
         """
-        buffered = self._buffered()
-        limit = self.config.max_buffered
         breaking = self._breaker is not None and self._breaker.update() == BREAK
-        hold = breaking or buffered >= limit or (bool(self._paused) and buffered > limit // 2)
+        draining = bool(self._paused) and self._buffered() > self.config.max_buffered // 2
+        hold = breaking or stalled or draining
         assigned = set(self._partitions)
         if hold and assigned - self._paused:
             self._kafka.pause(self._topic_partitions(assigned - self._paused))

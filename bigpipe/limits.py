@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from aiolimiter import AsyncLimiter
 
@@ -19,14 +17,19 @@ class Limits:
         self._rate = AsyncLimiter(burst, burst / rate_limit)
         self._slots = asyncio.Semaphore(concurrency)
 
-    @asynccontextmanager
-    async def attempt(self) -> AsyncIterator[None]:
-        """Hold a concurrency slot and one rate token for the span of one request.
+    async def acquire(self) -> None:
+        """Take a concurrency slot, then one rate token, for the span of one request.
 
         The slot is taken first, so the token is spent right before the request
         goes out and the downstream sees the configured rate, not bursts of
-        requests whose tokens were taken long before.
+        requests whose tokens were taken long before. Pair with `release()`.
         """
-        async with self._slots:
+        await self._slots.acquire()
+        try:
             await self._rate.acquire()
-            yield
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self) -> None:
+        self._slots.release()
