@@ -43,6 +43,7 @@ class ProtocolError(Exception):
 
 # ---------------------------------------------------------------- encoding --
 
+
 def _request(api_key, api_version, correlation_id, body):
     """Frame a request with header v1: key, version, correlation id, client id."""
     header = struct.pack(">hhih", api_key, api_version, correlation_id, len(CLIENT_ID)) + CLIENT_ID
@@ -78,7 +79,7 @@ class Reader:
         length = self.int16()
         if length < 0:
             return None
-        raw = self.data[self.pos:self.pos + length]
+        raw = self.data[self.pos : self.pos + length]
         if len(raw) != length:
             raise ProtocolError("truncated string")
         self.pos += length
@@ -91,6 +92,7 @@ class Reader:
 
 
 # ---------------------------------------------------------------- transport --
+
 
 def _recv_exact(sock, n):
     buf = bytearray()
@@ -117,7 +119,7 @@ def _pick_metadata_version(sock):
     r = _call(sock, API_VERSIONS, 0, 1, b"")
     error = r.int16()
     if error != 0:
-        raise ProtocolError("ApiVersions error code %d" % error)
+        raise ProtocolError(f"ApiVersions error code {error}")
     ranges = {}
     for _ in range(r.int32()):
         key, lo, hi = r.int16(), r.int16(), r.int16()
@@ -127,7 +129,7 @@ def _pick_metadata_version(sock):
     lo, hi = ranges[API_METADATA]
     version = min(hi, 8)
     if version < max(lo, 4):
-        raise ProtocolError("no common Metadata version (broker %d..%d)" % (lo, hi))
+        raise ProtocolError(f"no common Metadata version (broker offers {lo}..{hi})")
     return version
 
 
@@ -148,7 +150,9 @@ def _metadata_body(version, topics):
 
 def _parse_metadata(r, version):
     r.int32()  # throttle_time_ms
-    brokers = r.array(lambda: {"id": r.int32(), "host": r.string(), "port": r.int32(), "rack": r.string()})
+    brokers = r.array(
+        lambda: {"id": r.int32(), "host": r.string(), "port": r.int32(), "rack": r.string()}
+    )
     cluster_id = r.string()
     controller_id = r.int32()
 
@@ -170,8 +174,12 @@ def _parse_metadata(r, version):
         return t
 
     topics = r.array(topic)
-    return {"cluster_id": cluster_id, "controller_id": controller_id,
-            "brokers": sorted(brokers, key=lambda b: b["id"]), "topics": topics}
+    return {
+        "cluster_id": cluster_id,
+        "controller_id": controller_id,
+        "brokers": sorted(brokers, key=lambda b: b["id"]),
+        "topics": topics,
+    }
 
 
 def fetch_metadata(address, topics=(), timeout=3.0):
@@ -188,6 +196,7 @@ def fetch_metadata(address, topics=(), timeout=3.0):
 
 # ----------------------------------------------------------------- commands --
 
+
 def _pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -197,7 +206,7 @@ def _pid_alive(pid):
         return True
     # A zombie still "exists" for kill(0); treat it as dead.
     try:
-        with open("/proc/%d/stat" % pid) as f:
+        with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
@@ -215,19 +224,25 @@ def cmd_wait(args):
             try:
                 got = {b["id"] for b in fetch_metadata(address)["brokers"]}
                 if not expected <= got:
-                    pending.append("%s lists brokers %s, want %s" % (address, sorted(got), sorted(expected)))
+                    pending.append(
+                        f"{address} lists brokers {sorted(got)}, want {sorted(expected)}"
+                    )
             except (OSError, ProtocolError) as e:
-                pending.append("%s: %s" % (address, e))
+                pending.append(f"{address}: {e}")
         if not pending:
             return 0
         last_problem = "; ".join(pending)
         dead = [p for p in pids if not _pid_alive(p)]
         if dead:
-            print("kafka_ready: broker process(es) %s exited during start-up (%s)"
-                  % (",".join(map(str, dead)), last_problem), file=sys.stderr)
+            dead_list = ",".join(map(str, dead))
+            print(
+                f"kafka_ready: broker process(es) {dead_list} exited during start-up"
+                f" ({last_problem})",
+                file=sys.stderr,
+            )
             return 1
         if time.monotonic() >= deadline:
-            print("kafka_ready: not ready after %ss: %s" % (args.timeout, last_problem), file=sys.stderr)
+            print(f"kafka_ready: not ready after {args.timeout}s: {last_problem}", file=sys.stderr)
             return 1
         time.sleep(0.25)
 
@@ -238,9 +253,9 @@ def cmd_metadata(args):
     try:
         meta = fetch_metadata(address, topics=topics)
     except (OSError, ProtocolError) as e:
-        print("kafka_ready: %s: %s" % (address, e), file=sys.stderr)
+        print(f"kafka_ready: {address}: {e}", file=sys.stderr)
         return 1
-    json.dump(meta, sys.stdout, indent=1)
+    json.dump(meta, sys.stdout, indent=2)
     print()
     return 0
 
@@ -248,9 +263,9 @@ def cmd_metadata(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Kafka Metadata readiness probe (stdlib only).")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("wait", help="wait until all brokers answer Metadata listing all expected ids")
-    w.add_argument("--bootstrap", required=True, help="comma-separated host:port list; each must answer")
-    w.add_argument("--expect-ids", required=True, help="comma-separated broker ids that must be listed")
+    w = sub.add_parser("wait", help="wait until every broker lists all expected ids")
+    w.add_argument("--bootstrap", required=True, help="host:port,...; each must answer")
+    w.add_argument("--expect-ids", required=True, help="broker ids that must be listed, e.g. 0,1,2")
     w.add_argument("--timeout", type=float, default=90.0)
     w.add_argument("--pids", help="comma-separated pids; fail fast if one dies")
     m = sub.add_parser("metadata", help="print one broker's Metadata as JSON")
