@@ -15,7 +15,7 @@ readonly ROOT=$PWD
 readonly VENV=$ROOT/.venv
 readonly LOCAL_KAFKA=$ROOT/deploy/kafka/local-kafka
 readonly CONFIG=${BIGPIPE_CONFIG:-$ROOT/config/bigpipe.json}
-readonly TEST_KAFKA_PORT=19092
+readonly TEST_KAFKA_PORT=19092 # and 20092 for its controller
 readonly TEST_KAFKA_DIR=$ROOT/.local/kafka-test
 
 say() { printf 'build.sh: %s\n' "$*" >&2; }
@@ -99,13 +99,33 @@ cmd_run() {
   exec "$VENV/bin/bigpipe" -config "$CONFIG"
 }
 
+# The test broker's port: 19092, unless another program (say, the test broker of
+# another checkout) holds it or its controller port; then any free pair.
+test_kafka_port() {
+  "$VENV/bin/python" - "$TEST_KAFKA_PORT" <<'PY'
+import socket, sys
+
+def free(port):
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+port = int(sys.argv[1])
+while not (free(port) and free(port + 1000)):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1] % 20000 + 21000
+print(port)
+PY
+}
+
 cmd_test() {
   setup
-  local started=0 status=0 bootstrap
+  local started=0 status=0 bootstrap port=$TEST_KAFKA_PORT
   if ! "$LOCAL_KAFKA" status --dir "$TEST_KAFKA_DIR" >/dev/null 2>&1; then
     started=1
+    port=$(test_kafka_port)
   fi
-  bootstrap=$("$LOCAL_KAFKA" start --port "$TEST_KAFKA_PORT" --dir "$TEST_KAFKA_DIR" | tail -n 1)
+  bootstrap=$("$LOCAL_KAFKA" start --port "$port" --dir "$TEST_KAFKA_DIR" | tail -n 1)
   if [[ $started -eq 1 ]]; then
     trap '"$LOCAL_KAFKA" stop --dir "$TEST_KAFKA_DIR" >/dev/null' EXIT
   fi
