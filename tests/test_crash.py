@@ -73,3 +73,45 @@ async def test_kill_9_mid_delivery_loses_nothing(
     assert delivered_before < CALLS, "the kill must land while calls were still undelivered"
     assert await second.stop() == 0
     await downstream.stop()
+
+
+async def test_a_node_joining_mid_delivery_takes_partitions_and_nothing_is_lost(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    downstream = await Downstream(behaviour=slow_and_shuffled).start()
+    topic = unique("rebalance")
+    group = unique("g")
+    config = base_config(
+        kafka,
+        topic,
+        free_port(),
+        partitions=6,
+        consumers=[consumer_entry(topic, group, concurrency=10)],
+    )
+    first = await Bigpipe(config, tmp_path).start()
+    processes.append(first)
+    accepted = set()
+    for index in range(CALLS):
+        status, reply = await first.post_call(
+            http, data=f"r{index}", url=downstream.url(), partition_key=str(index)
+        )
+        assert (status, reply["errno"]) == (200, 0)
+        accepted.add(reply["data"]["id"])
+    await eventually(lambda: len(downstream.requests) >= CALLS // 5, 30, "deliveries to start")
+
+    second = await Bigpipe({**config, "http.server.port": free_port()}, tmp_path).start()
+    processes.append(second)
+
+    async def second_delivers() -> bool:
+        return (await second.stats(http))["consumerStats"][0]["handleMessage"] > 0
+
+    await eventually(second_delivers, 30, "the joining node to take partitions")
+    await eventually(lambda: accepted <= downstream.call_ids(), 60, "every call delivered")
+    counts = Counter(r.call_id for r in downstream.requests)
+    print(
+        f"\nrebalance: accepted={len(accepted)} lost={len(accepted - set(counts))} "
+        f"duplicated={sum(1 for n in counts.values() if n > 1)}"
+    )
+    assert "lost partitions" not in first.log_tail(1000)
+    assert await first.stop() == 0 and await second.stop() == 0
+    await downstream.stop()

@@ -263,5 +263,6 @@ async def test_outage_opens_the_breaker_and_the_backlog_drains_without_loss(
     )
     assert broke, "the breaker must open during the outage"
     assert not lost
+    assert "lost partitions" not in bigpipe.log_tail(1000), "paused, never evicted"
     assert stats["circuitIsBreak"] == 0
     await downstream.stop()
