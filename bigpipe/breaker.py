@@ -61,7 +61,7 @@ class Breaker:
         self,
         config: BreakerConfig,
         name: str,
-        listeners: list[pybreaker.CircuitBreakerListener],
+        on_change: Callable[[str], None] = lambda _state: None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -69,9 +69,7 @@ class Breaker:
         self._clock = clock
         self._rng = rng or random.Random()
         self._window = HealthWindow(config.win_size, config.min_stats, config.health_rate)
-        self._machine = pybreaker.CircuitBreaker(
-            name=name, listeners=[_LogTransitions(), *listeners]
-        )
+        self._machine = pybreaker.CircuitBreaker(name=name, listeners=[_Transitions(on_change)])
         self._break_time = 0.0
 
     @property
@@ -134,7 +132,12 @@ class Breaker:
         self._machine.open()
 
 
-class _LogTransitions(pybreaker.CircuitBreakerListener):
+class _Transitions(pybreaker.CircuitBreakerListener):
+    """Logs each transition and reports the new state (NORMAL, BREAK or RECOVER)."""
+
+    def __init__(self, on_change: Callable[[str], None]) -> None:
+        self._on_change = on_change
+
     def state_change(
         self,
         cb: pybreaker.CircuitBreaker,
@@ -143,3 +146,4 @@ class _LogTransitions(pybreaker.CircuitBreakerListener):
     ) -> None:
         old = STATE_NAMES.get(old_state.name, "?") if old_state else "?"
         log.warning("breaker %s: %s -> %s", cb.name, old, STATE_NAMES[new_state.name])
+        self._on_change(new_state.name)

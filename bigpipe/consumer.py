@@ -20,7 +20,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import pybreaker
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from bigpipe.breaker import BREAK, Breaker
@@ -311,23 +310,8 @@ class ConsumerGroup:
 def _make_breaker(consumer: ConsumerConfig, counters: GroupCounters) -> Breaker | None:
     if consumer.breaker is None:
         return None
-    return Breaker(
-        consumer.breaker,
-        f"{consumer.topic}/{consumer.group_id}",
-        listeners=[_BreakerGauge(counters)],
-    )
 
+    def show_state(state: str) -> None:
+        counters.circuitIsBreak = int(state == BREAK)
 
-class _BreakerGauge(pybreaker.CircuitBreakerListener):
-    """Keeps `circuitIsBreak` true to the breaker: 1 in BREAK, else 0."""
-
-    def __init__(self, counters: GroupCounters) -> None:
-        self._counters = counters
-
-    def state_change(
-        self,
-        cb: pybreaker.CircuitBreaker,
-        old_state: pybreaker.CircuitBreakerState | None,
-        new_state: pybreaker.CircuitBreakerState,
-    ) -> None:
-        self._counters.circuitIsBreak = int(new_state.name == BREAK)
+    return Breaker(consumer.breaker, f"{consumer.topic}/{consumer.group_id}", show_state)

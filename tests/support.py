@@ -162,6 +162,23 @@ def consumer_entry(topic: str, group: str, **overrides: Any) -> dict[str, Any]:
     return entry
 
 
+async def start_node(
+    kafka: str, workdir: Path, processes: list[Bigpipe], partitions: int = 3, **entry: Any
+) -> tuple[Bigpipe, str]:
+    """A Bigpipe with a fresh topic and one consumer group on it; returns it and the topic."""
+    topic = unique("calls")
+    config = base_config(
+        kafka,
+        topic,
+        free_port(),
+        partitions=partitions,
+        consumers=[consumer_entry(topic, unique("g"), **entry)],
+    )
+    bigpipe = await Bigpipe(config, workdir).start()
+    processes.append(bigpipe)
+    return bigpipe, topic
+
+
 class Bigpipe:
     """A Bigpipe process started from a config dict; stopped by its PID."""
 

@@ -17,6 +17,7 @@ from tests.support import (
     consumer_entry,
     eventually,
     free_port,
+    start_node,
     unique,
 )
 
@@ -33,12 +34,7 @@ async def test_kill_9_mid_delivery_loses_nothing(
     kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
     downstream = await Downstream(behaviour=slow_and_shuffled).start()
-    topic = unique("crash")
-    config = base_config(
-        kafka, topic, free_port(), consumers=[consumer_entry(topic, unique("g"), concurrency=20)]
-    )
-    first = await Bigpipe(config, tmp_path).start()
-    processes.append(first)
+    first, _ = await start_node(kafka, tmp_path, processes, concurrency=20)
 
     accepted: set[str] = set()
     for index in range(CALLS):
@@ -55,7 +51,7 @@ async def test_kill_9_mid_delivery_loses_nothing(
     in_flight_at_kill = downstream.in_flight
     delivered_before = len(downstream.call_ids())
 
-    second = await Bigpipe(config, tmp_path).start()
+    second = await Bigpipe(first.config, tmp_path).start()
     processes.append(second)
     await eventually(
         lambda: accepted <= downstream.call_ids(),

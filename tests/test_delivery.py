@@ -15,25 +15,11 @@ from confluent_kafka import Producer
 from tests.support import (
     Bigpipe,
     Downstream,
-    base_config,
-    consumer_entry,
     eventually,
     free_port,
     read_topic,
-    unique,
+    start_node,
 )
-
-
-async def start_bigpipe(
-    kafka: str, tmp_path: Path, processes: list[Bigpipe], **entry: Any
-) -> tuple[Bigpipe, str]:
-    topic = unique("deliver")
-    config = base_config(
-        kafka, topic, free_port(), consumers=[consumer_entry(topic, unique("g"), **entry)]
-    )
-    bigpipe = await Bigpipe(config, tmp_path).start()
-    processes.append(bigpipe)
-    return bigpipe, topic
 
 
 async def send(
@@ -72,7 +58,7 @@ async def test_failing_throughout_is_dead_lettered_after_exactly_retries_plus_on
     kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
     downstream = await Downstream(behaviour=status(500)).start()
-    bigpipe, topic = await start_bigpipe(kafka, tmp_path, processes, retries=3)
+    bigpipe, topic = await start_node(kafka, tmp_path, processes, retries=3)
     [call_id] = await send(bigpipe, http, downstream.url())
     [letter] = await dead_letters(kafka, topic, 1)
     assert [r.attempt for r in downstream.requests] == [1, 2, 3, 4]
@@ -93,7 +79,7 @@ async def test_slower_than_the_timeout_is_retried_then_dead_lettered(
         return web.Response(status=200)
 
     downstream = await Downstream(behaviour=too_slow).start()
-    bigpipe, topic = await start_bigpipe(kafka, tmp_path, processes, timeout=300, retries=1)
+    bigpipe, topic = await start_node(kafka, tmp_path, processes, timeout=300, retries=1)
     await send(bigpipe, http, downstream.url())
     [letter] = await dead_letters(kafka, topic, 1)
     assert letter["attempts"] == 2 and letter["lastStatus"] is None
@@ -105,7 +91,7 @@ async def test_slower_than_the_timeout_is_retried_then_dead_lettered(
 async def test_refused_connections_are_retried_then_dead_lettered(
     kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
-    bigpipe, topic = await start_bigpipe(kafka, tmp_path, processes, retries=2)
+    bigpipe, topic = await start_node(kafka, tmp_path, processes, retries=2)
     await send(bigpipe, http, f"http://127.0.0.1:{free_port()}/nobody-home")
     [letter] = await dead_letters(kafka, topic, 1)
     assert letter["attempts"] == 3
@@ -117,7 +103,7 @@ async def test_final_statuses_are_not_retried(
 ) -> None:
     downstream = await Downstream(behaviour=status(404)).start()
     redirect = await Downstream(behaviour=status(302, {"Location": downstream.url()})).start()
-    bigpipe, topic = await start_bigpipe(kafka, tmp_path, processes, retries=5)
+    bigpipe, topic = await start_node(kafka, tmp_path, processes, retries=5)
     await send(bigpipe, http, downstream.url())
     await send(bigpipe, http, redirect.url())
     letters = await dead_letters(kafka, topic, 2)
@@ -137,7 +123,7 @@ async def test_retry_after_on_429_is_honoured(
         return web.Response(status=200)
 
     downstream = await Downstream(behaviour=busy_once).start()
-    bigpipe, _ = await start_bigpipe(
+    bigpipe, _ = await start_node(
         kafka, tmp_path, processes, retries=2, backoffBase=10, backoffMax=5000
     )
     await send(bigpipe, http, downstream.url())
@@ -160,7 +146,7 @@ async def test_concurrency_cap_holds(
         return web.Response(status=200)
 
     downstream = await Downstream(behaviour=slowish).start()
-    bigpipe, _ = await start_bigpipe(kafka, tmp_path, processes, concurrency=7)
+    bigpipe, _ = await start_node(kafka, tmp_path, processes, concurrency=7)
     ids = await send_many(bigpipe, http, downstream.url(), 300)
     await eventually(lambda: set(ids) <= downstream.call_ids(), 60, "all deliveries")
     print(f"\nconcurrency: cap=7 peak={downstream.peak_in_flight}")
@@ -188,7 +174,7 @@ async def test_rate_limit_holds_over_ten_seconds(
 ) -> None:
     rate = 100
     downstream = await Downstream().start()
-    bigpipe, _ = await start_bigpipe(kafka, tmp_path, processes, rateLimit=rate, concurrency=50)
+    bigpipe, _ = await start_node(kafka, tmp_path, processes, rateLimit=rate, concurrency=50)
     await send_many(bigpipe, http, downstream.url(), rate * 13)
     await eventually(lambda: len(downstream.requests) >= rate * 12, 30, "12 s of deliveries")
     times = [r.at for r in downstream.requests]
@@ -205,7 +191,7 @@ async def test_invalid_record_is_counted_dead_lettered_and_skipped(
     tmp_path: Path,
     processes: list[Bigpipe],
 ) -> None:
-    bigpipe, topic = await start_bigpipe(kafka, tmp_path, processes)
+    bigpipe, topic = await start_node(kafka, tmp_path, processes)
     producer = Producer({"bootstrap.servers": kafka})
     producer.produce(topic, b"\xffnot an envelope", b"k")
     producer.flush(10)
@@ -228,7 +214,7 @@ async def test_outage_opens_the_breaker_and_the_backlog_drains_without_loss(
 
     downstream = await Downstream(behaviour=down_then_up).start()
     breaker = {"breakPeriod": 2, "recoverPeriod": 2, "winSize": 3, "minStats": 5, "healthRate": 0.5}
-    bigpipe, topic = await start_bigpipe(
+    bigpipe, topic = await start_node(
         kafka, tmp_path, processes, retries=4, circuitBreaker=breaker, rateLimit=200
     )
     broke = False

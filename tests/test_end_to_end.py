@@ -10,11 +10,8 @@ import aiohttp
 from tests.support import (
     Bigpipe,
     Downstream,
-    base_config,
-    consumer_entry,
     eventually,
-    free_port,
-    unique,
+    start_node,
 )
 
 CALLS = 1000
@@ -34,12 +31,7 @@ async def test_a_thousand_calls_arrive_byte_identical_and_stats_add_up(
     tmp_path: Path,
     processes: list[Bigpipe],
 ) -> None:
-    topic = unique("e2e")
-    config = base_config(
-        kafka, topic, free_port(), consumers=[consumer_entry(topic, unique("g"), concurrency=50)]
-    )
-    bigpipe = await Bigpipe(config, tmp_path).start()
-    processes.append(bigpipe)
+    bigpipe, topic = await start_node(kafka, tmp_path, processes, concurrency=50)
 
     expected: dict[str, bytes] = {}
     gate = asyncio.Semaphore(50)
@@ -92,10 +84,7 @@ async def test_caller_headers_are_forwarded_without_secrets_or_hop_headers(
     tmp_path: Path,
     processes: list[Bigpipe],
 ) -> None:
-    topic = unique("headers")
-    config = base_config(kafka, topic, free_port(), consumers=[consumer_entry(topic, unique("g"))])
-    bigpipe = await Bigpipe(config, tmp_path).start()
-    processes.append(bigpipe)
+    bigpipe, _ = await start_node(kafka, tmp_path, processes)
     async with http.post(
         f"{bigpipe.url}/rpc/call",
         json={
