@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 OK, CALLER_ERROR, INTERNAL_ERROR = 0, -1, 1
 MAX_URL_LENGTH = 8192
+# One self-contained page (no CDN: Bigpipe often runs where the internet is not).
+DASHBOARD_HTML = (resources.files("bigpipe") / "dashboard.html").read_bytes()
 
 
 class Reject(Exception):
@@ -182,6 +185,9 @@ def build_app(node: Node) -> web.Application:
     async def mock(_request: web.Request) -> web.Response:
         return web.Response(status=200)
 
+    async def dashboard(_request: web.Request) -> web.Response:
+        return web.Response(body=DASHBOARD_HTML, content_type="text/html", charset="utf-8")
+
     async def healthz(_request: web.Request) -> web.Response:
         return reply(200, OK, "alive")
 
@@ -194,5 +200,6 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/stats", stats)
     app.router.add_route("*", "/rpc/server/mock", mock)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/readyz", readyz)
     return app
