@@ -17,10 +17,12 @@ from aiohttp import web
 from confluent_kafka import KafkaException
 
 from bigpipe.acl import Acl
-from bigpipe.config import Config
+from bigpipe.config import Config, ConfigError, ConsumerConfig, load_config
 from bigpipe.consumer import ConsumerGroup
 from bigpipe.kafka import ensure_topics
+from bigpipe.logs import Logging
 from bigpipe.producer import Producer
+from bigpipe.reload import ReloadPlan, plan_reload
 from bigpipe.server import build_app
 from bigpipe.stats import Stats
 
@@ -32,16 +34,18 @@ TOPIC_RETRY_SECONDS = 2.0
 
 
 class Node:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, logs: Logging | None = None) -> None:
         self.config = config
         self.stats = Stats()
         self.acl = Acl(config.acl)
         self.producer: Producer | None = None
-        self.groups: list[ConsumerGroup] = []
+        self.groups: dict[tuple[str, str], ConsumerGroup] = {}
         self.ready = False
         self.draining = False
+        self._logs = logs
         self._runner: web.AppRunner | None = None
         self._bring_up: asyncio.Task[None] | None = None
+        self._reloading = asyncio.Lock()
 
     def not_ready_reason(self) -> str:
         if self.draining:
@@ -66,32 +70,89 @@ class Node:
         self._bring_up = asyncio.create_task(self._join_kafka())
 
     async def _join_kafka(self) -> None:
-        while True:
-            try:
-                created = await asyncio.to_thread(ensure_topics, self.config, TOPIC_CHECK_TIMEOUT)
-                break
-            except KafkaException as exc:
-                log.error(
-                    "kafka at %s: %s; retrying in %.0f s",
-                    self.config.bootstrap_servers,
-                    exc.args[0].str(),
-                    TOPIC_RETRY_SECONDS,
-                )
-                await asyncio.sleep(TOPIC_RETRY_SECONDS)
-        if created:
-            log.info("created topics %s", ", ".join(created))
-        assert self.producer is not None
-        for consumer in self.config.consumers:
-            group = ConsumerGroup(
-                self.config,
-                consumer,
-                self.producer,
-                self.stats.group(consumer.topic, consumer.group_id),
-            )
-            group.start()
-            self.groups.append(group)
+        await self._ensure_topics(self.config)
+        self._start_groups(self.config.consumers)
         self.ready = True
         log.info("ready: %d consumer groups", len(self.groups))
+
+    async def _ensure_topics(self, config: Config, attempts: int | None = None) -> bool:
+        """Create missing topics, retrying while Kafka is unreachable; say if it worked."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                created = await asyncio.to_thread(ensure_topics, config, TOPIC_CHECK_TIMEOUT)
+            except KafkaException as exc:
+                log.error("kafka at %s: %s", config.bootstrap_servers, exc.args[0].str())
+                if attempts is not None and attempt >= attempts:
+                    return False
+                await asyncio.sleep(TOPIC_RETRY_SECONDS)
+                continue
+            if created:
+                log.info("created topics %s", ", ".join(created))
+            return True
+
+    def _start_groups(self, consumers: tuple[ConsumerConfig, ...] | list[ConsumerConfig]) -> None:
+        assert self.producer is not None
+        for consumer in consumers:
+            counters = self.stats.group(consumer.topic, consumer.group_id)
+            group = ConsumerGroup(self.config, consumer, self.producer, counters)
+            group.start()
+            self.groups[consumer.key] = group
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply what changed; a bad file changes nothing."""
+        async with self._reloading:
+            assert self.config.source is not None
+            try:
+                loaded = load_config(self.config.source)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("reload rejected, old config kept: %s", problem)
+                self.stats.node.reloadFailure += 1
+                return False
+            await self._apply(plan_reload(self.config, loaded))
+            self.stats.node.reloadSuccess += 1
+            log.info("reloaded %s", self.config.source)
+            return True
+
+    async def _apply(self, plan: ReloadPlan) -> None:
+        for key in plan.needs_restart:
+            log.warning("reload: %s changed; it takes effect after a restart", key)
+        config = plan.config
+        if self._logs is not None:
+            self._logs.apply(config.log_level, config.log_directory)
+        self.acl = Acl(config.acl)
+        if not self.ready:  # still joining Kafka: join again, with the new config
+            self.config = config
+            await self._restart_bring_up()
+            return
+        timeout = config.shutdown_timeout_ms / 1000
+        await asyncio.gather(*(self.groups.pop(key).stop(timeout) for key in plan.removed))
+        if plan.new_producer:
+            await self._swap_producer(config)
+        self.config = config
+        if plan.new_topics and not await self._ensure_topics(config, attempts=3):
+            log.error(
+                "reload: topics %s not confirmed; groups on them wait for them",
+                ", ".join(plan.new_topics),
+            )
+        for consumer in plan.changed:
+            self.groups[consumer.key].update(consumer)
+        self._start_groups(plan.added)
+
+    async def _swap_producer(self, config: Config) -> None:
+        old, self.producer = self.producer, Producer(config)
+        for group in self.groups.values():
+            group.producer = self.producer
+        if old is not None:
+            await old.close(config.shutdown_timeout_ms / 1000)
+
+    async def _restart_bring_up(self) -> None:
+        if self._bring_up is not None and not self._bring_up.done():
+            self._bring_up.cancel()
+            await asyncio.gather(self._bring_up, return_exceptions=True)
+        self._bring_up = asyncio.create_task(self._join_kafka())
 
     async def stop(self) -> None:
         """Drain in the order a call travels; bounded by http.server.shutdown.timeout."""
@@ -105,19 +166,20 @@ class Node:
             # Closes the listener, then lets requests waiting on Kafka finish.
             await self._runner.cleanup()
         # Groups stop before the producer: a call failing now still needs its dead letter.
-        await asyncio.gather(*(group.stop(timeout) for group in self.groups))
+        await asyncio.gather(*(group.stop(timeout) for group in self.groups.values()))
         if self.producer is not None:
             await self.producer.close(timeout)
         log.info("stopped")
 
 
-async def serve(config: Config) -> int:
-    """Run a node until SIGTERM or SIGINT; a second signal exits at once."""
-    node = Node(config)
+async def serve(config: Config, logs: Logging | None = None) -> int:
+    """Run a node until SIGTERM or SIGINT; a second signal exits at once. SIGUSR1 reloads."""
+    node = Node(config, logs)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
 
-    def on_signal(signum: int) -> None:
+    def on_stop_signal(signum: int) -> None:
         if stop.is_set():
             # The log queue may never be flushed now, so say it on stderr directly.
             print(
@@ -129,9 +191,16 @@ async def serve(config: Config) -> int:
         log.info("%s: draining", signal.Signals(signum).name)
         stop.set()
 
+    def on_reload_signal() -> None:
+        task = asyncio.create_task(node.reload())
+        reloads.add(task)  # keep a reference until done, or the task may vanish
+        task.add_done_callback(reloads.discard)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signum, on_stop_signal, signum)
+    loop.add_signal_handler(signal.SIGUSR1, on_reload_signal)
     await node.start()
     await stop.wait()
+    await asyncio.gather(*reloads, return_exceptions=True)
     await node.stop()
     return 0

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.apply(config.log_level, config.log_directory)
     try:
         tune_gc()
-        return uvloop.run(serve(config))
+        return uvloop.run(serve(config, logs))
     except OSError as exc:
         log.critical("cannot run: %s", exc)
         print(f"bigpipe: cannot run: {exc}", file=sys.stderr)

@@ -46,16 +46,22 @@ class DeliveryClient:
     def __init__(
         self, config: ConsumerConfig, counters: GroupCounters, breaker: Breaker | None
     ) -> None:
-        self._config = config
         self._counters = counters
-        self._breaker = breaker
         self._limits = Limits(config.rate_limit, config.concurrency)
+        self.update(config, breaker)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=config.concurrency, ttl_dns_cache=60),
-            # One deadline per attempt: connect, send, and read the (bounded) response.
-            timeout=aiohttp.ClientTimeout(total=config.timeout_ms / 1000),
+            # Limits caps the requests in flight, and can change on reload: the pool can't.
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
             auto_decompress=False,
         )
+
+    def update(self, config: ConsumerConfig, breaker: Breaker | None) -> None:
+        """Apply a reloaded config; attempts already under way finish under the old one."""
+        self._config = config
+        self._breaker = breaker
+        self._limits.update(config.rate_limit, config.concurrency)
+        # One deadline per attempt: connect, send, and read the (bounded) response.
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout_ms / 1000)
 
     async def close(self) -> None:
         await self._session.close()
@@ -99,7 +105,7 @@ class DeliveryClient:
         self._counters.inFlight += 1
         try:
             async with self._session.post(
-                call.url, data=body, headers=headers, allow_redirects=False
+                call.url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
             ) as response:
                 excerpt = await _read_bounded(response)
                 return _result_of(response, excerpt, self._config.retry_status)

@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from bigpipe.breaker import BREAK, Breaker
@@ -57,6 +58,8 @@ def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any
         "heartbeat.interval.ms": 2_000,
         # Bound what librdkafka prefetches, so memory stays bounded under a backlog.
         "queued.max.messages.kbytes": 8_192,
+        # librdkafka's statistics carry each partition's lag, for /metrics.
+        "statistics.interval.ms": 5_000,
     }
 
 
@@ -72,7 +75,7 @@ class ConsumerGroup:
     ) -> None:
         self.config = consumer
         self._counters = counters
-        self._producer = producer
+        self.producer = producer
         self._breaker = _make_breaker(consumer, counters)
         self._client = DeliveryClient(consumer, counters, self._breaker)
         self._kafka = Consumer(
@@ -80,8 +83,10 @@ class ConsumerGroup:
                 **consumer_settings(config, consumer),
                 "error_cb": self._on_error,
                 "on_commit": self._on_commit,
+                "stats_cb": self._on_statistics,
             }
         )
+        self.lag: dict[int, int] = {}  # partition -> calls not yet committed, from librdkafka
         self._partitions: dict[int, _Partition] = {}
         self._paused: set[int] = set()
         self._stopping = asyncio.Event()
@@ -90,6 +95,22 @@ class ConsumerGroup:
     @property
     def name(self) -> str:
         return f"{self.config.topic}/{self.config.group_id}"
+
+    def update(self, consumer: ConsumerConfig) -> None:
+        """Apply changed limits, retries, timeouts or breaker in place: no rebalance.
+
+        The key (topic, groupId) never changes here; a new key is a new group.
+        """
+        if consumer.breaker != self.config.breaker:
+            self._breaker = _make_breaker(consumer, self._counters)
+            self._counters.circuitIsBreak = 0
+        self.config = consumer
+        self._client.update(consumer, self._breaker)
+        log.info("%s: applied new settings", self.name)
+
+    @property
+    def breaker_state(self) -> str | None:
+        return None if self._breaker is None else self._breaker.state
 
     def start(self) -> None:
         self._kafka.subscribe(
@@ -240,7 +261,7 @@ class ConsumerGroup:
         failures = 0
         while True:
             try:
-                await self._producer.send(self.config.dead_letter_topic, record, message.key())
+                await self.producer.send(self.config.dead_letter_topic, record, message.key())
                 break
             except ProduceFailed as exc:
                 failures += 1
@@ -298,6 +319,14 @@ class ConsumerGroup:
             self._partitions.pop(tp.partition, None)
             self._paused.discard(tp.partition)
         consumer.incremental_unassign(partitions)
+
+    def _on_statistics(self, raw: str) -> None:
+        topic = orjson.loads(raw).get("topics", {}).get(self.config.topic, {})
+        self.lag = {
+            int(number): state["consumer_lag"]
+            for number, state in topic.get("partitions", {}).items()
+            if number != "-1" and int(number) in self._partitions and state["consumer_lag"] >= 0
+        }
 
     def _on_error(self, error: KafkaError) -> None:
         log.warning("%s: kafka: %s", self.name, error.str())

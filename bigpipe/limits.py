@@ -1,8 +1,12 @@
-"""The shield in front of each downstream: a rate limit and a cap on calls in flight."""
+"""The shield in front of each downstream: a rate limit and a cap on calls in flight.
+
+Both can change while calls wait (a reload), without dropping a waiter.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 from aiolimiter import AsyncLimiter
 
@@ -11,11 +15,30 @@ from aiolimiter import AsyncLimiter
 BURST_SECONDS = 0.1
 
 
+def rate_limiter(rate_limit: float) -> AsyncLimiter:
+    burst = max(1.0, rate_limit * BURST_SECONDS)
+    return AsyncLimiter(burst, burst / rate_limit)
+
+
 class Limits:
     def __init__(self, rate_limit: float, concurrency: int) -> None:
-        burst = max(1.0, rate_limit * BURST_SECONDS)
-        self._rate = AsyncLimiter(burst, burst / rate_limit)
-        self._slots = asyncio.Semaphore(concurrency)
+        self._rate_limit = rate_limit
+        self._rate = rate_limiter(rate_limit)
+        self._capacity = concurrency
+        self._in_use = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    def update(self, rate_limit: float, concurrency: int) -> None:
+        """Apply new limits now; calls already waiting are served under the new cap."""
+        if rate_limit != self._rate_limit:
+            self._rate_limit = rate_limit
+            self._rate = rate_limiter(rate_limit)
+        self._capacity = concurrency
+        self._wake()
 
     async def acquire(self) -> None:
         """Take a concurrency slot, then one rate token, for the span of one request.
@@ -24,12 +47,35 @@ class Limits:
         goes out and the downstream sees the configured rate, not bursts of
         requests whose tokens were taken long before. Pair with `release()`.
         """
-        await self._slots.acquire()
+        await self._take_slot()
         try:
             await self._rate.acquire()
         except BaseException:
-            self._slots.release()
+            self.release()
             raise
 
     def release(self) -> None:
-        self._slots.release()
+        self._in_use -= 1
+        self._wake()
+
+    async def _take_slot(self) -> None:
+        if self._in_use < self._capacity and not self._waiters:
+            self._in_use += 1
+            return
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(granted)
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release()  # the slot came just as we were cancelled: pass it on
+            else:
+                self._waiters.remove(granted)
+            raise
+
+    def _wake(self) -> None:
+        while self._waiters and self._in_use < self._capacity:
+            granted = self._waiters.popleft()
+            if not granted.done():
+                self._in_use += 1
+                granted.set_result(None)

@@ -42,9 +42,16 @@ class GroupCounters:
 _CLIENT_KEYS = ("rpcTotal", "rpcSuccess", "rpcFail", "rpcRetries")
 
 
+@dataclass(slots=True)
+class NodeCounters:
+    reloadSuccess: int = 0
+    reloadFailure: int = 0  # a new config file was rejected; the old one kept running
+
+
 class Stats:
     def __init__(self) -> None:
         self.server = ServerCounters()
+        self.node = NodeCounters()
         self._producer: dict[str, ProducerCounters] = {}
         self._groups: dict[tuple[str, str], GroupCounters] = {}
 
@@ -69,6 +76,7 @@ class Stats:
             "producerStats": {t.name: asdict(self.producer(t.name)) for t in config.topics},
             "consumerStats": consumer_stats,
             "clientStats": client_stats,
+            "nodeStats": asdict(self.node),
         }
 
 
