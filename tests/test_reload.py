@@ -1,0 +1,191 @@
+"""SIGUSR1 hot reload on a live node: under load, with bad files, adding and removing groups."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from tests.support import (
+    ACL_NAME,
+    ACL_SECRET,
+    Bigpipe,
+    Downstream,
+    eventually,
+    start_node,
+    unique,
+)
+
+
+def rewrite(bigpipe: Bigpipe, **changes: Any) -> None:
+    """Write the node's config file anew, atomically, as an operator's tooling would."""
+    bigpipe.config.update(changes)
+    temporary = bigpipe.config_path.with_suffix(".tmp")
+    temporary.write_bytes(orjson.dumps(bigpipe.config))
+    os.replace(temporary, bigpipe.config_path)
+
+
+async def reload(bigpipe: Bigpipe, http: aiohttp.ClientSession, *, ok: bool = True) -> None:
+    node = (await bigpipe.stats(http))["nodeStats"]
+    key = "reloadSuccess" if ok else "reloadFailure"
+    bigpipe.signal(signal.SIGUSR1)
+
+    async def counted() -> bool:
+        return (await bigpipe.stats(http))["nodeStats"][key] == node[key] + 1
+
+    await eventually(counted, 30, f"{key} to rise")
+
+
+async def post_as(
+    bigpipe: Bigpipe, http: aiohttp.ClientSession, name: str, secret: str, url: str
+) -> tuple[int, dict[str, Any]]:
+    body = {"acl": {"name": name, "secret": secret}, "url": url, "data": name}
+    return await bigpipe.post_raw(http, orjson.dumps(body))
+
+
+async def test_process_name_is_bigpipe_so_killall_reaches_it(
+    kafka: str, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    bigpipe, _ = await start_node(kafka, tmp_path, processes)
+    assert bigpipe.process is not None
+    comm = await asyncio.to_thread(Path(f"/proc/{bigpipe.process.pid}/comm").read_text)
+    assert comm.strip() == "bigpipe"
+
+
+async def test_ten_reloads_under_load_refuse_nothing_lose_nothing_and_never_rebalance(
+    kafka: str,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    bigpipe, topic = await start_node(kafka, tmp_path, processes, concurrency=5)
+    accepted: list[str] = []
+    refused: list[dict[str, Any]] = []
+    running = True
+
+    async def steady_load() -> None:
+        while running:
+            _, reply = await bigpipe.post_call(http, url=downstream.url())
+            if reply["errno"] == 0:
+                accepted.append(reply["data"]["id"])
+            else:
+                refused.append(reply)
+
+    load = [asyncio.create_task(steady_load()) for _ in range(8)]
+    previous_caller = None
+    last_accepted = 0
+    for round_number in range(10):
+        caller = {"name": f"temp-{round_number}", "secret": f"pw-{round_number}", "topic": topic}
+        entry = {
+            **bigpipe.config["kafka.consumer.list"][0],
+            "rateLimit": 500 + 100 * round_number,
+            "concurrency": 3 + round_number,
+            "retries": round_number % 3,
+            "timeout": 1000 + round_number,
+        }
+        rewrite(
+            bigpipe,
+            **{
+                "kafka.producer.acl": [bigpipe.config["kafka.producer.acl"][0], caller],
+                "kafka.consumer.list": [entry],
+            },
+        )
+        await eventually(
+            lambda wanted=100 * (round_number + 1): len(accepted) >= wanted,
+            30,
+            "a hundred calls under the running config",
+        )
+        await reload(bigpipe, http)
+        status, _ = await post_as(bigpipe, http, caller["name"], caller["secret"], downstream.url())
+        assert status == 200, "a caller added by the reload is accepted on the next request"
+        if previous_caller is not None:
+            status, _ = await post_as(
+                bigpipe, http, previous_caller["name"], previous_caller["secret"], downstream.url()
+            )
+            assert status == 403, "a caller removed by the reload is refused"
+        previous_caller = caller
+        served = (await bigpipe.stats(http))["serverStats"]["acceptedCall"]
+        assert served > last_accepted, "counters survive reloads and keep counting"
+        last_accepted = served
+
+    running = False
+    await asyncio.gather(*load)
+    assert refused == [], "not one valid call may be refused during reloads"
+    await eventually(
+        lambda: set(accepted) <= downstream.call_ids(), 60, "every accepted call to be delivered"
+    )
+    log = bigpipe.log_tail(10_000)
+    print(
+        f"\nreload: 10 reloads, accepted={len(accepted)} refused=0 "
+        f"assignments={log.count('assigned partitions')}"
+    )
+    assert log.count("assigned partitions") == 1, "limits-only reloads must not rebalance"
+    assert "revoked partitions" not in log
+
+
+async def test_a_bad_file_is_rejected_whole_and_the_old_config_keeps_running(
+    kafka: str,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    bigpipe, _ = await start_node(kafka, tmp_path, processes)
+    good = dict(bigpipe.config)
+    entry = {**good["kafka.consumer.list"][0], "concurrency": 0}
+    rewrite(bigpipe, **{"kafka.consumer.list": [entry], "kafka.producer.acl": []})
+    await reload(bigpipe, http, ok=False)
+    status, reply = await bigpipe.post_call(http, url=downstream.url())
+    assert (status, reply["errno"]) == (200, 0), "the old ACLs still hold"
+    assert (
+        "reload rejected, old config kept: kafka.consumer.list[0].concurrency: must be > 0"
+        in bigpipe.log_tail(200)
+    )
+
+    rewrite(bigpipe, **{**good, "http.server.body.limit": 1234})
+    await reload(bigpipe, http)
+    assert "http.server.body.limit changed; it takes effect after a restart" in bigpipe.log_tail(
+        200
+    )
+
+
+async def test_groups_and_topics_can_be_added_and_removed(
+    kafka: str,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    bigpipe, topic = await start_node(kafka, tmp_path, processes)
+    first_group = bigpipe.config["kafka.consumer.list"][0]
+    new_topic = unique("added")
+    second_group = {**first_group, "topic": new_topic, "groupId": unique("g2")}
+    rewrite(
+        bigpipe,
+        **{
+            "kafka.topics": [*bigpipe.config["kafka.topics"], {"name": new_topic, "partitions": 2}],
+            "kafka.producer.acl": [{"name": ACL_NAME, "secret": ACL_SECRET, "topic": new_topic}],
+            "kafka.consumer.list": [second_group],
+        },
+    )
+    await reload(bigpipe, http)
+    status, reply = await bigpipe.post_call(http, url=downstream.url())
+    assert (status, reply["errno"]) == (200, 0), "the ACL now writes to the new topic"
+    await eventually(
+        lambda: reply["data"]["id"] in downstream.call_ids(),
+        30,
+        "the new group on the new topic to deliver",
+    )
+    stats = await bigpipe.stats(http)
+    assert [(c["topic"], c["groupId"]) for c in stats["consumerStats"]] == [
+        (new_topic, second_group["groupId"])
+    ]
+    assert f"{topic}/{first_group['groupId']}: revoked partitions" in bigpipe.log_tail(500), (
+        "the removed group drained and left"
+    )
