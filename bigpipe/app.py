@@ -23,7 +23,7 @@ from bigpipe.kafka import ensure_topics
 from bigpipe.logs import Logging
 from bigpipe.producer import Producer
 from bigpipe.reload import ReloadPlan, plan_reload
-from bigpipe.server import build_app
+from bigpipe.server import Ingest, build_app
 from bigpipe.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class Node:
         self._runner: web.AppRunner | None = None
         self._bring_up: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
+        self.ingest = Ingest(self)
 
     def not_ready_reason(self) -> str:
         if self.draining:
@@ -155,20 +156,27 @@ class Node:
         self._bring_up = asyncio.create_task(self._join_kafka())
 
     async def stop(self) -> None:
-        """Drain in the order a call travels; bounded by http.server.shutdown.timeout."""
+        """Drain in the order a call travels; each step bounded by the shutdown timeout.
+
+        The listener stays open till the end: load balancers keep getting a 503 from
+        /readyz and callers a clear errno 1, instead of refused connections.
+        """
         timeout = self.config.shutdown_timeout_ms / 1000
         self.ready = False
         self.draining = True
         if self._bring_up is not None and not self._bring_up.done():
             self._bring_up.cancel()
             await asyncio.gather(self._bring_up, return_exceptions=True)
-        if self._runner is not None:
-            # Closes the listener, then lets requests waiting on Kafka finish.
-            await self._runner.cleanup()
+        try:
+            await asyncio.wait_for(self.ingest.wait_idle(), timeout)
+        except TimeoutError:
+            log.error("shutdown: calls still waiting for Kafka after %.0f s", timeout)
         # Groups stop before the producer: a call failing now still needs its dead letter.
         await asyncio.gather(*(group.stop(timeout) for group in self.groups.values()))
         if self.producer is not None:
             await self.producer.close(timeout)
+        if self._runner is not None:
+            await self._runner.cleanup()
         log.info("stopped")
 
 

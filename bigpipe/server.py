@@ -104,6 +104,12 @@ class Ingest:
     def __init__(self, node: Node) -> None:
         self._node = node
         self._waiting = 0  # calls handed to Kafka and not yet acknowledged
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no call is waiting for Kafka's acknowledgement."""
+        await self._idle.wait()
 
     async def rpc_call(self, request: web.Request) -> web.Response:
         stats = self._node.stats
@@ -133,6 +139,7 @@ class Ingest:
         key = call_request.partition_key.encode() if call_request.partition_key else None
         counters = node.stats.producer(entry.topic)
         self._waiting += 1
+        self._idle.clear()
         try:
             async with asyncio.timeout(config.write_timeout_ms / 1000):
                 await node.producer.send(entry.topic, encode_call(call), key)
@@ -142,6 +149,8 @@ class Ingest:
             raise Reject(503, f"kafka did not take the call: {reason}", INTERNAL_ERROR) from None
         finally:
             self._waiting -= 1
+            if self._waiting == 0:
+                self._idle.set()
         counters.deliverySuccess += 1
         return call.id
 
@@ -177,7 +186,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 def build_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=node.config.body_limit)
-    ingest = Ingest(node)
+    ingest = node.ingest
 
     async def stats(_request: web.Request) -> web.Response:
         return reply(200, OK, "success", node.stats.snapshot(node.config))
