@@ -21,6 +21,7 @@ from bigpipe.config import Config, ConfigError, ConsumerConfig, load_config
 from bigpipe.consumer import ConsumerGroup
 from bigpipe.kafka import ensure_topics
 from bigpipe.logs import Logging
+from bigpipe.metrics import Metrics
 from bigpipe.producer import Producer
 from bigpipe.reload import ReloadPlan, plan_reload
 from bigpipe.server import Ingest, build_app
@@ -47,6 +48,7 @@ class Node:
         self._bring_up: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
         self.ingest = Ingest(self)
+        self.metrics = Metrics(self)
 
     def not_ready_reason(self) -> str:
         if self.draining:
@@ -97,7 +99,8 @@ class Node:
         assert self.producer is not None
         for consumer in consumers:
             counters = self.stats.group(consumer.topic, consumer.group_id)
-            group = ConsumerGroup(self.config, consumer, self.producer, counters)
+            latency = self.metrics.delivery_seconds.labels(consumer.topic, consumer.group_id)
+            group = ConsumerGroup(self.config, consumer, self.producer, counters, latency)
             group.start()
             self.groups[consumer.key] = group
 

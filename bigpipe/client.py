@@ -103,6 +103,7 @@ class DeliveryClient:
             "X-Bigpipe-Attempt": str(attempt),
         }
         self._counters.inFlight += 1
+        self._counters.attempts += 1
         try:
             async with self._session.post(
                 call.url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout

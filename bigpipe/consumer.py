@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import Histogram
 
 from bigpipe.breaker import BREAK, Breaker
 from bigpipe.client import AttemptResult, DeliveryClient, Outcome
@@ -71,10 +73,16 @@ class _Partition:
 
 class ConsumerGroup:
     def __init__(
-        self, config: Config, consumer: ConsumerConfig, producer: Producer, counters: GroupCounters
+        self,
+        config: Config,
+        consumer: ConsumerConfig,
+        producer: Producer,
+        counters: GroupCounters,
+        latency: Histogram,
     ) -> None:
         self.config = consumer
         self._counters = counters
+        self._latency = latency
         self.producer = producer
         self._breaker = _make_breaker(consumer, counters)
         self._client = DeliveryClient(consumer, counters, self._breaker)
@@ -220,6 +228,7 @@ class ConsumerGroup:
         partition.offsets.finish(message.offset())
 
     async def _deliver(self, message: Message, call: Call) -> None:
+        started = time.perf_counter()
         try:
             outcome = await self._client.deliver(call)
         except Exception as exc:
@@ -228,6 +237,7 @@ class ConsumerGroup:
             outcome = Outcome(
                 False, 0, AttemptResult(Verdict.FINAL, error=f"internal: {exc!r}"), None
             )
+        self._latency.observe(time.perf_counter() - started)
         self._counters.rpcTotal += 1
         if outcome.delivered:
             self._counters.rpcSuccess += 1
@@ -323,9 +333,9 @@ class ConsumerGroup:
     def _on_statistics(self, raw: str) -> None:
         topic = orjson.loads(raw).get("topics", {}).get(self.config.topic, {})
         self.lag = {
-            int(number): state["consumer_lag"]
+            int(number): _lag(state)
             for number, state in topic.get("partitions", {}).items()
-            if number != "-1" and int(number) in self._partitions and state["consumer_lag"] >= 0
+            if number != "-1" and int(number) in self._partitions and state["hi_offset"] >= 0
         }
 
     def _on_error(self, error: KafkaError) -> None:
@@ -334,6 +344,17 @@ class ConsumerGroup:
     def _on_commit(self, error: KafkaError | None, _partitions: list[TopicPartition]) -> None:
         if error is not None and error.code() != KafkaError._NO_OFFSET:
             log.warning("%s: commit failed: %s", self.name, error.str())
+
+
+def _lag(partition: dict[str, Any]) -> int:
+    """Calls in a partition after the committed offset.
+
+    librdkafka says -1 while nothing was ever committed; the backlog then starts at
+    the partition's first offset, since new groups read from the earliest.
+    """
+    committed = partition["committed_offset"]
+    start = committed if committed >= 0 else max(partition["lo_offset"], 0)
+    return max(0, partition["hi_offset"] - start)
 
 
 def _make_breaker(consumer: ConsumerConfig, counters: GroupCounters) -> Breaker | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +20,7 @@ from yarl import URL
 
 from bigpipe.config import Config
 from bigpipe.envelope import encode_call, forwardable_headers, new_call
+from bigpipe.metrics import CONTENT_TYPE
 from bigpipe.producer import ProduceFailed
 
 if TYPE_CHECKING:
@@ -122,6 +124,7 @@ class Ingest:
         return reply(200, OK, "success", {"id": call_id})
 
     async def _accept(self, request: web.Request) -> str:
+        started = time.perf_counter()
         node = self._node
         config = node.config
         body = await _read_body(request, config)
@@ -138,6 +141,7 @@ class Ingest:
         call = new_call(call_request.url, call_request.data, call_request.name, headers)
         key = call_request.partition_key.encode() if call_request.partition_key else None
         counters = node.stats.producer(entry.topic)
+        latency = node.metrics.ingest_seconds.labels(entry.topic)
         self._waiting += 1
         self._idle.clear()
         try:
@@ -148,6 +152,7 @@ class Ingest:
             reason = str(exc) or "no acknowledgement in time"
             raise Reject(503, f"kafka did not take the call: {reason}", INTERNAL_ERROR) from None
         finally:
+            latency.observe(time.perf_counter() - started)
             self._waiting -= 1
             if self._waiting == 0:
                 self._idle.set()
@@ -194,6 +199,9 @@ def build_app(node: Node) -> web.Application:
     async def mock(_request: web.Request) -> web.Response:
         return web.Response(status=200)
 
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
     async def dashboard(_request: web.Request) -> web.Response:
         return web.Response(body=DASHBOARD_HTML, content_type="text/html", charset="utf-8")
 
@@ -210,5 +218,6 @@ def build_app(node: Node) -> web.Application:
     app.router.add_route("*", "/rpc/server/mock", mock)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/dashboard", dashboard)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/readyz", readyz)
     return app

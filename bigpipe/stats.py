@@ -34,6 +34,7 @@ class GroupCounters:
     rpcSuccess: int = 0
     rpcFail: int = 0
     rpcRetries: int = 0  # attempts after the first
+    attempts: int = 0  # requests sent, retries included
     deadLetter: int = 0
     inFlight: int = 0  # a gauge: requests open to the downstream now
     circuitIsBreak: int = 0  # a gauge: 1 while the breaker holds calls
