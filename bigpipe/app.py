@@ -125,7 +125,7 @@ class Node:
             log.warning("reload: %s changed; it takes effect after a restart", key)
         config = plan.config
         if self._logs is not None:
-            self._logs.apply(config.log_level, config.log_directory)
+            self._logs.apply(config.log_level, config.log_directory, config.log_format)
         self.acl = Acl(config.acl)
         if not self.ready:  # still joining Kafka: join again, with the new config
             self.config = config

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     set_process_name()
     logs = Logging()
-    logs.apply(config.log_level, config.log_directory)
+    logs.apply(config.log_level, config.log_directory, config.log_format)
     try:
         tune_gc()
         return uvloop.run(serve(config, logs))

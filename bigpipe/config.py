@@ -77,6 +77,7 @@ class ConsumerConfig:
 class Config:
     log_level: int
     log_directory: str
+    log_format: str
     bootstrap_servers: str
     topics: tuple[TopicConfig, ...]
     producer_retries: int
@@ -117,6 +118,13 @@ def between(low: float, high: float) -> Check:
         if low <= value <= high:
             return None
         return f"must be between {low} and {high}, got {value}"
+
+    return check
+
+
+def one_of(*choices: str) -> Check:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
 
     return check
 
@@ -392,6 +400,7 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
     root = _Section(raw, "", problems)
     log_level = root.get("log.level", int, default=4, check=between(1, 5))
     log_directory = root.get("log.directory", str, default="")
+    log_format = root.get("log.format", str, default="text", check=one_of("text", "json"))
     servers = root.get(
         "kafka.bootstrap.servers", str, check=non_empty, hint=', e.g. "127.0.0.1:9092"'
     )
@@ -420,6 +429,7 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
     return Config(
         log_level=log_level,
         log_directory=log_directory,
+        log_format=log_format,
         bootstrap_servers=servers,
         topics=topics,
         producer_retries=producer_retries,

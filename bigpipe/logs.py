@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
+
 LEVELS = {
     1: logging.CRITICAL,
     2: logging.ERROR,
@@ -71,20 +73,20 @@ class Logging:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         self._listener: logging.handlers.QueueListener | None = None
-        self._directory: str | None = None
+        self._sink_settings: tuple[str, str] | None = None
         root = logging.getLogger()
         root.handlers[:] = [logging.handlers.QueueHandler(self._queue)]
 
-    def apply(self, level: int, directory: str) -> None:
+    def apply(self, level: int, directory: str, style: str = "text") -> None:
         logging.getLogger().setLevel(LEVELS[level])
-        if self._listener is not None and self._directory == directory:
+        if self._listener is not None and self._sink_settings == (directory, style):
             return
         self.stop()
         handler = _sink(directory)
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(JsonFormatter() if style == "json" else logging.Formatter(FORMAT))
         self._listener = logging.handlers.QueueListener(self._queue, handler)
         self._listener.start()
-        self._directory = directory
+        self._sink_settings = (directory, style)
 
     def stop(self) -> None:
         if self._listener is not None:
@@ -92,6 +94,21 @@ class Logging:
             for handler in self._listener.handlers:
                 handler.close()
             self._listener = None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: time, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
 
 
 def _sink(directory: str) -> logging.Handler:

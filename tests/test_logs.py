@@ -1,0 +1,83 @@
+"""Logging: levels 1-5, hourly files with retention, JSON lines, and the level on reload."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from bigpipe.logs import HourlyFileHandler, Logging
+from tests.support import Bigpipe, eventually, start_node
+from tests.test_reload import rewrite
+
+
+@pytest.fixture
+def root_logger() -> Iterator[None]:
+    """Logging() takes over the root logger; give it back to pytest afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("root_logger")
+def test_levels_filter_and_json_lines_land_in_the_hourly_file(tmp_path: Path) -> None:
+    logs = Logging()
+    logs.apply(2, str(tmp_path), "json")  # 2 = ERROR
+    logging.getLogger("bigpipe.test").info("dropped: above the level")
+    logging.getLogger("bigpipe.test").error("kept %d", 42)
+    logs.stop()
+    [path] = tmp_path.glob("bigpipe.*.log")
+    assert path.name == time.strftime("bigpipe.%Y%m%d_%H.log")
+    [line] = path.read_text().splitlines()
+    entry = orjson.loads(line)
+    assert (entry["level"], entry["logger"], entry["message"]) == (
+        "ERROR",
+        "bigpipe.test",
+        "kept 42",
+    )
+
+
+def test_a_new_hour_opens_a_new_file_and_old_files_are_pruned(tmp_path: Path) -> None:
+    stale = tmp_path / "bigpipe.20000101_00.log"
+    stale.write_text("old\n")
+    os.utime(stale, (0, 0))
+    handler = HourlyFileHandler(tmp_path, retention_hours=1)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for hours_ago in (2, 0):
+        record = logging.makeLogRecord({"msg": f"{hours_ago}h ago"})
+        record.created = time.time() - hours_ago * 3600
+        handler.emit(record)
+    handler.close()
+    names = sorted(p.name for p in tmp_path.glob("bigpipe.*.log"))
+    assert len(names) == 2 and stale.name not in names
+
+
+async def test_the_level_changes_on_reload(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    bigpipe, _ = await start_node(kafka, tmp_path, processes)
+    rewrite(bigpipe, **{"log.level": 2})
+    bigpipe.signal(signal.SIGUSR1)
+
+    async def reloads(count: int) -> bool:
+        return (await bigpipe.stats(http))["nodeStats"]["reloadSuccess"] == count
+
+    await eventually(lambda: reloads(1), 30, "the first reload")
+    assert "reloaded" not in bigpipe.log_tail(), "at ERROR the INFO line is dropped"
+    rewrite(bigpipe, **{"log.level": 4})
+    bigpipe.signal(signal.SIGUSR1)
+    await eventually(lambda: reloads(2), 30, "the second reload")
+    await eventually(
+        lambda: "INFO bigpipe.app: reloaded" in bigpipe.log_tail(),
+        5,
+        "the INFO line, back at level 4",
+    )
