@@ -19,6 +19,7 @@ from bigpipe.envelope import (
     new_call,
 )
 from bigpipe.offsets import PartitionOffsets
+from bigpipe.reload import plan_reload
 from bigpipe.retry import Verdict, backoff_seconds, classify, retry_after_seconds
 from bigpipe.stats import Stats
 from tests.test_config import EXAMPLE
@@ -201,3 +202,32 @@ def test_stats_shape_matches_the_original() -> None:
     assert snapshot["clientStats"] == {
         "test": {"rpcTotal": 0, "rpcSuccess": 5, "rpcFail": 0, "rpcRetries": 0, "circuitIsBreak": 1}
     }
+
+
+# ---------------------------------------------------------------- reload plan
+def test_reload_plan_changes_only_what_changed() -> None:
+    running = parse_config(EXAMPLE)
+    raw = orjson.loads(orjson.dumps(EXAMPLE))
+    raw["kafka.consumer.list"][0]["rateLimit"] = 5  # G1: limits change in place
+    raw["kafka.consumer.list"].pop(1)  # G2: removed
+    raw["kafka.topics"].append({"name": "new", "partitions": 1})
+    raw["kafka.consumer.list"].append(
+        {**raw["kafka.consumer.list"][0], "topic": "new", "groupId": "G3"}
+    )
+    raw["http.server.port"] = 1  # needs a restart, keeps running on the old port
+    plan = plan_reload(running, parse_config(raw))
+    assert plan.removed == [("test", "G2")]
+    assert [c.key for c in plan.added] == [("new", "G3")]
+    assert [(c.key, c.rate_limit) for c in plan.changed] == [(("test", "G1"), 5)]
+    assert plan.new_topics == ["new", "new.dlq"]
+    assert plan.needs_restart == ["http.server.port"]
+    assert plan.config.http_port == running.http_port
+    assert not plan.new_producer and not plan.regroup_all
+
+
+def test_reload_plan_moves_every_group_when_the_cluster_changes() -> None:
+    running = parse_config(EXAMPLE)
+    plan = plan_reload(running, parse_config({**EXAMPLE, "kafka.bootstrap.servers": "other:9092"}))
+    assert plan.new_producer and plan.regroup_all
+    assert plan.removed == [("test", "G1"), ("test", "G2")]
+    assert [c.key for c in plan.added] == [("test", "G1"), ("test", "G2")]
