@@ -32,6 +32,7 @@ OK, CALLER_ERROR, INTERNAL_ERROR = 0, -1, 1
 MAX_URL_LENGTH = 8192
 # One self-contained page (no CDN: Bigpipe often runs where the internet is not).
 DASHBOARD_HTML = (resources.files("bigpipe") / "dashboard.html").read_bytes()
+OPENAPI_JSON = (resources.files("bigpipe") / "openapi.json").read_bytes()
 
 
 class Reject(Exception):
@@ -202,6 +203,9 @@ def build_app(node: Node) -> web.Application:
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
+    async def openapi(_request: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI_JSON, content_type="application/json")
+
     async def dashboard(_request: web.Request) -> web.Response:
         return web.Response(body=DASHBOARD_HTML, content_type="text/html", charset="utf-8")
 
@@ -219,5 +223,6 @@ def build_app(node: Node) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/dashboard", dashboard)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/readyz", readyz)
     return app
