@@ -20,6 +20,7 @@ from bigpipe.acl import Acl
 from bigpipe.config import Config, ConfigError, ConsumerConfig, load_config
 from bigpipe.consumer import ConsumerGroup
 from bigpipe.kafka import ensure_topics
+from bigpipe.listener import HTTP_LIMITS, GuardedSite
 from bigpipe.logs import Logging
 from bigpipe.metrics import Metrics
 from bigpipe.producer import Producer
@@ -63,12 +64,10 @@ class Node:
             access_log=None,
             keepalive_timeout=self.config.read_timeout_ms / 1000,
             shutdown_timeout=self.config.shutdown_timeout_ms / 1000,
+            **HTTP_LIMITS,
         )
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, self.config.http_host, self.config.http_port, reuse_address=True
-        )
-        await site.start()
+        await GuardedSite(self._runner, self.config).start()
         log.info("listening on %s:%d", self.config.http_host, self.config.http_port)
         self._bring_up = asyncio.create_task(self._join_kafka())
 

@@ -11,6 +11,7 @@ import aiohttp
 
 from bigpipe.breaker import Breaker
 from bigpipe.config import ConsumerConfig
+from bigpipe.destinations import DestinationRefused, PublicOnlyResolver
 from bigpipe.envelope import Call
 from bigpipe.limits import Limits
 from bigpipe.retry import Verdict, backoff_seconds, classify, retry_after_seconds
@@ -49,11 +50,8 @@ class DeliveryClient:
         self._counters = counters
         self._limits = Limits(config.rate_limit, config.concurrency)
         self.update(config, breaker)
-        self._session = aiohttp.ClientSession(
-            # Limits caps the requests in flight, and can change on reload: the pool can't.
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
-            auto_decompress=False,
-        )
+        self._session = _new_session()
+        self._guarded_session: aiohttp.ClientSession | None = None  # for denyPrivate calls
 
     def update(self, config: ConsumerConfig, breaker: Breaker | None) -> None:
         """Apply a reloaded config; attempts already under way finish under the old one."""
@@ -65,6 +63,15 @@ class DeliveryClient:
 
     async def close(self) -> None:
         await self._session.close()
+        if self._guarded_session is not None:
+            await self._guarded_session.close()
+
+    def _session_for(self, call: Call) -> aiohttp.ClientSession:
+        if not call.deny_private:
+            return self._session
+        if self._guarded_session is None:
+            self._guarded_session = _new_session(PublicOnlyResolver())
+        return self._guarded_session
 
     async def deliver(self, call: Call) -> Outcome:
         """Try up to retries + 1 times; return how the last attempt ended."""
@@ -105,7 +112,7 @@ class DeliveryClient:
         self._counters.inFlight += 1
         self._counters.attempts += 1
         try:
-            async with self._session.post(
+            async with self._session_for(call).post(
                 call.url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
             ) as response:
                 excerpt = await _read_bounded(response)
@@ -115,9 +122,19 @@ class DeliveryClient:
         except aiohttp.InvalidURL as exc:
             return AttemptResult(Verdict.FINAL, error=f"invalid url: {exc}")
         except (aiohttp.ClientError, OSError) as exc:
+            if isinstance(getattr(exc, "os_error", exc), DestinationRefused):
+                return AttemptResult(Verdict.FINAL, error=f"destination refused: {exc}")
             return AttemptResult(Verdict.RETRY, error=f"{type(exc).__name__}: {exc}")
         finally:
             self._counters.inFlight -= 1
+
+
+def _new_session(resolver: aiohttp.abc.AbstractResolver | None = None) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        # Limits caps the requests in flight, and can change on reload: the pool can't.
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, resolver=resolver),
+        auto_decompress=False,
+    )
 
 
 def _result_of(

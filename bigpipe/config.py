@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from bigpipe.destinations import AllowRule, parse_rule
+
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 DEFAULT_RETRY_STATUS = (408, 429)
 
@@ -42,6 +44,8 @@ class AclEntry:
     name: str
     secret_sha256: bytes  # only the digest is kept, so a secret never sits in memory twice
     topic: str
+    allow: tuple[AllowRule, ...] = ()  # destinations this caller may call; empty: any
+    deny_private: bool = False  # refuse loopback, private and link-local destinations
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,9 @@ class Config:
     write_timeout_ms: int
     body_limit: int
     shutdown_timeout_ms: int
+    tls_cert: str
+    tls_key: str
+    kafka_client_config: dict[str, str | int | float | bool]
     source: Path | None = field(default=None, compare=False)
 
     def acl_by_name(self) -> dict[str, AclEntry]:
@@ -262,6 +269,8 @@ def _read_acl(root: _Section, topic_names: set[str] | None) -> tuple[AclEntry, .
         name = item.get("name", str, check=non_empty)
         topic = item.get("topic", str)
         digest = _read_secret(item)
+        allow = _read_allow(item)
+        deny_private = item.get("denyPrivate", bool, default=False)
         item.reject_unknown()
         if topic is not None and topic_names is not None and topic not in topic_names:
             root.problems.append(
@@ -271,9 +280,21 @@ def _read_acl(root: _Section, topic_names: set[str] | None) -> tuple[AclEntry, .
             root.problems.append(
                 f"{item.path}.name: duplicate ACL name {name!r}; names must be unique"
             )
-        elif None not in (name, topic, digest):
-            entries.append(AclEntry(name, digest, topic))
+        elif None not in (name, topic, digest, allow, deny_private):
+            entries.append(AclEntry(name, digest, topic, allow, deny_private))
     return tuple(entries)
+
+
+def _read_allow(item: _Section) -> tuple[AllowRule, ...] | None:
+    texts = item.get("allow", list, default=[])
+    rules = []
+    for index, text in enumerate(texts or []):
+        rule = parse_rule(text) if isinstance(text, str) else "must be a string"
+        if isinstance(rule, str):
+            item.problems.append(f"{item.path}.allow[{index}]: {rule}")
+            return None
+        rules.append(rule)
+    return None if texts is None else tuple(rules)
 
 
 def _read_secret(item: _Section) -> bytes | None:
@@ -422,6 +443,8 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
             "http.server.shutdown.timeout", int, default=10_000, check=positive
         ),
     )
+    values["tls_cert"], values["tls_key"] = _read_tls(root)
+    values["kafka_client_config"] = _read_client_config(root)
     root.reject_unknown()
     _check_topic_roles(topics, consumers, problems)
     if problems:
@@ -439,6 +462,51 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
         source=source,
         **values,
     )
+
+
+def _read_tls(root: _Section) -> tuple[str, str]:
+    """Both files or neither: TLS needs the certificate chain and its key."""
+    cert = root.get("http.server.tls.cert", str, default="")
+    key = root.get("http.server.tls.key", str, default="")
+    if bool(cert) != bool(key):
+        root.problems.append("http.server.tls.cert, http.server.tls.key: set both, or neither")
+    for name, path in (("http.server.tls.cert", cert), ("http.server.tls.key", key)):
+        if path and not Path(path).is_file():
+            root.problems.append(f"{name}: no file at {path!r}; give the PEM file's path")
+    return cert or "", key or ""
+
+
+# Settings Bigpipe owns: letting them through would break its guarantees or its config.
+OWNED_KAFKA_SETTINGS = frozenset(
+    {
+        "bootstrap.servers",
+        "group.id",
+        "client.id",
+        "enable.auto.commit",
+        "enable.auto.offset.store",
+        "enable.idempotence",
+        "acks",
+        "auto.offset.reset",
+        "partition.assignment.strategy",
+        "message.timeout.ms",
+        "message.send.max.retries",
+        "isolation.level",
+        "transactional.id",
+        "group.protocol",
+    }
+)
+
+
+def _read_client_config(root: _Section) -> dict[str, str | int | float | bool]:
+    """librdkafka settings passed through to every client, e.g. SASL and SSL."""
+    settings = root.get("kafka.client.config", dict, default={}) or {}
+    for key, value in settings.items():
+        where = f"kafka.client.config.{key}"
+        if key in OWNED_KAFKA_SETTINGS:
+            root.problems.append(f"{where}: is set by Bigpipe itself; remove it")
+        elif not isinstance(value, str | int | float | bool):
+            root.problems.append(f"{where}: must be a string, number or boolean")
+    return settings
 
 
 def _check_topic_roles(

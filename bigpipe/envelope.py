@@ -54,24 +54,28 @@ class Call:
     caller: str
     created_ms: int
     headers: dict[str, str]
+    deny_private: bool = False  # delivery must refuse non-public addresses (SSRF)
 
 
-def new_call(url: str, data: str, caller: str, headers: dict[str, str]) -> Call:
-    return Call(uuid.uuid4().hex, url, data, caller, int(time.time() * 1000), headers)
+def new_call(
+    url: str, data: str, caller: str, headers: dict[str, str], deny_private: bool = False
+) -> Call:
+    return Call(uuid.uuid4().hex, url, data, caller, int(time.time() * 1000), headers, deny_private)
 
 
 def encode_call(call: Call) -> bytes:
-    return orjson.dumps(
-        {
-            "v": ENVELOPE_VERSION,
-            "id": call.id,
-            "url": call.url,
-            "data": call.data,
-            "caller": call.caller,
-            "ts": call.created_ms,
-            "headers": call.headers,
-        }
-    )
+    envelope = {
+        "v": ENVELOPE_VERSION,
+        "id": call.id,
+        "url": call.url,
+        "data": call.data,
+        "caller": call.caller,
+        "ts": call.created_ms,
+        "headers": call.headers,
+    }
+    if call.deny_private:  # written only when set, so the common envelope stays small
+        envelope["denyPrivate"] = True
+    return orjson.dumps(envelope)
 
 
 def decode_call(value: bytes | None) -> Call:
@@ -93,7 +97,10 @@ def decode_call(value: bytes | None) -> Call:
     headers = obj["headers"]
     if not all(isinstance(v, str) for v in headers.values()):
         raise InvalidRecord("field 'headers' has a non-string value")
-    return Call(obj["id"], obj["url"], obj["data"], obj["caller"], obj["ts"], headers)
+    deny_private = obj.get("denyPrivate", False)
+    if not isinstance(deny_private, bool):
+        raise InvalidRecord("field 'denyPrivate' is not a boolean")
+    return Call(obj["id"], obj["url"], obj["data"], obj["caller"], obj["ts"], headers, deny_private)
 
 
 def forwardable_headers(headers: Iterable[tuple[str, str]], secret: str) -> dict[str, str]:

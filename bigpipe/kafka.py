@@ -26,6 +26,7 @@ def record_size_limit(config: Config) -> int:
 def client_settings(config: Config) -> dict[str, Any]:
     """Settings common to the producer, the consumers and the admin client."""
     return {
+        **config.kafka_client_config,
         "bootstrap.servers": config.bootstrap_servers,
         # librdkafka's own log lines go through Python logging, not straight to stderr.
         "logger": logging.getLogger("librdkafka"),

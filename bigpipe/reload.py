@@ -23,8 +23,15 @@ HTTP_FIELDS = {
     "write_timeout_ms": "http.server.write.timeout",
     "body_limit": "http.server.body.limit",
     "shutdown_timeout_ms": "http.server.shutdown.timeout",
+    "tls_cert": "http.server.tls.cert",
+    "tls_key": "http.server.tls.key",
 }
-PRODUCER_FIELDS = ("bootstrap_servers", "producer_retries", "producer_ack_timeout_ms")
+PRODUCER_FIELDS = (
+    "bootstrap_servers",
+    "kafka_client_config",
+    "producer_retries",
+    "producer_ack_timeout_ms",
+)
 
 
 @dataclass
@@ -46,7 +53,10 @@ def plan_reload(running: Config, loaded: Config) -> ReloadPlan:
     config = dataclasses.replace(loaded, **{name: getattr(running, name) for name in HTTP_FIELDS})
     plan = ReloadPlan(config, needs_restart=http_changes)
     plan.new_producer = any(getattr(running, f) != getattr(config, f) for f in PRODUCER_FIELDS)
-    plan.regroup_all = running.bootstrap_servers != config.bootstrap_servers
+    plan.regroup_all = (running.bootstrap_servers, running.kafka_client_config) != (
+        config.bootstrap_servers,
+        config.kafka_client_config,
+    )
     known = set() if plan.regroup_all else {t.name for t in wanted_topics(running)}
     plan.new_topics = [t.name for t in wanted_topics(config) if t.name not in known]
     before = {c.key: c for c in running.consumers}

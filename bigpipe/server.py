@@ -18,7 +18,8 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from bigpipe.config import Config
+from bigpipe.config import AclEntry, Config
+from bigpipe.destinations import allowed, literal_refusal
 from bigpipe.envelope import encode_call, forwardable_headers, new_call
 from bigpipe.metrics import CONTENT_TYPE
 from bigpipe.producer import ProduceFailed
@@ -50,6 +51,7 @@ class CallRequest:
     name: str
     secret: str
     url: str
+    target: URL
     data: str
     partition_key: str | None
 
@@ -77,8 +79,7 @@ def parse_call_request(body: bytes) -> CallRequest:
     partition_key = payload.get("partition_key")
     if partition_key is not None and not isinstance(partition_key, str):
         raise Reject(400, "field partition_key: must be a string when given")
-    _check_url(url)
-    return CallRequest(name, secret, url, data, partition_key)
+    return CallRequest(name, secret, url, _parse_url(url), data, partition_key)
 
 
 def _string(obj: dict[str, Any], key: str, path: str) -> str:
@@ -90,7 +91,7 @@ def _string(obj: dict[str, Any], key: str, path: str) -> str:
     return value
 
 
-def _check_url(url: str) -> None:
+def _parse_url(url: str) -> URL:
     if len(url) > MAX_URL_LENGTH:
         raise Reject(400, f"field url: longer than {MAX_URL_LENGTH} characters")
     try:
@@ -99,6 +100,14 @@ def _check_url(url: str) -> None:
         raise Reject(400, "field url: not a valid URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise Reject(400, "field url: must be an absolute http:// or https:// URL")
+    return parsed
+
+
+def _check_destination(entry: AclEntry, target: URL) -> None:
+    if not allowed(entry.allow, target):
+        raise Reject(403, f"url not allowed for caller {entry.name!r}: not in its allow list")
+    if entry.deny_private and (reason := literal_refusal(target)) is not None:
+        raise Reject(403, f"url refused: {reason} (denyPrivate)")
 
 
 class Ingest:
@@ -133,13 +142,16 @@ class Ingest:
         entry = node.acl.authenticate(call_request.name, call_request.secret)
         if entry is None:
             raise Reject(403, "acl refused: unknown name or wrong secret")
+        _check_destination(entry, call_request.target)
         if not node.ready:
             raise Reject(503, node.not_ready_reason(), INTERNAL_ERROR)
         if self._waiting >= config.channel_size:
             node.stats.server.overloadCall += 1
             raise Reject(503, "overloaded: too many calls waiting for Kafka; retry later")
         headers = forwardable_headers(request.headers.items(), call_request.secret)
-        call = new_call(call_request.url, call_request.data, call_request.name, headers)
+        call = new_call(
+            call_request.url, call_request.data, call_request.name, headers, entry.deny_private
+        )
         key = call_request.partition_key.encode() if call_request.partition_key else None
         counters = node.stats.producer(entry.topic)
         latency = node.metrics.ingest_seconds.labels(entry.topic)

@@ -164,6 +164,9 @@ async def test_groups_and_topics_can_be_added_and_removed(
 ) -> None:
     bigpipe, topic = await start_node(kafka, tmp_path, processes)
     first_group = bigpipe.config["kafka.consumer.list"][0]
+    await eventually(
+        lambda: "assigned partitions" in bigpipe.log_tail(), 30, "the first group to join"
+    )
     new_topic = unique("added")
     second_group = {**first_group, "topic": new_topic, "groupId": unique("g2")}
     rewrite(

@@ -1,0 +1,108 @@
+"""The listening socket: TLS when configured, and a deadline on request headers.
+
+aiohttp bounds a request's line and header sizes but not the time they take,
+so a client could hold a connection open by sending headers a byte at a time
+(slowloris). Each connection here must deliver complete headers within
+`http.server.read.timeout`, measured from its first byte; the body is bounded
+by the same timeout in the ingest handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+from aiohttp import web
+
+from bigpipe.config import Config
+
+HEADERS_END = b"\r\n\r\n"
+# Explicit, documented bounds on a request's head (aiohttp's defaults, but for max_headers).
+HTTP_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 100}
+
+
+class HeaderDeadline(asyncio.Protocol):
+    """Wraps aiohttp's protocol and closes connections whose headers arrive too slowly."""
+
+    def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
+        self._inner = inner
+        self._timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.Transport | None = None
+        self._tail = b""  # the last bytes seen, for a header end split across reads
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._arm()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is None:
+            self._arm()  # the first bytes of the next request start its clock
+        if HEADERS_END in data or HEADERS_END in self._tail + data[:3]:
+            self._disarm()
+        self._tail = data[-3:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+class GuardedSite(web.BaseSite):
+    """A TCP site whose connections go through HeaderDeadline."""
+
+    def __init__(self, runner: web.BaseRunner, config: Config, **kwargs: Any) -> None:
+        super().__init__(runner, ssl_context=tls_context(config), **kwargs)
+        self._config = config
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._config.http_host}:{self._config.http_port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        timeout = self._config.read_timeout_ms / 1000
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: HeaderDeadline(server(), timeout),
+            self._config.http_host,
+            self._config.http_port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=True,
+        )
