@@ -12,33 +12,52 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
+import orjson
 from aiohttp import web
 from confluent_kafka import KafkaException
 
 from bigpipe.acl import Acl
+from bigpipe.board import Board
 from bigpipe.config import Config, ConfigError, ConsumerConfig, load_config
 from bigpipe.consumer import ConsumerGroup
 from bigpipe.kafka import ensure_topics
 from bigpipe.listener import HTTP_LIMITS, GuardedSite
 from bigpipe.logs import Logging
-from bigpipe.metrics import Metrics
+from bigpipe.metrics import Latencies, Sample, merge_samples
 from bigpipe.producer import Producer
 from bigpipe.reload import ReloadPlan, plan_reload
 from bigpipe.server import Ingest, build_app
 from bigpipe.stats import Stats
+from bigpipe.workers import share_of
 
 log = logging.getLogger(__name__)
 
 EXIT_FORCED = 1
+PUBLISH_SECONDS = 0.1  # how stale another worker's figures in /stats may be
 TOPIC_CHECK_TIMEOUT = 10.0
 TOPIC_RETRY_SECONDS = 2.0
 
 
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Where a worker process stands: its board, its slot on it, and how many share it."""
+
+    board: Board
+    index: int
+    count: int
+
+
 class Node:
-    def __init__(self, config: Config, logs: Logging | None = None) -> None:
+    def __init__(
+        self, config: Config, logs: Logging | None = None, worker: WorkerSlot | None = None
+    ) -> None:
         self.config = config
+        self.worker = worker
         self.stats = Stats()
+        self.latencies = Latencies()
+        self._inherited: list[Sample] = []  # histograms of the dead worker this one replaces
         self.acl = Acl(config.acl)
         self.producer: Producer | None = None
         self.groups: dict[tuple[str, str], ConsumerGroup] = {}
@@ -49,7 +68,45 @@ class Node:
         self._bring_up: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
         self.ingest = Ingest(self)
-        self.metrics = Metrics(self)
+        self._publisher: asyncio.Task[None] | None = None
+        if worker is not None:
+            self._take_over_slot(worker)
+
+    def _take_over_slot(self, worker: WorkerSlot) -> None:
+        """Continue the counters of a dead predecessor, so node-wide totals never drop."""
+        previous = worker.board.read(worker.index)
+        if previous is not None:
+            snapshot = orjson.loads(previous)
+            self.stats = Stats.from_dict(snapshot["stats"], counters_only=True)
+            self._inherited = snapshot["latencies"]
+
+    def _snapshot(self) -> bytes:
+        latencies = merge_samples([self._inherited, self.latencies.samples()])
+        return orjson.dumps(
+            {"stats": self.stats.to_dict(), "latencies": latencies, "ready": self.ready}
+        )
+
+    def view(self) -> tuple[Stats, list[Sample], bool]:
+        """Node-wide counters, latencies and readiness: this process's, or all workers'."""
+        if self.worker is None:
+            return self.stats, self.latencies.samples(), self.ready
+        self.worker.board.publish(self.worker.index, self._snapshot())
+        parts = [orjson.loads(p) for p in self.worker.board.read_all()]
+        return (
+            Stats.merged([p["stats"] for p in parts]),
+            merge_samples(p["latencies"] for p in parts),
+            all(p["ready"] for p in parts),
+        )
+
+    async def _publish_forever(self) -> None:
+        assert self.worker is not None
+        while True:
+            self.worker.board.publish(self.worker.index, self._snapshot())
+            await asyncio.sleep(PUBLISH_SECONDS)
+
+    def _local(self, consumer: ConsumerConfig) -> ConsumerConfig:
+        """This process's share of a group's node-wide limits."""
+        return share_of(consumer, self.worker.count if self.worker else 1)
 
     def not_ready_reason(self) -> str:
         if self.draining:
@@ -67,7 +124,9 @@ class Node:
             **HTTP_LIMITS,
         )
         await self._runner.setup()
-        await GuardedSite(self._runner, self.config).start()
+        await GuardedSite(self._runner, self.config, reuse_port=self.worker is not None).start()
+        if self.worker is not None:
+            self._publisher = asyncio.create_task(self._publish_forever())
         log.info("listening on %s:%d", self.config.http_host, self.config.http_port)
         self._bring_up = asyncio.create_task(self._join_kafka())
 
@@ -98,8 +157,10 @@ class Node:
         assert self.producer is not None
         for consumer in consumers:
             counters = self.stats.group(consumer.topic, consumer.group_id)
-            latency = self.metrics.delivery_seconds.labels(consumer.topic, consumer.group_id)
-            group = ConsumerGroup(self.config, consumer, self.producer, counters, latency)
+            latency = self.latencies.delivery_seconds.labels(consumer.topic, consumer.group_id)
+            group = ConsumerGroup(
+                self.config, self._local(consumer), self.producer, counters, latency
+            )
             group.start()
             self.groups[consumer.key] = group
 
@@ -141,7 +202,7 @@ class Node:
                 ", ".join(plan.new_topics),
             )
         for consumer in plan.changed:
-            self.groups[consumer.key].update(consumer)
+            self.groups[consumer.key].update(self._local(consumer))
         self._start_groups(plan.added)
 
     async def _swap_producer(self, config: Config) -> None:
@@ -179,12 +240,17 @@ class Node:
             await self.producer.close(timeout)
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._publisher is not None:
+            self._publisher.cancel()
+            self.worker.board.publish(self.worker.index, self._snapshot())  # final figures
         log.info("stopped")
 
 
-async def serve(config: Config, logs: Logging | None = None) -> int:
+async def serve(
+    config: Config, logs: Logging | None = None, worker: WorkerSlot | None = None
+) -> int:
     """Run a node until SIGTERM or SIGINT; a second signal exits at once. SIGUSR1 reloads."""
-    node = Node(config, logs)
+    node = Node(config, logs, worker)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()

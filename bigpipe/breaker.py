@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 NORMAL, BREAK, RECOVER = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
 STATE_NAMES = {NORMAL: "NORMAL", BREAK: "BREAK", RECOVER: "RECOVER"}
+STATE_NUMBERS = {NORMAL: 0, BREAK: 1, RECOVER: 2}  # for gauges
 
 
 class HealthWindow:

@@ -10,15 +10,18 @@ import argparse
 import contextlib
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
 
 import uvloop
 
 from bigpipe import __version__
-from bigpipe.app import serve
-from bigpipe.config import ConfigError, load_config
+from bigpipe.app import WorkerSlot, serve
+from bigpipe.board import Board
+from bigpipe.config import Config, ConfigError, load_config
 from bigpipe.logs import Logging
+from bigpipe.workers import WORKER_NAME, Supervisor, die_with_parent
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PROCESS_NAME = b"bigpipe"
@@ -40,14 +43,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--check", action="store_true", help="validate the config, print 'config ok' and exit"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes, overriding http.server.workers (0: one per core)",
+    )
     parser.add_argument("--version", action="version", version=f"bigpipe {__version__}")
-    return parser.parse_args(argv)
+    # Set by the supervisor on the workers it starts: BOARD_PATH:INDEX:COUNT.
+    parser.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be 0 (one per core) or more")
+    return args
 
 
-def set_process_name() -> None:
+def set_process_name(name: bytes = PROCESS_NAME) -> None:
     """Name the process `bigpipe`, so `killall -USR1 bigpipe` finds it however it was started."""
     with contextlib.suppress(OSError):  # not Linux: the name only helps killall
-        Path("/proc/self/comm").write_bytes(PROCESS_NAME)
+        Path("/proc/self/comm").write_bytes(name)
+
+
+def worker_count(args: argparse.Namespace, config: Config) -> int:
+    wanted = args.workers if args.workers is not None else config.workers
+    return wanted or os.cpu_count() or 1
+
+
+def run(args: argparse.Namespace, config: Config, logs: Logging) -> int:
+    """Run as a supervisor of workers, as one of its workers, or as a single process."""
+    if args.worker_of is not None:
+        path, index, count = args.worker_of.rsplit(":", 2)
+        set_process_name(WORKER_NAME)
+        die_with_parent()
+        slot = WorkerSlot(Board(Path(path), int(count)), int(index), int(count))
+        return uvloop.run(serve(config, logs, slot))
+    set_process_name()
+    workers = worker_count(args, config)
+    if workers > 1:
+        return uvloop.run(Supervisor(config, workers).run())
+    return uvloop.run(serve(config, logs))
 
 
 def tune_gc() -> None:
@@ -73,12 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print("config ok")
         return EXIT_OK
-    set_process_name()
     logs = Logging()
     logs.apply(config.log_level, config.log_directory, config.log_format)
     try:
         tune_gc()
-        return uvloop.run(serve(config, logs))
+        return run(args, config, logs)
     except OSError as exc:
         log.critical("cannot run: %s", exc)
         print(f"bigpipe: cannot run: {exc}", file=sys.stderr)

@@ -97,6 +97,7 @@ class Config:
     shutdown_timeout_ms: int
     tls_cert: str
     tls_key: str
+    workers: int  # worker processes; 0 means one per core
     kafka_client_config: dict[str, str | int | float | bool]
     source: Path | None = field(default=None, compare=False)
 
@@ -443,6 +444,7 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
             "http.server.shutdown.timeout", int, default=10_000, check=positive
         ),
     )
+    values["workers"] = root.get("http.server.workers", int, default=0, check=non_negative)
     values["tls_cert"], values["tls_key"] = _read_tls(root)
     values["kafka_client_config"] = _read_client_config(root)
     root.reject_unknown()

@@ -25,7 +25,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Histogram
 
-from bigpipe.breaker import BREAK, Breaker
+from bigpipe.breaker import BREAK, STATE_NUMBERS, Breaker
 from bigpipe.client import AttemptResult, DeliveryClient, Outcome
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_dead_letter
@@ -38,6 +38,9 @@ from bigpipe.stats import GroupCounters
 log = logging.getLogger(__name__)
 
 POLL_BATCH = 500
+REBALANCE_ERRORS = frozenset(
+    {KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS, KafkaError.UNKNOWN_MEMBER_ID}
+)
 IDLE_POLL_SECONDS = 0.005
 COMMIT_INTERVAL_SECONDS = 0.5
 # How long the buffer may stay full, unpolled, before the group pauses its partitions.
@@ -94,7 +97,6 @@ class ConsumerGroup:
                 "stats_cb": self._on_statistics,
             }
         )
-        self.lag: dict[int, int] = {}  # partition -> calls not yet committed, from librdkafka
         self._partitions: dict[int, _Partition] = {}
         self._paused: set[int] = set()
         self._stopping = asyncio.Event()
@@ -111,14 +113,10 @@ class ConsumerGroup:
         """
         if consumer.breaker != self.config.breaker:
             self._breaker = _make_breaker(consumer, self._counters)
-            self._counters.circuitIsBreak = 0
+            self._counters.circuitIsBreak = self._counters.breakerState = 0
         self.config = consumer
         self._client.update(consumer, self._breaker)
         log.info("%s: applied new settings", self.name)
-
-    @property
-    def breaker_state(self) -> str | None:
-        return None if self._breaker is None else self._breaker.state
 
     def start(self) -> None:
         self._kafka.subscribe(
@@ -303,7 +301,8 @@ class ConsumerGroup:
         for tp in partitions:
             self._partitions[tp.partition] = _Partition()
         consumer.incremental_assign(partitions)
-        log.info("%s: assigned partitions %s", self.name, [tp.partition for tp in partitions])
+        if partitions:  # a cooperative rebalance often assigns nothing new to this member
+            log.info("%s: assigned partitions %s", self.name, [tp.partition for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
@@ -328,12 +327,13 @@ class ConsumerGroup:
         for tp in partitions:
             self._partitions.pop(tp.partition, None)
             self._paused.discard(tp.partition)
+            self._counters.lag.pop(str(tp.partition), None)  # its new owner reports it
         consumer.incremental_unassign(partitions)
 
     def _on_statistics(self, raw: str) -> None:
         topic = orjson.loads(raw).get("topics", {}).get(self.config.topic, {})
-        self.lag = {
-            int(number): _lag(state)
+        self._counters.lag = {
+            number: _lag(state)
             for number, state in topic.get("partitions", {}).items()
             if number != "-1" and int(number) in self._partitions and state["hi_offset"] >= 0
         }
@@ -342,8 +342,11 @@ class ConsumerGroup:
         log.warning("%s: kafka: %s", self.name, error.str())
 
     def _on_commit(self, error: KafkaError | None, _partitions: list[TopicPartition]) -> None:
-        if error is not None and error.code() != KafkaError._NO_OFFSET:
-            log.warning("%s: commit failed: %s", self.name, error.str())
+        if error is None or error.code() == KafkaError._NO_OFFSET:
+            return
+        # A commit racing a rebalance is refused; the calls it covered are delivered again.
+        level = logging.INFO if error.code() in REBALANCE_ERRORS else logging.WARNING
+        log.log(level, "%s: commit failed: %s", self.name, error.str())
 
 
 def _lag(partition: dict[str, Any]) -> int:
@@ -363,5 +366,6 @@ def _make_breaker(consumer: ConsumerConfig, counters: GroupCounters) -> Breaker 
 
     def show_state(state: str) -> None:
         counters.circuitIsBreak = int(state == BREAK)
+        counters.breakerState = STATE_NUMBERS[state]
 
     return Breaker(consumer.breaker, f"{consumer.topic}/{consumer.group_id}", show_state)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any
 
 from aiohttp import web
 
@@ -84,9 +83,10 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 class GuardedSite(web.BaseSite):
     """A TCP site whose connections go through HeaderDeadline."""
 
-    def __init__(self, runner: web.BaseRunner, config: Config, **kwargs: Any) -> None:
-        super().__init__(runner, ssl_context=tls_context(config), **kwargs)
+    def __init__(self, runner: web.BaseRunner, config: Config, reuse_port: bool = False) -> None:
+        super().__init__(runner, ssl_context=tls_context(config))
         self._config = config
+        self._reuse_port = reuse_port  # workers share one port; the kernel spreads connections
 
     @property
     def name(self) -> str:
@@ -105,4 +105,5 @@ class GuardedSite(web.BaseSite):
             ssl=self._ssl_context,
             backlog=self._backlog,
             reuse_address=True,
+            reuse_port=self._reuse_port,
         )

@@ -1,22 +1,26 @@
 """`/metrics`: the counters of `/stats` and more, in Prometheus' text format.
 
-Counters are read from the same Stats object as `/stats` at scrape time, so
-the two never disagree. Latencies are histograms observed on the hot path.
+Counters are read at scrape time from the same Stats as `/stats`, so the two
+never disagree. Latencies are histograms observed on the hot path; they are
+exported as plain samples so that workers' histograms can be added up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from bigpipe.breaker import BREAK, RECOVER
-
-if TYPE_CHECKING:
-    from bigpipe.app import Node
+from bigpipe.config import Config
+from bigpipe.stats import Stats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (
@@ -36,8 +40,13 @@ LATENCY_BUCKETS = (
     30.0,
     60.0,
 )
-BREAKER_VALUES = {BREAK: 1, RECOVER: 2}  # NORMAL, and no breaker at all, are 0
-
+HISTOGRAMS = {  # name: (help, labels)
+    "bigpipe_ingest_seconds": ("From a /rpc/call request to Kafka's acknowledgement", ["topic"]),
+    "bigpipe_delivery_seconds": (
+        "From a call's first attempt to its end: delivered or dead-lettered",
+        ["topic", "group"],
+    ),
+}
 # (metric name, help, GroupCounters field) for the per-group counters.
 GROUP_COUNTERS = (
     ("bigpipe_messages", "Records read from Kafka (handleMessage)", "handleMessage"),
@@ -46,41 +55,80 @@ GROUP_COUNTERS = (
     ("bigpipe_attempts", "Requests sent to downstreams, retries included", "attempts"),
     ("bigpipe_dead_letters", "Calls written to the dead-letter topic", "deadLetter"),
 )
+# A histogram sample: [name with _bucket/_sum/_count, labels, value].
+Sample = list[Any]
 
 
-class Metrics:
-    def __init__(self, node: Node) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.ingest_seconds = Histogram(
-            "bigpipe_ingest_seconds",
-            "From a /rpc/call request to Kafka's acknowledgement",
-            ["topic"],
-            registry=self.registry,
-            buckets=LATENCY_BUCKETS,
+class Latencies:
+    """The histograms one process observes."""
+
+    def __init__(self) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        self._registry = registry
+        self.ingest_seconds, self.delivery_seconds = (
+            Histogram(name, help_text, labels, registry=registry, buckets=LATENCY_BUCKETS)
+            for name, (help_text, labels) in HISTOGRAMS.items()
         )
-        self.delivery_seconds = Histogram(
-            "bigpipe_delivery_seconds",
-            "From a call's first attempt to its end: delivered or dead-lettered",
-            ["topic", "group"],
-            registry=self.registry,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.registry.register(_NodeCollector(node))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def samples(self) -> list[Sample]:
+        return [
+            [s.name, s.labels, s.value]
+            for family in self._registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        ]
 
 
-class _NodeCollector(Collector):
-    def __init__(self, node: Node) -> None:
-        self._node = node
+def merge_samples(parts: Iterable[list[Sample]]) -> list[Sample]:
+    totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for name, labels, value in (sample for part in parts for sample in part):
+        key = (name, tuple(sorted(labels.items())))
+        totals[key] = totals.get(key, 0.0) + value
+    return [[name, dict(labels), value] for (name, labels), value in totals.items()]
+
+
+def render(config: Config, stats: Stats, ready: bool, latencies: list[Sample]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatsCollector(config, stats, ready))
+    registry.register(_HistogramCollector(latencies))
+    return generate_latest(registry)
+
+
+class _HistogramCollector(Collector):
+    def __init__(self, samples: list[Sample]) -> None:
+        self._samples = samples
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (help_text, label_names) in HISTOGRAMS.items():
+            series: dict[tuple[str, ...], dict[str, Any]] = {}
+            for sample_name, labels, value in self._samples:
+                if not sample_name.startswith(name):
+                    continue
+                key = tuple(labels[label] for label in label_names)
+                entry = series.setdefault(key, {"buckets": {}, "sum": 0.0})
+                if sample_name.endswith("_bucket"):
+                    entry["buckets"][labels["le"]] = value
+                elif sample_name.endswith("_sum"):
+                    entry["sum"] = value
+            family = HistogramMetricFamily(name, help_text, labels=label_names)
+            for key, entry in series.items():
+                buckets = sorted(entry["buckets"].items(), key=lambda b: float(b[0]))
+                family.add_metric(list(key), buckets, entry["sum"])
+            yield family
+
+
+class _StatsCollector(Collector):
+    def __init__(self, config: Config, stats: Stats, ready: bool) -> None:
+        self._config = config
+        self._stats = stats
+        self._ready = ready
 
     def collect(self) -> Iterator[Metric]:
         yield from self._server()
         yield from self._groups()
 
     def _server(self) -> Iterator[Metric]:
-        node, stats = self._node, self._node.stats
+        stats = self._stats
         for name, help_text, value in (
             ("bigpipe_calls_received", "Requests to /rpc/call", stats.server.receivedCall),
             ("bigpipe_calls_accepted", "Calls answered errno 0", stats.server.acceptedCall),
@@ -90,7 +138,7 @@ class _NodeCollector(Collector):
         writes = CounterMetricFamily(
             "bigpipe_kafka_writes", "Call writes to Kafka", labels=["topic", "result"]
         )
-        for topic in node.config.topics:
+        for topic in self._config.topics:
             counters = stats.producer(topic.name)
             writes.add_metric([topic.name, "success"], counters.deliverySuccess)
             writes.add_metric([topic.name, "fail"], counters.deliveryFail)
@@ -100,11 +148,10 @@ class _NodeCollector(Collector):
         reloads.add_metric(["failure"], stats.node.reloadFailure)
         yield reloads
         yield GaugeMetricFamily(
-            "bigpipe_ready", "1 when the node takes calls", value=int(node.ready)
+            "bigpipe_ready", "1 when the node takes calls", value=int(self._ready)
         )
 
     def _groups(self) -> Iterator[Metric]:
-        node = self._node
         labels = ["topic", "group"]
         counters = {
             name: CounterMetricFamily(name, help_text, labels=labels)
@@ -126,18 +173,16 @@ class _NodeCollector(Collector):
             "Calls in Kafka not yet committed",
             labels=[*labels, "partition"],
         )
-        for consumer in node.config.consumers:
+        for consumer in self._config.consumers:
             key = [consumer.topic, consumer.group_id]
-            group_stats = node.stats.group(consumer.topic, consumer.group_id)
+            group = self._stats.group(consumer.topic, consumer.group_id)
             for name, _, field in GROUP_COUNTERS:
-                counters[name].add_metric(key, getattr(group_stats, field))
-            finished.add_metric([*key, "success"], group_stats.rpcSuccess)
-            finished.add_metric([*key, "fail"], group_stats.rpcFail)
-            in_flight.add_metric(key, group_stats.inFlight)
-            group = node.groups.get(consumer.key)
-            state = group.breaker_state if group is not None else None
-            breaker.add_metric(key, BREAKER_VALUES.get(state, 0))
-            for partition, value in sorted(group.lag.items() if group is not None else []):
-                lag.add_metric([*key, str(partition)], value)
+                counters[name].add_metric(key, getattr(group, field))
+            finished.add_metric([*key, "success"], group.rpcSuccess)
+            finished.add_metric([*key, "fail"], group.rpcFail)
+            in_flight.add_metric(key, group.inFlight)
+            breaker.add_metric(key, group.breakerState)
+            for partition, value in sorted(group.lag.items(), key=lambda item: int(item[0])):
+                lag.add_metric([*key, partition], value)
         yield from counters.values()
         yield from (finished, in_flight, breaker, lag)

@@ -25,6 +25,7 @@ HTTP_FIELDS = {
     "shutdown_timeout_ms": "http.server.shutdown.timeout",
     "tls_cert": "http.server.tls.cert",
     "tls_key": "http.server.tls.key",
+    "workers": "http.server.workers",
 }
 PRODUCER_FIELDS = (
     "bootstrap_servers",

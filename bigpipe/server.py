@@ -21,7 +21,7 @@ from yarl import URL
 from bigpipe.config import AclEntry, Config
 from bigpipe.destinations import allowed, literal_refusal
 from bigpipe.envelope import encode_call, forwardable_headers, new_call
-from bigpipe.metrics import CONTENT_TYPE
+from bigpipe.metrics import CONTENT_TYPE, render
 from bigpipe.producer import ProduceFailed
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ class Ingest:
         )
         key = call_request.partition_key.encode() if call_request.partition_key else None
         counters = node.stats.producer(entry.topic)
-        latency = node.metrics.ingest_seconds.labels(entry.topic)
+        latency = node.latencies.ingest_seconds.labels(entry.topic)
         self._waiting += 1
         self._idle.clear()
         try:
@@ -207,13 +207,15 @@ def build_app(node: Node) -> web.Application:
     ingest = node.ingest
 
     async def stats(_request: web.Request) -> web.Response:
-        return reply(200, OK, "success", node.stats.snapshot(node.config))
+        return reply(200, OK, "success", node.view()[0].snapshot(node.config))
 
     async def mock(_request: web.Request) -> web.Response:
         return web.Response(status=200)
 
     async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=node.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        stats, latencies, ready = node.view()
+        body = render(node.config, stats, ready, latencies)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def openapi(_request: web.Request) -> web.Response:
         return web.Response(body=OPENAPI_JSON, content_type="application/json")

@@ -1,12 +1,14 @@
-"""Counters behind `/stats`, in the original bigpipe's shape.
+"""Counters behind `/stats` and `/metrics`, in the original bigpipe's shape.
 
 The counters live as long as the process, not as long as a config: a reload
-keeps them, so a scraper never sees a counter go backwards.
+keeps them, so a scraper never sees a counter go backwards. With several
+worker processes, each publishes its Stats as a plain dict (`to_dict`) and a
+node-wide view is their merge (`merged`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from bigpipe.config import Config
@@ -15,7 +17,7 @@ from bigpipe.config import Config
 @dataclass(slots=True)
 class ServerCounters:
     # Field names are the original /stats keys, camelCase included.
-    receivedCall: int = 0  # names are the original /stats keys
+    receivedCall: int = 0
     acceptedCall: int = 0
     overloadCall: int = 0
 
@@ -38,9 +40,24 @@ class GroupCounters:
     deadLetter: int = 0
     inFlight: int = 0  # a gauge: requests open to the downstream now
     circuitIsBreak: int = 0  # a gauge: 1 while the breaker holds calls
+    breakerState: int = 0  # a gauge: 0 NORMAL, 1 BREAK, 2 RECOVER
+    lag: dict[str, int] = field(default_factory=dict)  # partition -> calls not yet committed
+
+    def absorb(self, other: GroupCounters) -> None:
+        """Add another worker's view of the same group."""
+        for name in _SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.circuitIsBreak = max(self.circuitIsBreak, other.circuitIsBreak)
+        self.breakerState = max(self.breakerState, other.breakerState)
+        for partition, lag in other.lag.items():  # one owner per partition, bar a rebalance
+            self.lag[partition] = max(lag, self.lag.get(partition, 0))
 
 
 _CLIENT_KEYS = ("rpcTotal", "rpcSuccess", "rpcFail", "rpcRetries")
+# Across workers, counters and inFlight add up; breaker gauges take the worst; lag merges.
+_SUMMED = tuple(
+    f.name for f in fields(GroupCounters) if f.name not in ("circuitIsBreak", "breakerState", "lag")
+)
 
 
 @dataclass(slots=True)
@@ -61,6 +78,50 @@ class Stats:
 
     def group(self, topic: str, group_id: str) -> GroupCounters:
         return self._groups.setdefault((topic, group_id), GroupCounters())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "server": asdict(self.server),
+            "node": asdict(self.node),
+            "producer": {topic: asdict(c) for topic, c in self._producer.items()},
+            "groups": {f"{t}\t{g}": asdict(c) for (t, g), c in self._groups.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], counters_only: bool = False) -> Stats:
+        """Rebuild Stats; `counters_only` drops gauges, for a worker taking over a slot."""
+        stats = cls()
+        stats.server = ServerCounters(**data["server"])
+        stats.node = NodeCounters(**data["node"])
+        stats._producer = {t: ProducerCounters(**c) for t, c in data["producer"].items()}
+        for key, values in data["groups"].items():
+            topic, group_id = key.split("\t")
+            counters = GroupCounters(**values)
+            if counters_only:
+                counters.inFlight = counters.circuitIsBreak = counters.breakerState = 0
+                counters.lag = {}
+            stats._groups[(topic, group_id)] = counters
+        return stats
+
+    @classmethod
+    def merged(cls, parts: list[dict[str, Any]]) -> Stats:
+        """One node-wide Stats from each worker's `to_dict()`."""
+        total = cls()
+        for part in map(cls.from_dict, parts):
+            for name in ("receivedCall", "acceptedCall", "overloadCall"):
+                setattr(
+                    total.server, name, getattr(total.server, name) + getattr(part.server, name)
+                )
+            # Every worker reloads on the same signal: the node reloaded once, not N times.
+            total.node.reloadSuccess = max(total.node.reloadSuccess, part.node.reloadSuccess)
+            total.node.reloadFailure = max(total.node.reloadFailure, part.node.reloadFailure)
+            for topic, counters in part._producer.items():
+                mine = total.producer(topic)
+                mine.deliverySuccess += counters.deliverySuccess
+                mine.deliveryFail += counters.deliveryFail
+            for (topic, group_id), counters in part._groups.items():
+                total.group(topic, group_id).absorb(counters)
+        return total
 
     def snapshot(self, config: Config) -> dict[str, Any]:
         """The `/stats` data object, ordered as the config lists topics and groups."""

@@ -141,6 +141,7 @@ def base_config(
         "kafka.consumer.list": consumers or [],
         "http.server.host": "127.0.0.1",
         "http.server.port": port,
+        "http.server.workers": 1,
         "http.server.shutdown.timeout": 5000,
     }
     config.update(overrides)
