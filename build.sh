@@ -4,7 +4,9 @@
 #   ./build.sh          set up only: .venv with Bigpipe and its test tools, Kafka's jars
 #   ./build.sh run      start a local Kafka if none answers, then run Bigpipe in the foreground
 #   ./build.sh test     run the test suite against a Kafka of its own (port 19092)
-#   ./build.sh lint     ruff over the package and the tests
+#   ./build.sh faults   run the fault-injection suite (3-broker Kafka, crash loops, overload)
+#   ./build.sh bench    run the benchmarks (bench/), each against a same-run baseline
+#   ./build.sh lint     ruff over the package, the tests and the benchmarks
 #
 # Every step is idempotent; a re-run with nothing changed takes about a second.
 # Exit codes: the command's own (pytest's for `test`), 3 when a prerequisite is missing.
@@ -53,6 +55,27 @@ ensure_java_and_maven() {
   fi
   java_ok || die "java 17+ not found; install it: apt-get install -y openjdk-17-jre-headless"
   command -v mvn >/dev/null || die "mvn not found; install it: apt-get install -y maven"
+}
+
+# Debian packages that tests and benchmarks use: Chromium for the dashboard test, nginx
+# as a fast real downstream and for the load-balancer example, wrk for load. A test whose
+# tool is missing skips itself, so a machine without root still runs the rest.
+ensure_test_tools() {
+  local missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
+  command -v nginx >/dev/null || missing+=(nginx-light)
+  command -v wrk >/dev/null || missing+=(wrk)
+  [[ ${#missing[@]} -eq 0 ]] && return
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing ${missing[*]} with apt-get"
+    if apt-get update -qq >/dev/null &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null; then
+      return
+    fi
+  fi
+  say "missing ${missing[*]}: the tests and benchmarks that need them will be skipped"
 }
 
 # ------------------------------------------------------------------ set-up
@@ -120,6 +143,7 @@ PY
 
 cmd_test() {
   setup
+  ensure_test_tools
   local started=0 status=0 bootstrap port=$TEST_KAFKA_PORT
   if ! "$LOCAL_KAFKA" status --dir "$TEST_KAFKA_DIR" >/dev/null 2>&1; then
     started=1
@@ -133,10 +157,20 @@ cmd_test() {
   return "$status"
 }
 
+cmd_faults() {
+  cmd_test tests/faults -m faults "$@"
+}
+
+cmd_bench() {
+  setup
+  ensure_test_tools
+  "$VENV/bin/python" -m bench "$@"
+}
+
 cmd_lint() {
   setup_venv
-  "$VENV/bin/ruff" check bigpipe tests
-  "$VENV/bin/ruff" format --check bigpipe tests
+  "$VENV/bin/ruff" check bigpipe tests bench
+  "$VENV/bin/ruff" format --check bigpipe tests bench
 }
 
 main() {
@@ -146,9 +180,11 @@ main() {
     setup) setup ;;
     run) cmd_run "$@" ;;
     test) cmd_test "$@" ;;
+    faults) cmd_faults "$@" ;;
+    bench) cmd_bench "$@" ;;
     lint) cmd_lint ;;
-    -h | --help | help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) say "unknown command '$command'; use one of: run, test, lint (or none to set up)"; exit 2 ;;
+    -h | --help | help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) say "unknown command '$command'; use one of: run, test, faults, bench, lint"; exit 2 ;;
   esac
 }
 
