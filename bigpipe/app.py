@@ -38,6 +38,8 @@ EXIT_FORCED = 1
 PUBLISH_SECONDS = 0.1  # how stale another worker's figures in /stats may be
 TOPIC_CHECK_TIMEOUT = 10.0
 TOPIC_RETRY_SECONDS = 2.0
+KAFKA_WATCH_SECONDS = 1.0
+KAFKA_PROBE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,13 @@ class Node:
         self.acl = Acl(config.acl)
         self.producer: Producer | None = None
         self.groups: dict[tuple[str, str], ConsumerGroup] = {}
-        self.ready = False
+        self._joined = False  # topics exist and the groups started
+        self.kafka_lost = False  # every broker unreachable, after start-up (_watch_kafka)
         self.draining = False
         self._logs = logs
         self._runner: web.AppRunner | None = None
         self._bring_up: asyncio.Task[None] | None = None
+        self._kafka_watch: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
         self.ingest = Ingest(self)
         self._publisher: asyncio.Task[None] | None = None
@@ -108,6 +112,11 @@ class Node:
         """This process's share of a group's node-wide limits."""
         return share_of(consumer, self.worker.count if self.worker else 1)
 
+    @property
+    def ready(self) -> bool:
+        """Taking calls: joined Kafka, Kafka still reachable, not draining."""
+        return self._joined and not self.kafka_lost and not self.draining
+
     def not_ready_reason(self) -> str:
         if self.draining:
             return "shutting down; send the call to another node"
@@ -129,12 +138,42 @@ class Node:
             self._publisher = asyncio.create_task(self._publish_forever())
         log.info("listening on %s:%d", self.config.http_host, self.config.http_port)
         self._bring_up = asyncio.create_task(self._join_kafka())
+        self._kafka_watch = asyncio.create_task(self._watch_kafka())
 
     async def _join_kafka(self) -> None:
         await self._ensure_topics(self.config)
         self._start_groups(self.config.consumers)
-        self.ready = True
+        self._joined = True
         log.info("ready: %d consumer groups", len(self.groups))
+
+    async def _watch_kafka(self) -> None:
+        """Refuse calls at once while every broker is gone after start-up; resume when back.
+
+        Found by tests/faults: with Kafka stopped after start-up, /readyz kept saying 200
+        and every /rpc/call waited the whole write timeout for its errno 1. librdkafka
+        reports "all brokers down"; a metadata request then tells a real outage from
+        connections that merely idled out, so an idle node is not marked down.
+        """
+        while True:
+            await asyncio.sleep(KAFKA_WATCH_SECONDS)
+            producer = self.producer
+            down_at = producer.all_brokers_down_at if producer is not None else None
+            if producer is None or down_at is None or not self._joined:
+                continue
+            if await asyncio.to_thread(producer.probe, KAFKA_PROBE_TIMEOUT):
+                if producer.all_brokers_down_at == down_at:  # else it went down again since
+                    producer.all_brokers_down_at = None
+                if self.kafka_lost:
+                    log.warning(
+                        "kafka at %s reachable again: taking calls", self.config.bootstrap_servers
+                    )
+                self.kafka_lost = False
+            elif not self.kafka_lost:
+                self.kafka_lost = True
+                log.error(
+                    "kafka at %s not reachable: refusing calls until it is back",
+                    self.config.bootstrap_servers,
+                )
 
     async def _ensure_topics(self, config: Config, attempts: int | None = None) -> bool:
         """Create missing topics, retrying while Kafka is unreachable; say if it worked."""
@@ -187,7 +226,7 @@ class Node:
         if self._logs is not None:
             self._logs.apply(config.log_level, config.log_directory, config.log_format)
         self.acl = Acl(config.acl)
-        if not self.ready:  # still joining Kafka: join again, with the new config
+        if not self._joined:  # still joining Kafka: join again, with the new config
             self.config = config
             await self._restart_bring_up()
             return
@@ -225,11 +264,11 @@ class Node:
         /readyz and callers a clear errno 1, instead of refused connections.
         """
         timeout = self.config.shutdown_timeout_ms / 1000
-        self.ready = False
         self.draining = True
-        if self._bring_up is not None and not self._bring_up.done():
-            self._bring_up.cancel()
-            await asyncio.gather(self._bring_up, return_exceptions=True)
+        for task in (self._bring_up, self._kafka_watch):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         try:
             await asyncio.wait_for(self.ingest.wait_idle(), timeout)
         except TimeoutError:

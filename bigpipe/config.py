@@ -19,14 +19,21 @@ import orjson
 
 from bigpipe.destinations import AllowRule, parse_rule
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 DEFAULT_RETRY_STATUS = (408, 429)
+
+
+def one_line(text: str) -> str:
+    """Escape control characters (a key may hold a line break), so text stays on one line."""
+    return CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
 
 
 class ConfigError(Exception):
     """The config is unusable; each entry of `problems` is one line for the operator."""
 
     def __init__(self, problems: list[str]) -> None:
+        problems = [one_line(p) for p in problems]
         super().__init__("\n".join(problems))
         self.problems = problems
 

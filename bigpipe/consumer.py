@@ -31,7 +31,7 @@ from bigpipe.config import Config, ConsumerConfig
 from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_dead_letter
 from bigpipe.kafka import client_settings
 from bigpipe.offsets import PartitionOffsets
-from bigpipe.producer import ProduceFailed, Producer
+from bigpipe.producer import ProduceFailed, Producer, RepeatFilter
 from bigpipe.retry import Verdict, backoff_seconds
 from bigpipe.stats import GroupCounters
 
@@ -89,6 +89,7 @@ class ConsumerGroup:
         self.producer = producer
         self._breaker = _make_breaker(consumer, counters)
         self._client = DeliveryClient(consumer, counters, self._breaker)
+        self._repeats = RepeatFilter()  # a Kafka outage repeats one error many times a second
         self._kafka = Consumer(
             {
                 **consumer_settings(config, consumer),
@@ -339,7 +340,8 @@ class ConsumerGroup:
         }
 
     def _on_error(self, error: KafkaError) -> None:
-        log.warning("%s: kafka: %s", self.name, error.str())
+        if (text := self._repeats(error)) is not None:
+            log.warning("%s: kafka: %s", self.name, text)
 
     def _on_commit(self, error: KafkaError | None, _partitions: list[TopicPartition]) -> None:
         if error is None or error.code() == KafkaError._NO_OFFSET:

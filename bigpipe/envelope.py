@@ -107,8 +107,8 @@ def forwardable_headers(headers: Iterable[tuple[str, str]], secret: str) -> dict
     """The caller's headers worth passing to the downstream.
 
     Drops hop-by-hop headers, those naming Bigpipe's own request, credentials,
-    and any header that carries the caller's secret. Repeated headers are joined
-    with ", " as RFC 9110 allows.
+    any header that carries the caller's secret, and values that are not UTF-8.
+    Repeated headers are joined with ", " as RFC 9110 allows.
     """
     pairs = list(headers)
     hop_named = {
@@ -125,8 +125,19 @@ def forwardable_headers(headers: Iterable[tuple[str, str]], secret: str) -> dict
             continue
         if secret and secret in value:
             continue
+        if not _is_utf8(value):  # obs-text bytes: no faithful way to pass them on
+            continue
         kept[name] = f"{kept[name]}, {value}" if name in kept else value
     return kept
+
+
+def _is_utf8(text: str) -> bool:
+    """False for strings holding surrogate escapes of bytes that were not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_dead_letter(

@@ -30,6 +30,7 @@ class HeaderDeadline(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.Transport | None = None
         self._tail = b""  # the last bytes seen, for a header end split across reads
+        self._in_request = False  # headers complete, reply not yet handed back
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -37,12 +38,19 @@ class HeaderDeadline(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._timer is None:
-            self._arm()  # the first bytes of the next request start its clock
-        if HEADERS_END in data or HEADERS_END in self._tail + data[:3]:
-            self._disarm()
-        self._tail = data[-3:]
+        if not self._in_request:
+            if self._timer is None:
+                self._arm()  # the first bytes of the next request start its clock
+            if HEADERS_END in data or HEADERS_END in self._tail + data[:3]:
+                self._disarm()
+                self._in_request = True  # the body and the handler have their own bounds
+            self._tail = data[-3:]
         self._inner.data_received(data)
+
+    def request_done(self) -> None:
+        """The handler replied: bytes that come next belong to the next request."""
+        self._in_request = False
+        self._tail = b""
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -70,6 +78,12 @@ class HeaderDeadline(asyncio.Protocol):
         self._timer = None
         if self._transport is not None:
             self._transport.close()
+
+
+def request_done(transport: asyncio.BaseTransport) -> None:
+    protocol = transport.get_protocol()
+    if isinstance(protocol, HeaderDeadline):
+        protocol.request_done()
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:

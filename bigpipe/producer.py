@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -20,6 +21,32 @@ from bigpipe.config import Config
 from bigpipe.kafka import client_settings, record_size_limit
 
 log = logging.getLogger(__name__)
+
+
+class RepeatFilter:
+    """Decides whether to log a librdkafka error: the first of each kind, then once a minute.
+
+    While Kafka is away librdkafka reports every failed reconnect, several times a second
+    per client; tests/faults counted ~30 such warnings a second from one node. The first
+    one says it all; later ones are counted into the next line that does get logged.
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self._interval = interval
+        self._next: dict[tuple[int, str], float] = {}
+        self._quiet: dict[tuple[int, str], int] = {}
+
+    def __call__(self, error: KafkaError) -> str | None:
+        """The text to log for this error, or None to stay quiet."""
+        text = error.str()
+        kind = (error.code(), text.split(" ", 1)[0])  # the code, and which broker says it
+        now = time.monotonic()
+        if now < self._next.get(kind, 0.0):
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+            return None
+        self._next[kind] = now + self._interval
+        quiet = self._quiet.pop(kind, 0)
+        return f"{text} (and {quiet} more like it since)" if quiet else text
 
 
 class ProduceFailed(Exception):
@@ -53,6 +80,10 @@ class Producer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = threading.Event()
+        # When librdkafka last said every broker is down; None once a probe got through.
+        # Written on the poll thread, read by the node's Kafka watch (app.py).
+        self.all_brokers_down_at: float | None = None
+        self._repeats = RepeatFilter()
         self._thread = threading.Thread(
             target=self._poll_forever, name="kafka-producer", daemon=True
         )
@@ -83,6 +114,14 @@ class Producer:
         self._stopping.set()
         await asyncio.to_thread(self._thread.join)
 
+    def probe(self, timeout: float) -> bool:
+        """Does a broker answer a metadata request within `timeout` s? Blocking: use a thread."""
+        try:
+            self._kafka.list_topics(timeout=timeout)
+        except KafkaException:
+            return False
+        return True
+
     def _poll_forever(self) -> None:
         while not self._stopping.is_set():
             self._kafka.poll(0.1)
@@ -104,7 +143,11 @@ class Producer:
 
     def _on_error(self, error: KafkaError) -> None:
         # Runs on the poll thread. librdkafka recovers from these by itself; say so once each.
-        log.warning("kafka producer: %s", error.str())
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            # Kafka went away (or its connections idled out): the node's watch probes it.
+            self.all_brokers_down_at = time.monotonic()
+        if (text := self._repeats(error)) is not None:
+            log.warning("kafka producer: %s", text)
 
 
 class _Delivery:

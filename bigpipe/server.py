@@ -7,7 +7,9 @@ matches: a caller can branch on either.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from yarl import URL
 from bigpipe.config import AclEntry, Config
 from bigpipe.destinations import allowed, literal_refusal
 from bigpipe.envelope import encode_call, forwardable_headers, new_call
+from bigpipe.listener import request_done
 from bigpipe.metrics import CONTENT_TYPE, render
 from bigpipe.producer import ProduceFailed
 
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 OK, CALLER_ERROR, INTERNAL_ERROR = 0, -1, 1
 MAX_URL_LENGTH = 8192
+HOST_NAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)+")
 # One self-contained page (no CDN: Bigpipe often runs where the internet is not).
 DASHBOARD_HTML = (resources.files("bigpipe") / "dashboard.html").read_bytes()
 OPENAPI_JSON = (resources.files("bigpipe") / "openapi.json").read_bytes()
@@ -100,7 +104,20 @@ def _parse_url(url: str) -> URL:
         raise Reject(400, "field url: not a valid URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise Reject(400, "field url: must be an absolute http:// or https:// URL")
+    if not _valid_host(parsed.raw_host or ""):
+        raise Reject(400, "field url: the host is not a valid host name or address")
     return parsed
+
+
+def _valid_host(host: str) -> bool:
+    """yarl takes almost any host; accept names (IDNA already applied) and IP addresses."""
+    if HOST_NAME.fullmatch(host):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_destination(entry: AclEntry, target: URL) -> None:
@@ -183,6 +200,8 @@ async def _read_body(request: web.Request, config: Config) -> bytes:
         ) from None
     except TimeoutError:
         raise Reject(408, "body not received within http.server.read.timeout") from None
+    except web.RequestPayloadError as exc:
+        raise Reject(400, f"body could not be read: {exc}") from None
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -196,10 +215,16 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return reply(exc.status, CALLER_ERROR, exc.reason.lower())
+        response = reply(exc.status, CALLER_ERROR, exc.reason.lower())
+        if "Allow" in exc.headers:  # a 405 must say which methods are allowed
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return reply(500, INTERNAL_ERROR, "internal error")
+    finally:
+        if request.transport is not None:
+            request_done(request.transport)
 
 
 def build_app(node: Node) -> web.Application:
