@@ -1,25 +1,45 @@
-"""Shared pieces of the benchmarks: a local Kafka, nginx as a fast real downstream, results."""
+"""Shared pieces of the benchmark suite.
+
+A dedicated local Kafka (port 19492, data in `.local/kafka-bench`), nginx as a
+fast real downstream, Bigpipe nodes with a chosen worker count, the bare
+aiohttp ingest baseline as a subprocess, process RSS from /proc, percentiles,
+the summary row every benchmark returns, and the JSON results files.
+
+Every process started here is stopped by its PID, and every wait is bounded.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support import LOCAL_KAFKA, REPO, free_port
+import orjson
+from confluent_kafka import ConsumerGroupState
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from bigpipe.config import ConfigError, parse_config
+from tests.support import ACL_NAME, ACL_SECRET, LOCAL_KAFKA, REPO, Bigpipe, base_config, free_port
 
 BENCH_KAFKA_PORT = "19492"
 BENCH_KAFKA_DIR = REPO / ".local" / "kafka-bench"
 RESULTS = REPO / "bench" / "results"
+TOPIC_PREFIX = "bench-"  # every topic the suite creates; deleted at the end of a run
+DATA = "x" * 100  # the `data` of every benchmark call
 
 NGINX_CONF = """
 worker_processes 1;
@@ -33,18 +53,59 @@ http {{
     client_body_buffer_size 64k;
     server {{
         listen 127.0.0.1:{port};
+        location = /nginx_status {{ stub_status; }}
         location / {{ return 204; }}
     }}
 }}
 """
 
 
+class BenchError(Exception):
+    """A benchmark could not produce a valid figure (wrong replies, a process died, ...)."""
+
+
+# ---------------------------------------------------------------- summary rows
+@dataclass
+class Row:
+    """One line of the summary table: a figure next to its same-run baseline."""
+
+    name: str
+    figure: str
+    baseline: str
+    ratio: float | None
+    target: str
+    passed: bool | None  # None: informational, no target
+    details: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        return {True: "pass", False: "FAIL", None: "info"}[self.passed]
+
+
+def error_row(name: str, error: BaseException) -> Row:
+    return Row(name, "ERROR", "-", None, "-", False, [f"{type(error).__name__}: {error}"])
+
+
+# ---------------------------------------------------------------- kafka
+def kafka_running() -> bool:
+    result = subprocess.run(
+        [str(LOCAL_KAFKA), "status", "--dir", str(BENCH_KAFKA_DIR)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+        timeout=30,
+    )
+    return result.returncode == 0
+
+
 def start_kafka() -> str:
+    """Start (or find running) the bench broker; return its bootstrap address."""
     result = subprocess.run(
         [str(LOCAL_KAFKA), "start", "--port", BENCH_KAFKA_PORT, "--dir", str(BENCH_KAFKA_DIR)],
         check=True,
         stdout=subprocess.PIPE,
         text=True,
+        timeout=180,
     )
     return result.stdout.strip().splitlines()[-1]
 
@@ -54,14 +115,164 @@ def stop_kafka() -> None:
         [str(LOCAL_KAFKA), "stop", "--dir", str(BENCH_KAFKA_DIR)],
         check=True,
         stdout=subprocess.DEVNULL,
+        timeout=60,
     )
 
 
+def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
+    future = admin.create_topics([NewTopic(topic, partitions, 1)])[topic]
+    future.result(timeout=30)
+
+
+def wait_group_stable(bootstrap: str, group: str, members: int, timeout: float = 60) -> None:
+    """Block until consumer group `group` is STABLE with `members` members, each assigned."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
+    deadline = time.monotonic() + timeout
+    state = "not described yet"
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):  # the group may not exist yet
+            description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+            assigned = [m for m in description.members if m.assignment.topic_partitions]
+            state = f"{description.state.name}, {len(assigned)} of {members} members assigned"
+            if description.state == ConsumerGroupState.STABLE and len(assigned) == members:
+                return
+        time.sleep(0.2)
+    raise BenchError(f"consumer group {group} not stable after {timeout} s: {state}")
+
+
+def delete_bench_topics(bootstrap: str) -> int:
+    """Delete every `bench-*` topic (this run's and leftovers), so the broker's disk stays small."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
+    topics = [t for t in admin.list_topics(timeout=15).topics if t.startswith(TOPIC_PREFIX)]
+    if not topics:
+        return 0
+    for future in admin.delete_topics(topics, operation_timeout=30).values():
+        with contextlib.suppress(Exception):  # already being deleted: fine
+            future.result(timeout=30)
+    return len(topics)
+
+
+# ---------------------------------------------------------------- bigpipe
+def workers_key_supported() -> bool:
+    """Whether this checkout's config knows `http.server.workers` (multi-worker support)."""
+    config = base_config("127.0.0.1:9", "t", 1)
+    config["http.server.workers"] = 1
+    try:
+        parse_config(config)
+    except ConfigError:
+        return False
+    return True
+
+
+def bigpipe_config(
+    bootstrap: str,
+    topic: str,
+    *,
+    workers: int,
+    partitions: int = 6,
+    consumers: list[dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """A node config on a free port, logging warnings and worse, with `workers` workers.
+
+    Where `http.server.workers` exists it is always set, since its default (one
+    worker per core) would otherwise change what is measured; where it does not
+    exist yet, only one worker can be asked for.
+    """
+    config = base_config(
+        bootstrap,
+        topic,
+        free_port(),
+        partitions=partitions,
+        consumers=consumers,
+        **{"log.level": 3, **overrides},
+    )
+    if workers_key_supported():
+        config["http.server.workers"] = workers
+    elif workers != 1:
+        raise BenchError(
+            f"--workers {workers}: this Bigpipe has no http.server.workers key yet; use 1"
+        )
+    else:
+        config.pop("http.server.workers", None)
+    return config
+
+
+@asynccontextmanager
+async def bigpipe_node(config: dict[str, Any], workdir: Path) -> AsyncIterator[Bigpipe]:
+    """A running Bigpipe node (`python -m bigpipe -config FILE`); stopped by PID on exit."""
+    node = Bigpipe(config, workdir)
+    try:
+        await node.start()
+        yield node
+    finally:
+        if node.process is not None and node.process.returncode is None:
+            try:
+                await node.stop(timeout=30)
+            except AssertionError as exc:  # did not stop in time: it was SIGKILLed
+                print(f"bench: {exc}", file=sys.stderr)
+
+
+def call_body(url: str = "http://127.0.0.1:9/hook") -> bytes:
+    """A valid /rpc/call body: the test caller, `url`, 100 bytes of data, no partition key."""
+    return orjson.dumps({"acl": {"name": ACL_NAME, "secret": ACL_SECRET}, "url": url, "data": DATA})
+
+
+# ---------------------------------------------------------------- bare ingest
+@asynccontextmanager
+async def bare_ingest(workers: int, workdir: Path) -> AsyncIterator[tuple[str, int]]:
+    """bench/bare_ingest.py on a free port; yields (base URL, PID of its main process)."""
+    port = free_port()
+    log_path = workdir / f"bare-ingest-{port}.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.bare_ingest",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+            cwd=REPO,
+        )
+    try:
+        assert process.stdout is not None
+        for _ in range(workers):  # each worker prints one line once it listens
+            line = await asyncio.wait_for(process.stdout.readline(), 30)
+            if not line:
+                raise BenchError(f"bare_ingest exited early:\n{log_path.read_text()}")
+        yield f"http://127.0.0.1:{port}", process.pid
+    finally:
+        await stop_process(process)
+
+
+async def stop_process(process: asyncio.subprocess.Process, timeout: float = 15) -> None:
+    """SIGTERM by PID, then SIGKILL if it has not exited after `timeout` s."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+# ---------------------------------------------------------------- nginx
 @contextmanager
 def nginx_204(workdir: Path) -> Iterator[str]:
-    """nginx answering 204 to everything on a loopback port; yields its URL."""
+    """nginx answering 204 on a loopback port; yields its base URL.
+
+    `GET /nginx_status` is nginx's stub_status: its request counter tells how
+    many requests reached the downstream, whoever sent them.
+    """
     if shutil.which("nginx") is None:
-        raise SystemExit("bench: nginx not found; install it: apt-get install -y nginx-light")
+        raise BenchError("nginx not found; install it: apt-get install -y nginx-light")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "nginx.conf"
@@ -70,34 +281,124 @@ def nginx_204(workdir: Path) -> Iterator[str]:
         ["nginx", "-c", str(conf), "-p", str(workdir)], stderr=subprocess.DEVNULL
     )
     try:
-        _wait_for_port(port)
-        yield f"http://127.0.0.1:{port}/hook"
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
-        process.wait(10)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
-def _wait_for_port(port: int, timeout: float = 10) -> None:
+def wait_for_port(port: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise SystemExit(f"bench: nothing listens on port {port} after {timeout} s")
+    raise BenchError(f"nothing listens on port {port} after {timeout} s")
 
 
+# ---------------------------------------------------------------- memory
+def rss_mib(pid: int) -> float:
+    """VmRSS of one process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every living descendant of `pid`, from /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # The command name may hold spaces and parentheses; the ppid follows the last ')'.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The processes that serve calls: the children of a supervisor, or the process itself."""
+    return descendants(pid) or [pid]
+
+
+# ---------------------------------------------------------------- numbers
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def save(name: str, result: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **result}
-    path.write_text(json.dumps(result, indent=2) + "\n")
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of unsorted values."""
+    if not values:
+        raise BenchError("percentile of no values")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(p / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+# ---------------------------------------------------------------- results
+def save(directory: Path, name: str, result: dict[str, Any]) -> Path:
+    """Write <directory>/<name>.json (bench/results/ but for --quick), with machine and date."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    result = {"machine": machine(), "date": now(), **result}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
     return path
 
 
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
 def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = ""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {kib / 1024 / 1024:.0f} GiB RAM"
+    return (
+        f"{platform.machine()} {os.cpu_count()} cores ({cpu}){memory}, "
+        f"Linux {platform.release()}, Python {platform.python_version()}"
+    )
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+# ---------------------------------------------------------------- the run
+@dataclass
+class Context:
+    """What every benchmark of one suite run shares."""
+
+    bootstrap: str
+    workdir: Path
+    workers: int  # Bigpipe worker processes, and the bare baseline's
+    rounds: int  # runs per figure where a median is taken
+    results: Path = RESULTS  # where <benchmark>.json goes; not bench/results with --quick
+    scale: float = 1.0  # < 1 with --quick: every duration shrinks
+    peak: float | None = None  # Bigpipe's ingest calls/s, set by the ingest benchmark
+
+    def seconds(self, seconds: float) -> float:
+        return max(1.0, round(seconds * self.scale, 1))
+
+    def count(self, count: int) -> int:
+        return max(1000, int(count * self.scale))

@@ -1,0 +1,112 @@
+"""The ingest baseline: a bare aiohttp `/rpc/call` with no Kafka behind it.
+
+    python -m bench.bare_ingest --port P [--workers N]
+
+It does what any JSON-over-HTTP handler must: read the body, parse it with
+orjson, pick out the fields, and answer with a reply of the same shape and
+size as Bigpipe's (`{"data": {"id": <32 hex digits>}, "errno": 0, "msg":
+"success"}`). It runs on uvloop with Bigpipe's garbage-collector setting, in
+N worker processes that share the port with SO_REUSEPORT, as Bigpipe's
+workers do. So bigpipe/bare is the share of plain aiohttp speed that Bigpipe
+keeps while it checks the call and waits for Kafka's acknowledgement.
+
+Each worker prints one line, `listening PID`, once it accepts connections.
+SIGTERM stops every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import gc
+import itertools
+import os
+import signal
+import socket
+import sys
+
+import orjson
+import uvloop
+from aiohttp import web
+
+PR_SET_PDEATHSIG = 1
+
+
+def make_app() -> web.Application:
+    ids = itertools.count()
+
+    async def rpc_call(request: web.Request) -> web.Response:
+        payload = orjson.loads(await request.read())
+        acl = payload["acl"]
+        if not (
+            isinstance(acl["name"], str)
+            and isinstance(acl["secret"], str)
+            and isinstance(payload["url"], str)
+            and isinstance(payload["data"], str)
+        ):
+            return web.Response(status=400)
+        body = orjson.dumps({"data": {"id": f"{next(ids):032x}"}, "errno": 0, "msg": "success"})
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/rpc/call", rpc_call)
+    return app
+
+
+async def serve(port: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    runner = web.AppRunner(make_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"listening {os.getpid()}", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def worker(port: int) -> None:
+    gc.freeze()  # the same setting as bigpipe/cli.py's tune_gc
+    gc.set_threshold(100_000, 50, 100)
+    uvloop.run(serve(port))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    if args.workers <= 1:
+        worker(args.port)
+        return
+    children = []
+    for _ in range(args.workers):
+        pid = os.fork()
+        if pid == 0:
+            with contextlib.suppress(OSError, AttributeError):  # die with the parent
+                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            worker(args.port)
+            os._exit(0)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        os.waitpid(child, 0)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Latency at half load: ingest p99, and end to end from the caller's reply to the downstream.
+
+bench/openloop.py offers a fixed load of half the measured ingest peak for
+10 s (open loop: calls go out at fixed intervals from a few pacing tasks in
+two processes, whatever the replies do). The node's consumer group delivers
+every call to an aiohttp downstream in this process (tests.support.Downstream),
+which notes when each `X-Bigpipe-Call-Id` arrives. All clocks are the
+system-wide CLOCK_MONOTONIC.
+
+- Ingest latency: from sending `/rpc/call` to its reply; p50, p99, p99.9.
+  Baseline: the same load against the bare aiohttp handler
+  (bench/bare_ingest.py). Target: Bigpipe's p99 <= 10 ms, and no call
+  failed. Percentiles cover the accepted calls; failures (another status, a
+  lost connection, ...) are counted by kind and reported beside them.
+- End to end: downstream receipt minus the caller's reply, per call; p50 and
+  p99. It can be slightly negative: the call is in Kafka before the reply
+  reaches the caller. Informational.
+
+A 2 s warm-up at the same rate runs first, and is waited for until delivered,
+so the consumer group has joined and its connections are open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bench.common import (
+    BenchError,
+    Context,
+    Row,
+    bare_ingest,
+    bigpipe_config,
+    bigpipe_node,
+    call_body,
+    percentile,
+    save,
+    stop_process,
+)
+from tests.support import REPO, Bigpipe, Downstream, consumer_entry, unique
+
+LOAD_SHARE = 0.5  # of the ingest peak
+SECONDS, WARMUP_SECONDS = 10, 2
+GENERATORS = 2  # processes of bench/openloop.py sharing one schedule
+START_DELAY = 2.0  # s for the generators to start before the first call is due
+TARGET_P99_MS = 10.0
+LAG_WARNING_MS = 5.0
+FAILURE_KINDS = (
+    "HTTP status, or -1 connection lost, -2 no free connection, -3 connect failed, "
+    "0 no reply within 30 s"
+)
+
+
+async def open_loop(
+    ctx: Context, url: str, body: bytes, rate: float, seconds: float
+) -> dict[str, list]:
+    """Post `body` to `url`/rpc/call from the generators; return their merged columns."""
+    body_file = ctx.workdir / "latency-call.json"
+    body_file.write_bytes(body)
+    start = time.monotonic() + START_DELAY
+    processes, outs = [], []
+    for offset in range(GENERATORS):
+        out = ctx.workdir / f"openloop-{offset}.json"
+        out.unlink(missing_ok=True)
+        outs.append(out)
+        processes.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.openloop",
+                f"--url={url}/rpc/call",
+                f"--body-file={body_file}",
+                f"--rate={rate}",
+                f"--seconds={seconds}",
+                f"--out={out}",
+                f"--start={start}",
+                f"--offset={offset}",
+                f"--stride={GENERATORS}",
+                cwd=REPO,
+            )
+        )
+    try:
+        codes = await asyncio.wait_for(
+            asyncio.gather(*(p.wait() for p in processes)), START_DELAY + seconds + 60
+        )
+    except TimeoutError:
+        raise BenchError("the open-loop generators did not finish in time") from None
+    finally:
+        for process in processes:
+            await stop_process(process)
+    if any(codes):
+        raise BenchError(f"an open-loop generator failed: exit codes {codes}")
+    columns: dict[str, list] = {}
+    for out in outs:
+        for name, values in orjson.loads(out.read_bytes()).items():
+            columns.setdefault(name, []).extend(values)
+    return columns
+
+
+def ingest_figures(columns: dict[str, list], what: str) -> dict[str, Any]:
+    """Latency percentiles (ms) of the accepted calls (200, errno 0), and the failures."""
+    statuses = columns["status"]
+    accepted = [i for i, status in enumerate(statuses) if status == 200]
+    if not accepted:
+        raise BenchError(f"{what}: no call was accepted: {Counter(statuses)}")
+    latency = [(columns["replied"][i] - columns["sent"][i]) * 1000 for i in accepted]
+    lag = [(s - d) * 1000 for s, d in zip(columns["sent"], columns["due"], strict=True)]
+    failed = Counter(status for status in statuses if status != 200)
+    return {
+        "calls": len(statuses),
+        "failed": {str(status): count for status, count in sorted(failed.items())},
+        "failed_total": sum(failed.values()),
+        "p50_ms": percentile(latency, 50),
+        "p99_ms": percentile(latency, 99),
+        "p99.9_ms": percentile(latency, 99.9),
+        "max_ms": max(latency),
+        "generator_lag_p99_ms": percentile(lag, 99),
+    }
+
+
+async def wait_delivered(
+    downstream: Downstream, ids: set[str], timeout: float, node: Bigpipe
+) -> None:
+    """Wait until every call in `ids` reached the downstream; fail after `timeout` s.
+
+    The failure names a few missing ids and the node's consumer stats, and its
+    log stays in the work directory (see bench/suite.py).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        missing = ids - {r.call_id for r in downstream.requests}
+        if not missing:
+            return
+        if loop.time() > deadline:
+            async with aiohttp.ClientSession() as session:
+                stats = (await node.stats(session))["consumerStats"]
+            raise BenchError(
+                f"{len(missing)} of {len(ids)} accepted calls not delivered in {timeout} s, "
+                f"e.g. {sorted(missing)[:3]}; consumerStats {stats}; log {node.log_path}"
+            )
+        await asyncio.sleep(0.5)
+
+
+def failures(figures: dict[str, Any]) -> str:
+    return f", {figures['failed_total']:,} failed" if figures["failed_total"] else ""
+
+
+def fmt(figures: dict[str, Any]) -> str:
+    return f"{figures['p50_ms']:.1f}/{figures['p99_ms']:.1f}/{figures['p99.9_ms']:.1f} ms"
+
+
+async def run(ctx: Context) -> list[Row]:
+    if not ctx.peak:
+        raise BenchError("needs the ingest peak: run the ingest benchmark first, or --peak")
+    rate = round(ctx.peak * LOAD_SHARE)
+    seconds = ctx.seconds(SECONDS)
+    downstream = await Downstream().start()
+    try:
+        topic = unique("bench-latency")
+        consumer = consumer_entry(topic, unique("g"), concurrency=64, rateLimit=1e9, timeout=5000)
+        config = bigpipe_config(ctx.bootstrap, topic, workers=ctx.workers, consumers=[consumer])
+        body = call_body(downstream.url())
+        async with bigpipe_node(config, ctx.workdir) as node:
+            # Warm-up replies may fail (a node's first seconds can stall): only wait for
+            # the accepted calls to be delivered.
+            warmup = await open_loop(ctx, node.url, body, rate, WARMUP_SECONDS)
+            await wait_delivered(downstream, set(warmup["id"]) - {""}, 90, node)
+            downstream.requests.clear()
+            columns = await open_loop(ctx, node.url, body, rate, seconds)
+            bigpipe = ingest_figures(columns, "latency run, bigpipe")
+            replies = {
+                call_id: replied
+                for call_id, replied, status in zip(
+                    columns["id"], columns["replied"], columns["status"], strict=True
+                )
+                if status == 200
+            }
+            await wait_delivered(downstream, set(replies), 60, node)
+        receipts: dict[str, float] = {}
+        for received in downstream.requests:
+            receipts.setdefault(received.call_id, received.at)  # the first attempt's arrival
+    finally:
+        await downstream.stop()
+    e2e = [(receipts[call_id] - replied) * 1000 for call_id, replied in replies.items()]
+    end_to_end = {
+        "p50_ms": percentile(e2e, 50),
+        "p99_ms": percentile(e2e, 99),
+        "p99.9_ms": percentile(e2e, 99.9),
+        "duplicates": len(downstream.requests) - len(receipts),
+    }
+    print(
+        f"  latency at {rate:,.0f}/s: bigpipe ingest p99 {bigpipe['p99_ms']:.1f} ms, "
+        f"reply -> downstream p50 {end_to_end['p50_ms']:.1f} ms, p99 {end_to_end['p99_ms']:.1f} ms",
+        flush=True,
+    )
+    async with bare_ingest(ctx.workers, ctx.workdir) as (bare_url, _pid):
+        columns = await open_loop(ctx, bare_url, body, rate, seconds)
+        bare = ingest_figures(columns, "latency, bare")
+    print(f"  latency at {rate:,.0f}/s: bare ingest p99 {bare['p99_ms']:.1f} ms", flush=True)
+    ratio = bigpipe["p99_ms"] / bare["p99_ms"]
+    how = (
+        f"open loop at {rate:,.0f} calls/s ({LOAD_SHARE:.0%} of the ingest peak) for "
+        f"{seconds:g} s, {GENERATORS} generator processes"
+    )
+    notes = [how, f"ingest p50/p99/p99.9: bigpipe {fmt(bigpipe)}, bare {fmt(bare)}"]
+    for name, figures in (("bigpipe", bigpipe), ("bare", bare)):
+        if figures["failed_total"]:
+            notes.append(
+                f"{name}: {figures['failed_total']:,} of {figures['calls']:,} calls failed "
+                f"{figures['failed']} ({FAILURE_KINDS})"
+            )
+    lag = max(bigpipe["generator_lag_p99_ms"], bare["generator_lag_p99_ms"])
+    if lag > LAG_WARNING_MS:
+        notes.append(f"warning: the generator fell behind its schedule (lag p99 {lag:.1f} ms)")
+    save(
+        ctx.results,
+        "latency",
+        {
+            "what": "ingest latency at half the peak load, and reply -> downstream receipt",
+            "how": how,
+            "workers": ctx.workers,
+            "rate_per_s": rate,
+            "bigpipe_ingest": bigpipe,
+            "bare_ingest": bare,
+            "end_to_end": end_to_end,
+            "target_ingest_p99_ms": TARGET_P99_MS,
+        },
+    )
+    return [
+        Row(
+            "ingest p99 @ half peak",
+            f"{bigpipe['p99_ms']:.1f} ms" + failures(bigpipe),
+            f"{bare['p99_ms']:.1f} ms bare aiohttp" + failures(bare),
+            ratio,
+            f"<= {TARGET_P99_MS:g} ms, none failed",
+            bigpipe["p99_ms"] <= TARGET_P99_MS and not bigpipe["failed_total"],
+            notes,
+        ),
+        Row(
+            "end-to-end latency",
+            f"p50 {end_to_end['p50_ms']:.1f} / p99 {end_to_end['p99_ms']:.1f} ms",
+            "-",
+            None,
+            "-",
+            None,
+            [
+                f"downstream receipt - caller's reply, {len(e2e):,} calls at {rate:,.0f}/s, "
+                f"p99.9 {end_to_end['p99.9_ms']:.1f} ms, "
+                f"{end_to_end['duplicates']} duplicate deliveries"
+            ],
+        ),
+    ]

@@ -1,0 +1,239 @@
+"""Memory: RSS of an idle Bigpipe worker, and how it holds under overload.
+
+Idle: a fresh node with one consumer group (delivering to an aiohttp
+downstream in this process) takes 1,000 calls from 8 clients, delivers them,
+rests 2 s; then VmRSS (/proc/PID/status) of each worker process is read: the
+supervisor's children, or the process itself when it runs alone. Figure: the
+largest worker. Baseline: bench/bare_ingest.py after the same traffic, read
+the same way. Target: <= 80 MiB per idle worker.
+
+Overload: a fresh node with a small `http.server.handler.channel.size` (64)
+is hit by wrk with 512 connections for 20 s, far more than it can take to
+Kafka, so most calls are refused at once with 503. The RSS of the node's
+whole process tree is sampled every second. Figure: the largest growth over
+the sample taken at 5 s, and the share of 503 replies; any status other than
+200 or 503 fails. Afterwards the node must accept a normal call (200, errno 0)
+within 10 s. Target: growth <= 16 MiB, and that call accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aiohttp
+import orjson
+
+from bench.common import (
+    BenchError,
+    Context,
+    Row,
+    bare_ingest,
+    bigpipe_config,
+    bigpipe_node,
+    call_body,
+    descendants,
+    rss_mib,
+    save,
+    worker_pids,
+)
+from bench.latency import wait_delivered
+from bench.wrk import run_wrk
+from tests.support import Downstream, consumer_entry, unique
+
+IDLE_CALLS, IDLE_CLIENTS, REST_SECONDS = 1000, 8, 2
+TARGET_IDLE_MIB = 80
+CHANNEL_SIZE, CONNECTIONS, OVERLOAD_SECONDS, SETTLE_SECONDS = 64, 512, 20, 5
+TARGET_GROWTH_MIB = 16
+
+
+async def little_traffic(url: str, body: bytes, calls: int, clients: int) -> list[str]:
+    """Post `calls` calls from `clients` clients; every one must be accepted. Returns ids."""
+    ids: list[str] = []
+    remaining = calls
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            async with session.post(f"{url}/rpc/call", data=body) as response:
+                raw = await response.read()
+            if response.status != 200:
+                raise BenchError(f"idle traffic: {response.status} {raw[:200]!r}")
+            ids.append(orjson.loads(raw)["data"]["id"])
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.wait_for(asyncio.gather(*(client(session) for _ in range(clients))), 60)
+    return ids
+
+
+def worker_rss(pid: int) -> float:
+    return max(rss_mib(worker) for worker in worker_pids(pid))
+
+
+async def idle(ctx: Context) -> dict[str, Any]:
+    downstream = await Downstream().start()
+    try:
+        topic = unique("bench-memory")
+        consumer = consumer_entry(topic, unique("g"), concurrency=64, rateLimit=1e9)
+        config = bigpipe_config(ctx.bootstrap, topic, workers=ctx.workers, consumers=[consumer])
+        body = call_body(downstream.url())
+        async with bigpipe_node(config, ctx.workdir) as node:
+            assert node.process is not None
+            ids = await little_traffic(node.url, body, IDLE_CALLS, IDLE_CLIENTS)
+            await wait_delivered(downstream, set(ids), 90, node)
+            await asyncio.sleep(REST_SECONDS)
+            bigpipe = worker_rss(node.process.pid)
+            supervisor = rss_mib(node.process.pid) if descendants(node.process.pid) else None
+    finally:
+        await downstream.stop()
+    async with bare_ingest(ctx.workers, ctx.workdir) as (bare_url, bare_pid):
+        await little_traffic(bare_url, body, IDLE_CALLS, IDLE_CLIENTS)
+        await asyncio.sleep(REST_SECONDS)
+        bare = worker_rss(bare_pid)
+    return {"bigpipe_worker_mib": bigpipe, "bare_worker_mib": bare, "supervisor_mib": supervisor}
+
+
+def tree_rss(pid: int) -> float:
+    total = 0.0
+    for member in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):  # a process that just exited
+            total += rss_mib(member)
+    return total
+
+
+async def accepts_a_call(url: str, body: bytes, timeout: float = 10) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with aiohttp.ClientSession() as session:
+        while loop.time() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.post(f"{url}/rpc/call", data=body) as response:
+                    raw = await response.read()
+                if response.status == 200 and orjson.loads(raw).get("errno") == 0:
+                    return True
+            await asyncio.sleep(0.2)
+    return False
+
+
+async def overload(ctx: Context) -> dict[str, Any]:
+    seconds = ctx.seconds(OVERLOAD_SECONDS)
+    settle = min(SETTLE_SECONDS, seconds / 2)
+    body = call_body()
+    body_file = ctx.workdir / "memory-call.json"
+    body_file.write_bytes(body)
+    config = bigpipe_config(
+        ctx.bootstrap,
+        unique("bench-overload"),
+        workers=ctx.workers,
+        **{"http.server.handler.channel.size": CHANNEL_SIZE},
+    )
+    loop = asyncio.get_running_loop()
+    async with bigpipe_node(config, ctx.workdir) as node:
+        assert node.process is not None
+        pid = node.process.pid
+        before = tree_rss(pid)
+        wrk = asyncio.create_task(
+            run_wrk(
+                f"{node.url}/rpc/call",
+                body_file,
+                connections=CONNECTIONS,
+                seconds=seconds,
+                count_statuses=True,
+            )
+        )
+        started, samples = loop.time(), []
+        while not wrk.done():
+            samples.append((round(loop.time() - started, 2), round(tree_rss(pid), 2)))
+            await asyncio.wait({wrk}, timeout=1.0)
+        result = await wrk
+        after_ok = await accepts_a_call(node.url, body)
+        after = tree_rss(pid)
+    unexpected = {s: n for s, n in result.statuses.items() if s not in (200, 503)}
+    if unexpected:
+        raise BenchError(f"overload: replies other than 200 and 503: {unexpected}")
+    settled = [rss for t, rss in samples if t >= settle]
+    if not settled:
+        raise BenchError("overload: no RSS sample after the settling time")
+    replies = sum(result.statuses.values())
+    return {
+        "seconds": seconds,
+        "settle_s": settle,
+        "offered_per_s": result.rate,
+        "peak_multiple": result.rate / ctx.peak if ctx.peak else None,
+        "refused_share": result.statuses.get(503, 0) / max(1, replies),
+        "accepted_per_s": result.statuses.get(200, 0) / result.seconds,
+        "statuses": result.statuses,
+        "socket_errors": result.socket_errors,
+        "rss_before_mib": before,
+        "rss_at_settle_mib": settled[0],
+        "rss_max_mib": max(settled),
+        "growth_mib": max(settled) - settled[0],
+        "rss_after_mib": after,
+        "accepts_call_after": after_ok,
+        "samples": samples,
+    }
+
+
+async def run(ctx: Context) -> list[Row]:
+    still = await idle(ctx)
+    print(
+        f"  memory idle: bigpipe worker {still['bigpipe_worker_mib']:.1f} MiB, "
+        f"bare {still['bare_worker_mib']:.1f} MiB",
+        flush=True,
+    )
+    hard = await overload(ctx)
+    print(
+        f"  memory overload: {hard['offered_per_s']:,.0f} replies/s, "
+        f"{hard['refused_share']:.0%} refused, growth {hard['growth_mib']:+.1f} MiB",
+        flush=True,
+    )
+    save(
+        ctx.results,
+        "memory",
+        {
+            "what": "VmRSS of an idle worker; RSS growth and refusals under overload",
+            "workers": ctx.workers,
+            "idle": still,
+            "overload": hard,
+            "target_idle_mib": TARGET_IDLE_MIB,
+            "target_growth_mib": TARGET_GROWTH_MIB,
+        },
+    )
+    multiple = f", {hard['peak_multiple']:.1f}x the ingest peak" if hard["peak_multiple"] else ""
+    supervisor = (
+        f"; the supervisor {still['supervisor_mib']:.1f} MiB" if still["supervisor_mib"] else ""
+    )
+    grown_ok = hard["growth_mib"] <= TARGET_GROWTH_MIB
+    return [
+        Row(
+            "idle RSS per worker",
+            f"{still['bigpipe_worker_mib']:.1f} MiB",
+            f"{still['bare_worker_mib']:.1f} MiB bare aiohttp",
+            still["bigpipe_worker_mib"] / still["bare_worker_mib"],
+            f"<= {TARGET_IDLE_MIB} MiB",
+            still["bigpipe_worker_mib"] <= TARGET_IDLE_MIB,
+            [
+                f"after {IDLE_CALLS:,} calls ingested and delivered, {REST_SECONDS} s rest; "
+                f"{ctx.workers} worker(s){supervisor}"
+            ],
+        ),
+        Row(
+            "overload RSS growth",
+            f"{hard['growth_mib']:+.1f} MiB, {hard['refused_share']:.0%} refused",
+            f"{hard['rss_at_settle_mib']:.0f} MiB at {hard['settle_s']:g} s",
+            hard["rss_max_mib"] / hard["rss_at_settle_mib"],
+            f"<= +{TARGET_GROWTH_MIB} MiB, call ok after",
+            grown_ok and hard["accepts_call_after"] and hard["refused_share"] > 0,
+            [
+                f"wrk -c{CONNECTIONS} for {hard['seconds']:g} s, channel.size {CHANNEL_SIZE}: "
+                f"{hard['offered_per_s']:,.0f} replies/s{multiple} "
+                f"(wrk is closed-loop: it offers what the node answers), "
+                f"{hard['accepted_per_s']:,.0f}/s of them accepted; "
+                f"RSS {hard['rss_before_mib']:.0f} MiB before, "
+                f"max {hard['rss_max_mib']:.0f} MiB, {hard['rss_after_mib']:.0f} MiB after; "
+                f"normal call afterwards: {'accepted' if hard['accepts_call_after'] else 'FAILED'}"
+            ],
+        ),
+    ]
