@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,9 @@ def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any
         "partition.assignment.strategy": "cooperative-sticky",
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 2_000,
+        # Also the rebalance timeout: how long a rebalance may wait for a slow member. The
+        # poll loop never pauses for more than a moment, so a minute is plenty.
+        "max.poll.interval.ms": 60_000,
         # Bound what librdkafka prefetches, so memory stays bounded under a backlog.
         "queued.max.messages.kbytes": 8_192,
         # librdkafka's statistics carry each partition's lag, for /metrics.
@@ -145,9 +149,36 @@ class ConsumerGroup:
                     self.name,
                     len(unfinished),
                 )
-        self._commit(asynchronous=False)
-        self._kafka.close()
+        await self._leave(timeout)
         await self._client.close()
+
+    async def _leave(self, timeout: float) -> None:
+        """Commit what finished and leave the group, off the event loop and bounded.
+
+        A rebalance in progress can hold the group coordinator (and so a blocking
+        commit) for up to max.poll.interval.ms; the node must exit all the same.
+        A daemon thread, so that an abandoned wait never holds up the exit.
+        """
+        loop = asyncio.get_running_loop()
+        left: asyncio.Future[None] = loop.create_future()
+
+        def commit_and_close() -> None:
+            try:
+                self._commit(asynchronous=False)
+                self._kafka.close()
+            finally:
+                loop.call_soon_threadsafe(lambda: left.done() or left.set_result(None))
+
+        threading.Thread(target=commit_and_close, name=f"leave {self.name}", daemon=True).start()
+        try:
+            await asyncio.wait_for(left, timeout)
+        except TimeoutError:
+            log.warning(
+                "%s: Kafka did not confirm the final commit within %.0f s; the calls "
+                "it covered will be delivered again",
+                self.name,
+                timeout,
+            )
 
     # ------------------------------------------------------------ polling
     async def _poll_forever(self) -> None:
@@ -308,7 +339,10 @@ class ConsumerGroup:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
         self._cancel(numbers)
-        self._commit(asynchronous=False, only=numbers)
+        # Not a blocking commit: this runs on the event loop, and mid-rebalance the group
+        # coordinator may answer only after seconds. At worst the commit is refused and
+        # the next owner delivers those calls again.
+        self._commit(asynchronous=True, only=numbers)
         self._forget(consumer, partitions)
         log.info("%s: revoked partitions %s", self.name, numbers)
 
