@@ -123,3 +123,36 @@ async def test_two_workers_share_a_port_report_node_wide_and_survive_a_worker_ki
     await eventually(reloaded_once, 30, "one node-wide reload")
     assert await bigpipe.stop() == 0
     assert children(supervisor) == {}
+
+
+def workers_of(config_path: Path) -> list[int]:
+    """Worker processes started for a config file, whoever their parent is now."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(config_path).encode() in command and b"--worker-of" in command:
+            found.append(int(entry))
+    return found
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
+    kafka: str, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    topic = unique("orphans")
+    config = base_config(
+        kafka,
+        topic,
+        free_port(),
+        consumers=[consumer_entry(topic, unique("g"))],
+        **{"http.server.workers": 2},
+    )
+    bigpipe = await Bigpipe(config, tmp_path).start()
+    processes.append(bigpipe)
+    await eventually(lambda: len(workers_of(bigpipe.config_path)) == 2, 30, "two workers")
+    await bigpipe.kill()  # SIGKILL: no chance to forward anything
+    await eventually(
+        lambda: workers_of(bigpipe.config_path) == [], 30, "the orphaned workers to drain and exit"
+    )
