@@ -30,9 +30,9 @@ from bigpipe.breaker import BREAK, STATE_NUMBERS, Breaker
 from bigpipe.client import AttemptResult, DeliveryClient, Outcome
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_dead_letter
-from bigpipe.kafka import client_settings
+from bigpipe.kafka import RepeatFilter, client_settings
 from bigpipe.offsets import PartitionOffsets
-from bigpipe.producer import ProduceFailed, Producer, RepeatFilter
+from bigpipe.producer import ProduceFailed, Producer
 from bigpipe.retry import Verdict, backoff_seconds
 from bigpipe.stats import GroupCounters
 

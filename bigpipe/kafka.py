@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -11,6 +12,63 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from bigpipe.config import Config, TopicConfig
 
 log = logging.getLogger(__name__)
+
+
+class Throttle:
+    """The first event of each kind, then at most one per interval, with a count of the rest.
+
+    While Kafka is away librdkafka reports every failed reconnect, several times a second
+    per client; tests/faults counted ~30 such lines a second from one node. The first one
+    says it all; later ones are counted into the next line that does get through.
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self._interval = interval
+        self._next: dict[object, float] = {}
+        self._quiet: dict[object, int] = {}
+
+    def admit(self, kind: object) -> int | None:
+        """How many of this kind were held back since the last one through; None: hold it."""
+        now = time.monotonic()
+        if now < self._next.get(kind, 0.0):
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+            return None
+        self._next[kind] = now + self._interval
+        return self._quiet.pop(kind, 0)
+
+
+class RepeatFilter:
+    """Decides whether to log a librdkafka error callback: see Throttle."""
+
+    def __init__(self) -> None:
+        self._throttle = Throttle()
+
+    def __call__(self, error: KafkaError) -> str | None:
+        """The text to log for this error, or None to stay quiet."""
+        text = error.str()
+        held = self._throttle.admit((error.code(), text.split(" ", 1)[0]))  # code and broker
+        if held is None:
+            return None
+        return f"{text} (and {held} more like it since)" if held else text
+
+
+class LibrdkafkaLogFilter(logging.Filter):
+    """Throttles librdkafka's own log lines per facility and client (see Throttle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._throttle = Throttle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        held = self._throttle.admit(tuple(message.split(" ", 2)[:2]))  # "FACILITY [client]"
+        if held:
+            record.msg, record.args = f"{message} (and {held} more like it since)", None
+        return held is not None
+
+
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+LIBRDKAFKA_LOG.addFilter(LibrdkafkaLogFilter())
 
 
 def record_size_limit(config: Config) -> int:
@@ -29,7 +87,7 @@ def client_settings(config: Config) -> dict[str, Any]:
         **config.kafka_client_config,
         "bootstrap.servers": config.bootstrap_servers,
         # librdkafka's own log lines go through Python logging, not straight to stderr.
-        "logger": logging.getLogger("librdkafka"),
+        "logger": LIBRDKAFKA_LOG,
     }
 
 

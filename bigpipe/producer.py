@@ -18,35 +18,9 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka import Producer as KafkaProducer
 
 from bigpipe.config import Config
-from bigpipe.kafka import client_settings, record_size_limit
+from bigpipe.kafka import RepeatFilter, client_settings, record_size_limit
 
 log = logging.getLogger(__name__)
-
-
-class RepeatFilter:
-    """Decides whether to log a librdkafka error: the first of each kind, then once a minute.
-
-    While Kafka is away librdkafka reports every failed reconnect, several times a second
-    per client; tests/faults counted ~30 such warnings a second from one node. The first
-    one says it all; later ones are counted into the next line that does get logged.
-    """
-
-    def __init__(self, interval: float = 60.0) -> None:
-        self._interval = interval
-        self._next: dict[tuple[int, str], float] = {}
-        self._quiet: dict[tuple[int, str], int] = {}
-
-    def __call__(self, error: KafkaError) -> str | None:
-        """The text to log for this error, or None to stay quiet."""
-        text = error.str()
-        kind = (error.code(), text.split(" ", 1)[0])  # the code, and which broker says it
-        now = time.monotonic()
-        if now < self._next.get(kind, 0.0):
-            self._quiet[kind] = self._quiet.get(kind, 0) + 1
-            return None
-        self._next[kind] = now + self._interval
-        quiet = self._quiet.pop(kind, 0)
-        return f"{text} (and {quiet} more like it since)" if quiet else text
 
 
 class ProduceFailed(Exception):

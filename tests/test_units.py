@@ -18,6 +18,7 @@ from bigpipe.envelope import (
     forwardable_headers,
     new_call,
 )
+from bigpipe.kafka import Throttle
 from bigpipe.offsets import PartitionOffsets
 from bigpipe.reload import plan_reload
 from bigpipe.retry import Verdict, backoff_seconds, classify, retry_after_seconds
@@ -231,3 +232,15 @@ def test_reload_plan_moves_every_group_when_the_cluster_changes() -> None:
     assert plan.new_producer and plan.regroup_all
     assert plan.removed == [("test", "G1"), ("test", "G2")]
     assert [c.key for c in plan.added] == [("test", "G1"), ("test", "G2")]
+
+
+# ---------------------------------------------------------------- log throttling
+def test_throttle_lets_the_first_through_then_counts_the_rest(monkeypatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("bigpipe.kafka.time.monotonic", lambda: now[0])
+    throttle = Throttle(interval=60)
+    assert throttle.admit("a") == 0
+    assert throttle.admit("a") is None and throttle.admit("a") is None
+    assert throttle.admit("b") == 0, "each kind has its own allowance"
+    now[0] += 61
+    assert throttle.admit("a") == 2, "the next one through says how many were held back"
