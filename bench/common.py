@@ -396,6 +396,15 @@ class Context:
     results: Path = RESULTS  # where <benchmark>.json goes; not bench/results with --quick
     scale: float = 1.0  # < 1 with --quick: every duration shrinks
     peak: float | None = None  # Bigpipe's ingest calls/s, set by the ingest benchmark
+    delivery_peak: float | None = None  # Bigpipe's deliveries/s, set by the delivery benchmark
+
+    def end_to_end_peak(self) -> float | None:
+        """Calls/s one node can both take in and deliver: its worker(s) do both jobs."""
+        if not self.peak:
+            return None
+        if not self.delivery_peak:
+            return self.peak
+        return 1 / (1 / self.peak + 1 / self.delivery_peak)
 
     def seconds(self, seconds: float) -> float:
         return max(1.0, round(seconds * self.scale, 1))

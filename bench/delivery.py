@@ -170,6 +170,7 @@ async def run(ctx: Context) -> list[Row]:
                 flush=True,
             )
     ratio = median(bigpipe) / median(baseline)
+    ctx.delivery_peak = median(bigpipe)
     how = (
         f"{calls:,} preloaded calls to nginx 204, concurrency {CONCURRENCY}, "
         f"{PARTITIONS} partitions, median of {ctx.rounds}"

@@ -8,10 +8,10 @@ whole batch to the event loop, so there is no thread hop per message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import threading
 import time
-from collections import deque
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message
@@ -21,6 +21,9 @@ from bigpipe.config import Config
 from bigpipe.kafka import RepeatFilter, client_settings, record_size_limit
 
 log = logging.getLogger(__name__)
+
+PENDING_POLL_SECONDS = 0.0005
+IDLE_POLL_SECONDS = 0.1
 
 
 class ProduceFailed(Exception):
@@ -49,19 +52,15 @@ class Producer:
     def __init__(self, config: Config) -> None:
         self._loop = asyncio.get_running_loop()
         self._kafka = KafkaProducer({**producer_settings(config), "error_cb": self._on_error})
-        self._results: deque[tuple[asyncio.Future[None], KafkaError | None]] = deque()
         self._pending = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._stopping = threading.Event()
         # When librdkafka last said every broker is down; None once a probe got through.
         # Written on the poll thread, read by the node's Kafka watch (app.py).
         self.all_brokers_down_at: float | None = None
         self._repeats = RepeatFilter()
-        self._thread = threading.Thread(
-            target=self._poll_forever, name="kafka-producer", daemon=True
-        )
-        self._thread.start()
+        self._wakeup = asyncio.Event()
+        self._poller = asyncio.create_task(self._poll_forever(), name="kafka producer poll")
 
     @property
     def pending(self) -> int:
@@ -72,11 +71,12 @@ class Producer:
         """Write one record and return once Kafka has acknowledged it (acks=all)."""
         future: asyncio.Future[None] = self._loop.create_future()
         try:
-            self._kafka.produce(topic, value, key, on_delivery=_Delivery(self._results, future))
+            self._kafka.produce(topic, value, key, on_delivery=partial(self._delivered, future))
         except (BufferError, KafkaException) as exc:
             raise ProduceFailed(f"local queue refused the write: {exc}") from None
         self._pending += 1
         self._idle.clear()
+        self._wakeup.set()
         await future
 
     async def close(self, timeout: float) -> None:
@@ -85,8 +85,8 @@ class Producer:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             log.error("producer: %d writes still unacknowledged at shutdown", self._pending)
-        self._stopping.set()
-        await asyncio.to_thread(self._thread.join)
+        self._poller.cancel()
+        await asyncio.gather(self._poller, return_exceptions=True)
 
     def probe(self, timeout: float) -> bool:
         """Does a broker answer a metadata request within `timeout` s? Blocking: use a thread."""
@@ -96,24 +96,36 @@ class Producer:
             return False
         return True
 
-    def _poll_forever(self) -> None:
-        while not self._stopping.is_set():
-            self._kafka.poll(0.1)
-            if self._results:
-                self._loop.call_soon_threadsafe(self._resolve_results)
+    async def _poll_forever(self) -> None:
+        """Serve librdkafka's callbacks on the event loop: no thread, no hop, no lock.
 
-    def _resolve_results(self) -> None:
-        while self._results:
-            future, error = self._results.popleft()
-            self._pending -= 1
-            if future.done():  # the caller went away; its write still stands
-                continue
-            if error is None:
-                future.set_result(None)
+        poll(0) never blocks. While writes are pending it runs every half millisecond
+        (at once again when it served something); otherwise ten times a second, for
+        error reports.
+        """
+        while True:
+            served = self._kafka.poll(0)
+            if served:
+                await asyncio.sleep(0)
+            elif self._pending:
+                await asyncio.sleep(PENDING_POLL_SECONDS)
             else:
-                future.set_exception(ProduceFailed(error.str()))
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_SECONDS)
+
+    def _delivered(
+        self, future: asyncio.Future[None], error: KafkaError | None, _message: Message
+    ) -> None:
+        self._pending -= 1
         if self._pending == 0:
             self._idle.set()
+        if future.done():  # the caller went away; its write still stands
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(ProduceFailed(error.str()))
 
     def _on_error(self, error: KafkaError) -> None:
         # Runs on the poll thread. librdkafka recovers from these by itself; say so once each.
@@ -122,20 +134,3 @@ class Producer:
             self.all_brokers_down_at = time.monotonic()
         if (text := self._repeats(error)) is not None:
             log.warning("kafka producer: %s", text)
-
-
-class _Delivery:
-    """The delivery callback of one write; runs on the poll thread, so it only queues."""
-
-    __slots__ = ("_future", "_results")
-
-    def __init__(
-        self,
-        results: deque[tuple[asyncio.Future[None], KafkaError | None]],
-        future: asyncio.Future[None],
-    ) -> None:
-        self._results = results
-        self._future = future
-
-    def __call__(self, error: KafkaError | None, _message: Message) -> None:
-        self._results.append((self._future, error))
