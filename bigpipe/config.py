@@ -478,7 +478,11 @@ def _read_tls(root: _Section) -> tuple[str, str]:
     cert = root.get("http.server.tls.cert", str, default="")
     key = root.get("http.server.tls.key", str, default="")
     if bool(cert) != bool(key):
-        root.problems.append("http.server.tls.cert, http.server.tls.key: set both, or neither")
+        given, missing = ("cert", "key") if cert else ("key", "cert")
+        root.problems.append(
+            f"http.server.tls.{given}: is set but http.server.tls.{missing} is "
+            "not; set both, or neither"
+        )
     for name, path in (("http.server.tls.cert", cert), ("http.server.tls.key", key)):
         if path and not Path(path).is_file():
             root.problems.append(f"{name}: no file at {path!r}; give the PEM file's path")

@@ -109,9 +109,8 @@ def test_tls_needs_both_files(tmp_path: Path) -> None:
     raw = {**EXAMPLE, "http.server.tls.cert": str(tmp_path / "absent.pem")}
     with pytest.raises(ConfigError) as caught:
         parse_config(raw)
-    assert (
-        caught.value.problems[0]
-        == "http.server.tls.cert, http.server.tls.key: set both, or neither"
+    assert caught.value.problems[0] == (
+        "http.server.tls.cert: is set but http.server.tls.key is not; set both, or neither"
     )
 
 
