@@ -258,25 +258,31 @@ class Node:
         self._bring_up = asyncio.create_task(self._join_kafka())
 
     async def stop(self) -> None:
-        """Drain in the order a call travels; each step bounded by the shutdown timeout.
+        """Drain in the order a call travels, all within one shutdown timeout.
 
         The listener stays open till the end: load balancers keep getting a 503 from
         /readyz and callers a clear errno 1, instead of refused connections.
         """
         timeout = self.config.shutdown_timeout_ms / 1000
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def left() -> float:  # every step shares one deadline, so the stop time is bounded
+            return max(0.0, deadline - loop.time())
+
         self.draining = True
         for task in (self._bring_up, self._kafka_watch):
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         try:
-            await asyncio.wait_for(self.ingest.wait_idle(), timeout)
+            await asyncio.wait_for(self.ingest.wait_idle(), left())
         except TimeoutError:
             log.error("shutdown: calls still waiting for Kafka after %.0f s", timeout)
         # Groups stop before the producer: a call failing now still needs its dead letter.
-        await asyncio.gather(*(group.stop(timeout) for group in self.groups.values()))
+        await asyncio.gather(*(group.stop(left()) for group in self.groups.values()))
         if self.producer is not None:
-            await self.producer.close(timeout)
+            await self.producer.close(left())
         if self._runner is not None:
             await self._runner.cleanup()
         if self._publisher is not None:

@@ -47,6 +47,7 @@ COMMIT_INTERVAL_SECONDS = 0.5
 # How long the buffer may stay full, unpolled, before the group pauses its partitions.
 # Short, because rebalances are only served while consume() runs.
 STALL_SECONDS = 1.0
+LEAVE_SECONDS = 1.0  # the least time given to the final commit and group leave
 
 
 def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any]:
@@ -133,13 +134,17 @@ class ConsumerGroup:
         self._task = asyncio.create_task(self._poll_forever(), name=f"poll {self.name}")
 
     async def stop(self, timeout: float) -> None:
-        """Stop polling, give calls in flight `timeout` s to finish, commit, leave the group."""
+        """Stop polling, let calls in flight finish, commit, leave the group: within `timeout`.
+
+        The final commit gets at least LEAVE_SECONDS, taken from the calls' share.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
         self._stopping.set()
         if self._task is not None:
             await self._task
         tasks = [t for p in self._partitions.values() for t in p.tasks]
         if tasks:
-            _, unfinished = await asyncio.wait(tasks, timeout=timeout)
+            _, unfinished = await asyncio.wait(tasks, timeout=max(0.0, timeout - LEAVE_SECONDS))
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
@@ -149,7 +154,8 @@ class ConsumerGroup:
                     self.name,
                     len(unfinished),
                 )
-        await self._leave(timeout)
+        left = deadline - asyncio.get_running_loop().time()
+        await self._leave(max(LEAVE_SECONDS, left))
         await self._client.close()
 
     async def _leave(self, timeout: float) -> None:
