@@ -70,6 +70,15 @@ class Latencies:
             for name, (help_text, labels) in HISTOGRAMS.items()
         )
 
+        self._ingest_children: dict[str, Any] = {}
+
+    def ingest_child(self, topic: str) -> Any:
+        """The topic's ingest histogram, kept: labels() takes a lock on every call."""
+        child = self._ingest_children.get(topic)
+        if child is None:
+            child = self._ingest_children[topic] = self.ingest_seconds.labels(topic)
+        return child
+
     def samples(self) -> list[Sample]:
         return [
             [s.name, s.labels, s.value]

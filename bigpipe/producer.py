@@ -67,8 +67,14 @@ class Producer:
         """Writes handed to Kafka and not yet acknowledged or failed."""
         return self._pending
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> None:
-        """Write one record and return once Kafka has acknowledged it (acks=all)."""
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None = None, timeout: float | None = None
+    ) -> None:
+        """Write one record and return once Kafka has acknowledged it (acks=all).
+
+        Past `timeout` s without an answer, raise ProduceFailed; the record may still
+        land. A plain timer, not asyncio.timeout: this is the ingest hot path.
+        """
         future: asyncio.Future[None] = self._loop.create_future()
         try:
             self._kafka.produce(topic, value, key, on_delivery=partial(self._delivered, future))
@@ -77,7 +83,14 @@ class Producer:
         self._pending += 1
         self._idle.clear()
         self._wakeup.set()
-        await future
+        if timeout is None:
+            await future
+            return
+        timer = self._loop.call_later(timeout, _give_up, future)
+        try:
+            await future
+        finally:
+            timer.cancel()
 
     async def close(self, timeout: float) -> None:
         """Wait up to `timeout` s for pending writes, then stop polling."""
@@ -134,3 +147,8 @@ class Producer:
             self.all_brokers_down_at = time.monotonic()
         if (text := self._repeats(error)) is not None:
             log.warning("kafka producer: %s", text)
+
+
+def _give_up(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(ProduceFailed("no acknowledgement in time"))

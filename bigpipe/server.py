@@ -171,16 +171,16 @@ class Ingest:
         )
         key = call_request.partition_key.encode() if call_request.partition_key else None
         counters = node.stats.producer(entry.topic)
-        latency = node.latencies.ingest_seconds.labels(entry.topic)
+        latency = node.latencies.ingest_child(entry.topic)
         self._waiting += 1
         self._idle.clear()
         try:
-            async with asyncio.timeout(config.write_timeout_ms / 1000):
-                await node.producer.send(entry.topic, encode_call(call), key)
-        except (ProduceFailed, TimeoutError) as exc:
+            await node.producer.send(
+                entry.topic, encode_call(call), key, timeout=config.write_timeout_ms / 1000
+            )
+        except ProduceFailed as exc:
             counters.deliveryFail += 1
-            reason = str(exc) or "no acknowledgement in time"
-            raise Reject(503, f"kafka did not take the call: {reason}", INTERNAL_ERROR) from None
+            raise Reject(503, f"kafka did not take the call: {exc}", INTERNAL_ERROR) from None
         finally:
             latency.observe(time.perf_counter() - started)
             self._waiting -= 1
@@ -192,6 +192,8 @@ class Ingest:
 
 async def _read_body(request: web.Request, config: Config) -> bytes:
     try:
+        if request.content.is_eof():  # the whole body came with the headers: no wait
+            return await request.read()
         async with asyncio.timeout(config.read_timeout_ms / 1000):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
