@@ -108,12 +108,6 @@ class Config:
     kafka_client_config: dict[str, str | int | float | bool]
     source: Path | None = field(default=None, compare=False)
 
-    def acl_by_name(self) -> dict[str, AclEntry]:
-        return {entry.name: entry for entry in self.acl}
-
-    def topic(self, name: str) -> TopicConfig | None:
-        return next((t for t in self.topics if t.name == name), None)
-
 
 # ---------------------------------------------------------------- checks
 # A check returns None when the value is fine, else "what is wrong; how to fix".

@@ -28,10 +28,6 @@ class Limits:
         self._in_use = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    @property
-    def in_use(self) -> int:
-        return self._in_use
-
     def update(self, rate_limit: float, concurrency: int) -> None:
         """Apply new limits now; calls already waiting are served under the new cap."""
         if rate_limit != self._rate_limit:

@@ -63,11 +63,6 @@ class Producer:
         self._wakeup = asyncio.Event()
         self._poller = asyncio.create_task(self._poll_forever(), name="kafka producer poll")
 
-    @property
-    def pending(self) -> int:
-        """Writes handed to Kafka and not yet acknowledged or failed."""
-        return self._pending
-
     async def send(
         self, topic: str, value: bytes, key: bytes | None = None, timeout: float | None = None
     ) -> None:
