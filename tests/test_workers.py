@@ -106,12 +106,17 @@ async def test_two_workers_share_a_port_report_node_wide_and_survive_a_worker_ki
     os.kill(victim, signal.SIGKILL)
     seen = []
 
-    async def restarted() -> bool:
-        seen.append((await bigpipe.stats(http))["serverStats"]["acceptedCall"])
-        workers = children(supervisor)
-        return len(workers) == 2 and victim not in workers
+    # A killed worker takes its keep-alive connections with it, so each probe opens a fresh
+    # one: the kernel only hands new connections to the listeners still alive.
+    fresh_connections = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=fresh_connections) as probe:
 
-    await eventually(restarted, 30, "the supervisor to restart the killed worker")
+        async def restarted() -> bool:
+            seen.append((await bigpipe.stats(probe))["serverStats"]["acceptedCall"])
+            workers = children(supervisor)
+            return len(workers) == 2 and victim not in workers
+
+        await eventually(restarted, 30, "the supervisor to restart the killed worker")
     assert seen == sorted(seen) and min(seen) >= CALLS, "counters never go backwards"
     await bigpipe.wait_ready()
     await send(CALLS)
