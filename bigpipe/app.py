@@ -28,7 +28,7 @@ from bigpipe.logs import Logging
 from bigpipe.metrics import Latencies, Sample, merge_samples
 from bigpipe.producer import Producer
 from bigpipe.reload import ReloadPlan, plan_reload
-from bigpipe.server import Ingest, build_app
+from bigpipe.server import Ingest, build_server
 from bigpipe.stats import Stats
 from bigpipe.workers import share_of
 
@@ -67,7 +67,7 @@ class Node:
         self.kafka_lost = False  # every broker unreachable, after start-up (_watch_kafka)
         self.draining = False
         self._logs = logs
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self._bring_up: asyncio.Task[None] | None = None
         self._kafka_watch: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
@@ -125,12 +125,10 @@ class Node:
     async def start(self) -> None:
         """Listen first, so the node answers (503) even while Kafka is away."""
         self.producer = Producer(self.config)
-        self._runner = web.AppRunner(
-            build_app(self),
-            access_log=None,
-            keepalive_timeout=self.config.read_timeout_ms / 1000,
-            shutdown_timeout=self.config.shutdown_timeout_ms / 1000,
-            **HTTP_LIMITS,
+        keepalive = self.config.read_timeout_ms / 1000
+        server = build_server(self, access_log=None, keepalive_timeout=keepalive, **HTTP_LIMITS)
+        self._runner = web.ServerRunner(
+            server, shutdown_timeout=self.config.shutdown_timeout_ms / 1000
         )
         await self._runner.setup()
         await GuardedSite(self._runner, self.config, reuse_port=self.worker is not None).start()

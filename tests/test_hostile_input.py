@@ -42,7 +42,7 @@ ACL_NAME = "hostile-caller"
 SECRET = uuid.uuid4().hex
 
 # README's errno table: the (HTTP status, errno) pairs a reply may have. 500 is a bug.
-DOCUMENTED = {(200, 0), (400, -1), (403, -1), (404, -1), (405, -1), (408, -1), (413, -1)}
+DOCUMENTED = {(200, 0), (400, -1), (403, -1), (404, -1), (405, -1), (408, -1), (413, -1), (417, -1)}
 DOCUMENTED |= {(503, -1), (503, 1)}
 CALL_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -683,9 +683,8 @@ def test_documented_header_limits(node: tuple[Bigpipe, str]) -> None:
     [
         [("Content-Encoding", "br")],  # 400 "Can not decode content-encoding: brotli (br)"
         [("Content-Encoding", "zstd")],  # 400 "Can not decode content-encoding: zstandard"
-        [("Expect", "something-else")],  # 417 "Unknown Expect: something-else"
     ],
-    ids=["content-encoding-br", "content-encoding-zstd", "expect"],
+    ids=["content-encoding-br", "content-encoding-zstd"],
 )
 def test_http_layer_refusals_are_documented_plain_4xx(
     node: tuple[Bigpipe, str], headers: list
@@ -693,8 +692,16 @@ def test_http_layer_refusals_are_documented_plain_4xx(
     """README: what the HTTP layer cannot decode gets a plain-text 4xx before Bigpipe runs."""
     bigpipe, _ = node
     status, reply_headers, _ = post_call(bigpipe, "not-the-secret", headers)
-    assert status in (400, 417)
+    assert status == 400
     assert reply_headers.get("Content-Type", "").startswith("text/plain")
+
+
+def test_an_unknown_expectation_gets_a_json_417(node: tuple[Bigpipe, str]) -> None:
+    bigpipe, _ = node
+    status, reply_headers, raw = post_call(bigpipe, "not-the-secret", [("Expect", "x-teapot")])
+    reply = check_reply(status, reply_headers, raw)
+    assert (status, reply["errno"]) == (417, -1)
+    assert "Expect" in reply["msg"]
 
 
 def test_405_names_the_allowed_method(node: tuple[Bigpipe, str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -126,3 +127,22 @@ async def test_accepted_call_is_in_kafka_before_the_reply(
     status, reply = await bigpipe.post_call(http, data="durable", partition_key="user-42")
     assert (status, reply["errno"]) == (200, 0)
     assert topic_record_count(kafka, topic) == before + 1
+
+
+async def test_expect_100_continue_gets_the_interim_reply_then_the_call_is_accepted(
+    bigpipe: Bigpipe,
+) -> None:
+    """curl sends `Expect: 100-continue` with bodies over 1 KiB and waits for the 100."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", bigpipe.port)
+    body = with_(data="x" * 2048)
+    head = (
+        f"POST /rpc/call HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    writer.write(head.encode())
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(body)
+    final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert final.startswith(b"HTTP/1.1 200")
+    writer.close()
