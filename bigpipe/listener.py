@@ -38,13 +38,17 @@ class HeaderDeadline(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        # Hot path: most requests arrive whole in one read, and then no timer is made at all
+        # (arming and cancelling one per request cost ~10% of ingest throughput).
         if not self._in_request:
-            if self._timer is None:
-                self._arm()  # the first bytes of the next request start its clock
-            if HEADERS_END in data or HEADERS_END in self._tail + data[:3]:
+            if HEADERS_END in data or (self._tail and HEADERS_END in self._tail + data[:3]):
                 self._disarm()
                 self._in_request = True  # the body and the handler have their own bounds
-            self._tail = data[-3:]
+                self._tail = b""
+            else:
+                if self._timer is None:
+                    self._arm()  # a request's first bytes without its header end: start its clock
+                self._tail = data[-3:]
         self._inner.data_received(data)
 
     def request_done(self) -> None:

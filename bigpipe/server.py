@@ -50,7 +50,7 @@ class Reject(Exception):
         self.msg = msg
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 µs more per call
 class CallRequest:
     name: str
     secret: str
@@ -172,8 +172,9 @@ class Ingest:
         key = call_request.partition_key.encode() if call_request.partition_key else None
         counters = node.stats.producer(entry.topic)
         latency = node.latencies.ingest_child(entry.topic)
+        if self._waiting == 0:
+            self._idle.clear()
         self._waiting += 1
-        self._idle.clear()
         try:
             await node.producer.send(
                 entry.topic, encode_call(call), key, timeout=config.write_timeout_ms / 1000

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
+import time
 
 import orjson
 import pytest
@@ -20,9 +22,11 @@ from bigpipe.envelope import (
 )
 from bigpipe.kafka import Throttle
 from bigpipe.offsets import PartitionOffsets
+from bigpipe.producer import DEADLINE_SWEEP_SECONDS, ProduceFailed, Producer
 from bigpipe.reload import plan_reload
 from bigpipe.retry import Verdict, backoff_seconds, classify, retry_after_seconds
 from bigpipe.stats import Stats
+from tests.support import free_port
 from tests.test_config import EXAMPLE
 
 
@@ -244,3 +248,19 @@ def test_throttle_lets_the_first_through_then_counts_the_rest(monkeypatch) -> No
     assert throttle.admit("b") == 0, "each kind has its own allowance"
     now[0] += 61
     assert throttle.admit("a") == 2, "the next one through says how many were held back"
+
+
+async def test_a_write_nobody_acknowledges_fails_at_its_timeout_not_before() -> None:
+    """No broker listens on the bootstrap address: only the write timeout can end the wait."""
+    config = parse_config({**EXAMPLE, "kafka.bootstrap.servers": f"127.0.0.1:{free_port()}"})
+    producer = Producer(config)
+    started = time.monotonic()
+    results = await asyncio.gather(
+        producer.send("t", b"first", timeout=0.2),
+        producer.send("t", b"later", timeout=0.6),
+        return_exceptions=True,
+    )
+    waited = time.monotonic() - started
+    assert all(isinstance(result, ProduceFailed) for result in results), results
+    assert 0.6 <= waited < 0.6 + 2 * DEADLINE_SWEEP_SECONDS + 0.2, waited
+    await producer.close(0)
