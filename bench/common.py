@@ -48,7 +48,8 @@ error_log {prefix}/error.log warn;
 daemon off;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    log_format receipts '$msec $http_x_bigpipe_call_id';
+    {access_log}
     keepalive_requests 1000000;
     client_body_buffer_size 64k;
     server {{
@@ -265,18 +266,24 @@ async def stop_process(process: asyncio.subprocess.Process, timeout: float = 15)
 
 # ---------------------------------------------------------------- nginx
 @contextmanager
-def nginx_204(workdir: Path) -> Iterator[str]:
+def nginx_204(workdir: Path, receipts: Path | None = None) -> Iterator[str]:
     """nginx answering 204 on a loopback port; yields its base URL.
 
     `GET /nginx_status` is nginx's stub_status: its request counter tells how
-    many requests reached the downstream, whoever sent them.
+    many requests reached the downstream, whoever sent them. With `receipts`,
+    nginx logs a line per request there, `<wall-clock s, ms precision>
+    <X-Bigpipe-Call-Id>`, flushed every second: a downstream that notes
+    arrivals at no cost to the CPU the node under test needs.
     """
     if shutil.which("nginx") is None:
         raise BenchError("nginx not found; install it: apt-get install -y nginx-light")
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=workdir, port=port))
+    access_log = (
+        f"access_log {receipts} receipts buffer=256k flush=1s;" if receipts else "access_log off;"
+    )
+    conf.write_text(NGINX_CONF.format(prefix=workdir, port=port, access_log=access_log))
     process = subprocess.Popen(
         ["nginx", "-c", str(conf), "-p", str(workdir)], stderr=subprocess.DEVNULL
     )
