@@ -1,7 +1,7 @@
 """Memory: RSS of an idle Bigpipe worker, and how it holds under overload.
 
-Idle: a fresh node with one consumer group (delivering to an aiohttp
-downstream in this process) takes 1,000 calls from 8 clients, delivers them,
+Idle: a fresh node with one consumer group (delivering to nginx, as in
+bench/latency.py) takes 1,000 calls from 8 clients, delivers them,
 rests 2 s; then VmRSS (/proc/PID/status) of each worker process is read: the
 supervisor's children, or the process itself when it runs alone. Figure: the
 largest worker. Baseline: bench/bare_ingest.py after the same traffic, read
@@ -34,13 +34,14 @@ from bench.common import (
     bigpipe_node,
     call_body,
     descendants,
+    nginx_204,
     rss_mib,
     save,
     worker_pids,
 )
 from bench.latency import wait_delivered
 from bench.wrk import run_wrk
-from tests.support import Downstream, consumer_entry, unique
+from tests.support import consumer_entry, unique
 
 IDLE_CALLS, IDLE_CLIENTS, REST_SECONDS = 1000, 8, 2
 TARGET_IDLE_MIB = 80
@@ -73,21 +74,20 @@ def worker_rss(pid: int) -> float:
 
 
 async def idle(ctx: Context) -> dict[str, Any]:
-    downstream = await Downstream().start()
-    try:
+    receipts = ctx.workdir / "nginx-memory" / "receipts.log"
+    receipts.unlink(missing_ok=True)
+    with nginx_204(receipts.parent, receipts) as downstream_url:
         topic = unique("bench-memory")
         consumer = consumer_entry(topic, unique("g"), concurrency=64, rateLimit=1e9)
         config = bigpipe_config(ctx.bootstrap, topic, workers=ctx.workers, consumers=[consumer])
-        body = call_body(downstream.url())
+        body = call_body(f"{downstream_url}/hook")
         async with bigpipe_node(config, ctx.workdir) as node:
             assert node.process is not None
             ids = await little_traffic(node.url, body, IDLE_CALLS, IDLE_CLIENTS)
-            await wait_delivered(downstream, set(ids), 90, node)
+            await wait_delivered(receipts, set(ids), 90, node)
             await asyncio.sleep(REST_SECONDS)
             bigpipe = worker_rss(node.process.pid)
             supervisor = rss_mib(node.process.pid) if descendants(node.process.pid) else None
-    finally:
-        await downstream.stop()
     async with bare_ingest(ctx.workers, ctx.workdir) as (bare_url, bare_pid):
         await little_traffic(bare_url, body, IDLE_CALLS, IDLE_CLIENTS)
         await asyncio.sleep(REST_SECONDS)
