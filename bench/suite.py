@@ -16,11 +16,11 @@ numbers. The suite uses its own Kafka (deploy/kafka/local-kafka, port 19492,
 data in .local/kafka-bench); it stops that broker at the end unless it was
 already running or --keep-kafka is given, and deletes the `bench-*` topics.
 
-Each benchmark writes bench/results/<name>.json; the run writes
-bench/results/summary.json, and a full run (no --only, no --quick) rewrites
-bench/RESULTS.md. A --quick run (shorter, one round: a smoke test) writes its
-JSON to .local/bench-run/results instead, so it never replaces recorded
-figures. The configs and logs of the processes a run starts stay in
+Each benchmark writes bench/results/workers-N/<name>.json (N: --workers);
+the run writes summary.json beside them, and a full run (no --only, no
+--quick) rewrites the N-worker section of bench/RESULTS.md. A --quick run
+(shorter, one round: a smoke test) writes its JSON to .local/bench-run/results
+instead, so it never replaces recorded figures. The configs and logs of the processes a run starts stay in
 .local/bench-run until the next run. A full run takes 2.5 to 5 minutes.
 
 Exit status: 0 when every target is met, 1 when a target is missed, 2 when a
@@ -32,11 +32,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import shutil
 import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import uvloop
 
@@ -112,9 +114,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def previous_peak() -> float | None:
+def previous_peak(results: Path) -> float | None:
     with contextlib.suppress(OSError, ValueError, KeyError):
-        return float(json.loads((RESULTS / "ingest.json").read_text())["bigpipe_per_s"])
+        return float(json.loads((results / "ingest.json").read_text())["bigpipe_per_s"])
     return None
 
 
@@ -160,20 +162,23 @@ def print_summary(rows: list[Row], header: str) -> None:
             print(f"  {row.name}: {detail}")
 
 
+SECTION = re.compile(r"<!-- bench:workers=(\d+) -->\n.*?<!-- bench:end -->\n", re.DOTALL)
+
+
 def write_results_md(rows: list[Row], info: dict[str, str]) -> None:
+    """Rewrite this worker count's section of bench/RESULTS.md; keep the other counts'."""
+    workers = int(info["workers"])
+    sections = {}
+    if RESULTS_MD.exists():
+        for match in SECTION.finditer(RESULTS_MD.read_text()):
+            sections[int(match.group(1))] = match.group(0)
     lines = [
-        "# Benchmark results",
-        "",
-        "Written by `python -m bench` (`./build.sh bench`) at the end of every full run;",
-        "bench/suite.py and each benchmark's docstring say what is measured and how.",
-        "The machines are shared: other engineers' test suites run beside the benchmarks,",
-        "so absolute figures are noisy. Each figure is compared with a baseline measured",
-        "in the same run, and the ratio is the number to follow.",
+        f"<!-- bench:workers={workers} -->",
+        f"## {workers} worker{'s' if workers != 1 else ''}",
         "",
         f"- Date: {info['date']}",
         f"- Machine: {info['machine']}",
         f"- Command: `{info['command']}`",
-        f"- Bigpipe workers: {info['workers']}",
         f"- Load average (1/5/15 min) at start: {info['load_start']}; at end: {info['load_end']}",
         f"- Runtime: {info['runtime']}",
         "",
@@ -181,13 +186,26 @@ def write_results_md(rows: list[Row], info: dict[str, str]) -> None:
         "|" + "---|" * len(COLUMNS),
         *("| " + " | ".join(line) + " |" for line in table(rows)),
         "",
-        "## Details",
+        "Details:",
         "",
     ]
     for row in rows:
         lines.extend(f"- **{row.name}**: {detail}" for detail in row.details)
-    lines += ["", "Raw figures: `bench/results/*.json`.", ""]
-    RESULTS_MD.write_text("\n".join(lines))
+    lines += ["", f"Raw figures: `bench/results/workers-{workers}/*.json`."]
+    lines += ["<!-- bench:end -->", ""]
+    sections[workers] = "\n".join(lines)
+    preamble = [
+        "# Benchmark results",
+        "",
+        "Written by `python -m bench` (`./build.sh bench`) at the end of every full run,",
+        "one section per worker count (`--workers N`): a run rewrites its own section.",
+        "bench/suite.py and each benchmark's docstring say what is measured and how.",
+        "The machines are shared: other engineers' test suites run beside the benchmarks,",
+        "so absolute figures are noisy. Each figure is compared with a baseline measured",
+        "in the same run, and the ratio is the number to follow.",
+        "",
+    ]
+    RESULTS_MD.write_text("\n".join(preamble) + "\n".join(sections[n] for n in sorted(sections)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,14 +222,15 @@ def main(argv: list[str] | None = None) -> None:
         "workers": str(args.workers),
         "load_start": load_average(),
     }
-    peak = args.peak or (None if "ingest" in args.selected else previous_peak())
+    results = RESULTS / f"workers-{args.workers}"  # figures of one worker count apart
+    peak = args.peak or (None if "ingest" in args.selected else previous_peak(results))
     was_running = kafka_running()
     print("bench: starting the bench Kafka (deploy/kafka/local-kafka, port 19492)", flush=True)
     bootstrap = start_kafka()
     try:
         shutil.rmtree(WORKDIR, ignore_errors=True)
         WORKDIR.mkdir(parents=True)
-        ctx = Context(bootstrap, WORKDIR, args.workers, args.rounds, peak=peak)
+        ctx = Context(bootstrap, WORKDIR, args.workers, args.rounds, results, peak=peak)
         if args.quick:  # a smoke test: its figures must not replace the recorded ones
             ctx.scale, ctx.results = QUICK_SCALE, WORKDIR / "results"
         rows = uvloop.run(run_all(ctx, args.selected))
@@ -229,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(load average {info['load_start']} -> {info['load_end']}; shared machine)",
     )
     save(
-        RESULTS if not args.quick else WORKDIR / "results",
+        ctx.results,
         "summary",
         {
             **info,
@@ -249,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.only == "" and not args.quick:
         write_results_md(rows, info)
-        print(f"\nwrote {RESULTS_MD.relative_to(REPO)} and bench/results/*.json")
+        print(f"\nwrote {RESULTS_MD.relative_to(REPO)} and {results.relative_to(REPO)}/*.json")
     if any(row.figure == "ERROR" for row in rows):
         sys.exit(2)
     if any(row.passed is False for row in rows):
