@@ -33,7 +33,17 @@ from confluent_kafka import ConsumerGroupState
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bigpipe.config import ConfigError, parse_config
-from tests.support import ACL_NAME, ACL_SECRET, LOCAL_KAFKA, REPO, Bigpipe, base_config, free_port
+from bigpipe.producer import Producer
+from tests.support import (
+    ACL_NAME,
+    ACL_SECRET,
+    LOCAL_KAFKA,
+    REPO,
+    Bigpipe,
+    base_config,
+    free_port,
+    unique,
+)
 
 BENCH_KAFKA_PORT = "19492"
 BENCH_KAFKA_DIR = REPO / ".local" / "kafka-bench"
@@ -147,6 +157,31 @@ def wait_group_stable(bootstrap: str, group: str, members: int, timeout: float =
                 return
         time.sleep(0.2)
     raise BenchError(f"consumer group {group} not stable after {timeout} s: {state}")
+
+
+async def warm_up_broker(bootstrap: str, seconds: float, senders: int = 64) -> int:
+    """Write small acks=all batches, as ingest does, for `seconds`: a production broker is
+    long past its JIT warm-up, and a fresh one would add its compile time to the first
+    benchmark. Uses Bigpipe's own producer; returns the records written."""
+    topic = unique(f"{TOPIC_PREFIX}warmup")
+    config = parse_config(base_config(bootstrap, topic, free_port(), partitions=6))
+    await asyncio.to_thread(create_topic, bootstrap, topic, 6)
+    producer = Producer(config)
+    record = b'{"v": 1}' * 30
+    written = 0
+    deadline = time.monotonic() + seconds
+
+    async def sender() -> None:
+        nonlocal written
+        while time.monotonic() < deadline:
+            await producer.send(topic, record, timeout=10)
+            written += 1
+
+    try:
+        await asyncio.gather(*(sender() for _ in range(senders)))
+    finally:
+        await producer.close(10)
+    return written
 
 
 def delete_bench_topics(bootstrap: str) -> int:

@@ -20,8 +20,9 @@ Each benchmark writes bench/results/workers-N/<name>.json (N: --workers);
 the run writes summary.json beside them, and a full run (no --only, no
 --quick) rewrites the N-worker section of bench/RESULTS.md. A --quick run
 (shorter, one round: a smoke test) writes its JSON to .local/bench-run/results
-instead, so it never replaces recorded figures. The configs and logs of the processes a run starts stay in
-.local/bench-run until the next run. A full run takes 2.5 to 5 minutes.
+instead, so it never replaces recorded figures. The configs and logs of the
+processes a run starts stay in .local/bench-run until the next run. The broker
+is warmed up first (15 s of small writes). A full run takes 3 to 5 minutes.
 
 Exit status: 0 when every target is met, 1 when a target is missed, 2 when a
 benchmark could not produce a valid figure (wrong replies, a crash, a timeout).
@@ -56,6 +57,7 @@ from bench.common import (
     save,
     start_kafka,
     stop_kafka,
+    warm_up_broker,
 )
 from tests.support import REPO
 
@@ -68,6 +70,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "memory": memory.run,
 }
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
+WARMUP_SECONDS = 15  # of small acks=all writes before the first benchmark (see warm_up_broker)
 WORKDIR = REPO / ".local" / "bench-run"  # configs and logs of the last run, kept for post-mortems
 QUICK_SCALE = 0.3
 COLUMNS = ("benchmark", "figure", "baseline", "ratio", "target", "result")
@@ -233,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         ctx = Context(bootstrap, WORKDIR, args.workers, args.rounds, results, peak=peak)
         if args.quick:  # a smoke test: its figures must not replace the recorded ones
             ctx.scale, ctx.results = QUICK_SCALE, WORKDIR / "results"
+        print(f"bench: warming the broker up for {WARMUP_SECONDS * ctx.scale:g} s", flush=True)
+        uvloop.run(warm_up_broker(bootstrap, WARMUP_SECONDS * ctx.scale))
         rows = uvloop.run(run_all(ctx, args.selected))
     finally:
         with contextlib.suppress(Exception):
