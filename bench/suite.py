@@ -208,7 +208,8 @@ def write_results_md(rows: list[Row], info: dict[str, str]) -> None:
         "in the same run, and the ratio is the number to follow.",
         "",
     ]
-    RESULTS_MD.write_text("\n".join(preamble) + "\n".join(sections[n] for n in sorted(sections)))
+    body = "\n".join(sections[n] for n in sorted(sections))
+    RESULTS_MD.write_text("\n".join(preamble) + "\n" + body)
 
 
 def main(argv: list[str] | None = None) -> None:
