@@ -22,7 +22,8 @@ the run writes summary.json beside them, and a full run (no --only, no
 (shorter, one round: a smoke test) writes its JSON to .local/bench-run/results
 instead, so it never replaces recorded figures. The configs and logs of the
 processes a run starts stay in .local/bench-run until the next run. The broker
-is warmed up first (15 s of small writes). A full run takes 3 to 5 minutes.
+is warmed up first (30 s of small writes, read by a consumer group). A full run
+takes 3 to 5 minutes.
 
 Exit status: 0 when every target is met, 1 when a target is missed, 2 when a
 benchmark could not produce a valid figure (wrong replies, a crash, a timeout).
@@ -70,7 +71,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "memory": memory.run,
 }
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
-WARMUP_SECONDS = 15  # of small acks=all writes before the first benchmark (see warm_up_broker)
+WARMUP_SECONDS = 30  # of small acks=all writes before the first benchmark (see warm_up_broker)
 WORKDIR = REPO / ".local" / "bench-run"  # configs and logs of the last run, kept for post-mortems
 QUICK_SCALE = 0.3
 COLUMNS = ("benchmark", "figure", "baseline", "ratio", "target", "result")
