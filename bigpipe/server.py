@@ -271,8 +271,10 @@ def build_server(node: Node, **http_settings: Any) -> web.Server:
     """aiohttp's low-level server with Bigpipe's routes; `http_settings` go to its protocol."""
     routes = Routes()
     body_limit = node.config.body_limit
+    loop = asyncio.get_running_loop()
 
     def make_request(*parts: Any) -> web.BaseRequest:
+        """Like aiohttp's default factory, but with Bigpipe's body limit."""
         return web.BaseRequest(*parts, loop=loop, client_max_size=body_limit)
 
     async def stats(_request: web.BaseRequest) -> web.Response:
@@ -308,5 +310,4 @@ def build_server(node: Node, **http_settings: Any) -> web.Server:
     routes.add("GET", "/metrics", metrics)
     routes.add("GET", "/openapi.json", openapi)
     routes.add("GET", "/readyz", readyz)
-    loop = asyncio.get_running_loop()
     return web.Server(routes.dispatch, request_factory=make_request, **http_settings)
