@@ -96,10 +96,12 @@ class Node:
             return self.stats, self.latencies.samples(), self.ready
         self.worker.board.publish(self.worker.index, self._snapshot())
         parts = [orjson.loads(p) for p in self.worker.board.read_all()]
+        # Ready only when every worker is: the kernel hands a connection to any of them.
+        everyone_ready = len(parts) == self.worker.board.slots and all(p["ready"] for p in parts)
         return (
             Stats.merged([p["stats"] for p in parts]),
             merge_samples(p["latencies"] for p in parts),
-            all(p["ready"] for p in parts),
+            everyone_ready,
         )
 
     async def _publish_forever(self) -> None:

@@ -298,9 +298,11 @@ def build_server(node: Node, **http_settings: Any) -> web.Server:
         return reply(200, OK, "alive")
 
     async def readyz(_request: web.BaseRequest) -> web.Response:
-        if node.ready:
-            return reply(200, OK, "ready")
-        return reply(503, INTERNAL_ERROR, node.not_ready_reason())
+        if not node.ready:
+            return reply(503, INTERNAL_ERROR, node.not_ready_reason())
+        if not node.view()[2]:  # SO_REUSEPORT may hand the next call to any worker
+            return reply(503, INTERNAL_ERROR, "another worker of this node is not ready yet")
+        return reply(200, OK, "ready")
 
     routes.add("POST", "/rpc/call", node.ingest.rpc_call)
     routes.add("GET", "/stats", stats)
