@@ -32,7 +32,7 @@ import orjson
 from confluent_kafka import Consumer, ConsumerGroupState
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from bigpipe.config import ConfigError, parse_config
+from bigpipe.config import parse_config
 from bigpipe.producer import Producer
 from tests.support import (
     ACL_NAME,
@@ -42,6 +42,7 @@ from tests.support import (
     Bigpipe,
     base_config,
     free_port,
+    start_local_kafka,
     unique,
 )
 
@@ -117,15 +118,8 @@ BENCH_KAFKA_JVM_OPTS = "-XX:TieredStopAtLevel=4 -XX:-UseSerialGC -XX:+UseG1GC"
 
 def start_kafka() -> str:
     """Start (or find running) the bench broker; return its bootstrap address."""
-    result = subprocess.run(
-        [str(LOCAL_KAFKA), "start", "--port", BENCH_KAFKA_PORT, "--dir", str(BENCH_KAFKA_DIR)],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-        timeout=180,
-        env={**os.environ, "LOCAL_KAFKA_JVM_OPTS": BENCH_KAFKA_JVM_OPTS},
-    )
-    return result.stdout.strip().splitlines()[-1]
+    env = {**os.environ, "LOCAL_KAFKA_JVM_OPTS": BENCH_KAFKA_JVM_OPTS}
+    return start_local_kafka(BENCH_KAFKA_PORT, BENCH_KAFKA_DIR, env)
 
 
 def stop_kafka() -> None:
@@ -213,17 +207,6 @@ def delete_bench_topics(bootstrap: str) -> int:
 
 
 # ---------------------------------------------------------------- bigpipe
-def workers_key_supported() -> bool:
-    """Whether this checkout's config knows `http.server.workers` (multi-worker support)."""
-    config = base_config("127.0.0.1:9", "t", 1)
-    config["http.server.workers"] = 1
-    try:
-        parse_config(config)
-    except ConfigError:
-        return False
-    return True
-
-
 def bigpipe_config(
     bootstrap: str,
     topic: str,
@@ -233,12 +216,8 @@ def bigpipe_config(
     consumers: list[dict[str, Any]] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """A node config on a free port, logging warnings and worse, with `workers` workers.
-
-    Where `http.server.workers` exists it is always set, since its default (one
-    worker per core) would otherwise change what is measured; where it does not
-    exist yet, only one worker can be asked for.
-    """
+    """A node config on a free port, logging warnings and worse, with `workers` workers
+    (always set: the default, one per core, would change what is measured)."""
     config = base_config(
         bootstrap,
         topic,
@@ -247,14 +226,7 @@ def bigpipe_config(
         consumers=consumers,
         **{"log.level": 3, **overrides},
     )
-    if workers_key_supported():
-        config["http.server.workers"] = workers
-    elif workers != 1:
-        raise BenchError(
-            f"--workers {workers}: this Bigpipe has no http.server.workers key yet; use 1"
-        )
-    else:
-        config.pop("http.server.workers", None)
+    config["http.server.workers"] = workers
     return config
 
 

@@ -8,14 +8,13 @@ next run) the test broker on port 19092 itself.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
 from hypothesis import settings
 
-from tests.support import LOCAL_KAFKA, REPO, Bigpipe, Downstream
+from tests.support import REPO, Bigpipe, Downstream, start_local_kafka
 
 # In CI the property tests draw the same examples every run, so a submission lands or fails
 # on its own merits; run locally, they explore afresh each time.
@@ -32,14 +31,7 @@ def kafka() -> str:
     """The bootstrap address of a real Kafka broker."""
     if bootstrap := os.environ.get("BIGPIPE_TEST_BOOTSTRAP"):
         return bootstrap
-    started = subprocess.run(
-        [str(LOCAL_KAFKA), "start", "--port", TEST_KAFKA_PORT, "--dir", str(TEST_KAFKA_DIR)],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-        timeout=180,
-    )
-    return started.stdout.strip().splitlines()[-1]
+    return start_local_kafka(TEST_KAFKA_PORT, TEST_KAFKA_DIR)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import inspect
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -24,6 +25,19 @@ from confluent_kafka import Consumer, TopicPartition
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_KAFKA = REPO / "deploy" / "kafka" / "local-kafka"
 ACL_NAME, ACL_SECRET = "system-1", "s3cret-for-tests"
+
+
+def start_local_kafka(port: str, directory: Path, env: dict[str, str] | None = None) -> str:
+    """Start (or find running) a one-broker local Kafka; return its bootstrap address."""
+    started = subprocess.run(
+        [str(LOCAL_KAFKA), "start", "--port", port, "--dir", str(directory)],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    return started.stdout.strip().splitlines()[-1]
 
 
 def free_port() -> int:
