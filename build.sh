@@ -3,7 +3,7 @@
 #
 #   ./build.sh          set up only: .venv with Bigpipe and its test tools, Kafka's jars
 #   ./build.sh run      start a local Kafka if none answers, then run Bigpipe in the foreground
-#   ./build.sh test     run the test suite against a Kafka of its own (port 19092)
+#   ./build.sh test     run the test suite against a Kafka of its own (port 19092, or a free one)
 #   ./build.sh faults   run the fault-injection suite (3-broker Kafka, crash loops, overload)
 #   ./build.sh bench    run the benchmarks (bench/), each against a same-run baseline
 #   ./build.sh lint     ruff over the package, the tests and the benchmarks
@@ -144,21 +144,22 @@ PY
 cmd_test() {
   setup
   ensure_test_tools
-  local started=0 status=0 bootstrap port=$TEST_KAFKA_PORT
-  if ! "$LOCAL_KAFKA" status --dir "$TEST_KAFKA_DIR" >/dev/null 2>&1; then
-    started=1
-    port=$(test_kafka_port)
-  fi
-  bootstrap=$("$LOCAL_KAFKA" start --port "$port" --dir "$TEST_KAFKA_DIR" | tail -n 1)
-  if [[ $started -eq 1 ]]; then
+  local status=0 bootstrap
+  if "$LOCAL_KAFKA" status --dir "$TEST_KAFKA_DIR" >/dev/null 2>&1; then
+    # Already running (say, a bare pytest left it): reuse it on whatever port it has.
+    bootstrap=$("$LOCAL_KAFKA" start --dir "$TEST_KAFKA_DIR" | tail -n 1)
+  else
+    bootstrap=$("$LOCAL_KAFKA" start --port "$(test_kafka_port)" --dir "$TEST_KAFKA_DIR" | tail -n 1)
     trap '"$LOCAL_KAFKA" stop --dir "$TEST_KAFKA_DIR" >/dev/null' EXIT
   fi
   BIGPIPE_TEST_BOOTSTRAP=$bootstrap "$VENV/bin/python" -m pytest "$@" || status=$?
   return "$status"
 }
 
-cmd_faults() {
-  cmd_test tests/faults -m faults "$@"
+cmd_faults() { # the fault tests start their own brokers: no test broker here
+  setup
+  ensure_test_tools
+  "$VENV/bin/python" -m pytest tests/faults -m faults "$@"
 }
 
 cmd_bench() {
