@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -44,11 +45,10 @@ KAFKA_PROBE_TIMEOUT = 2.0
 
 @dataclass(frozen=True)
 class WorkerSlot:
-    """Where a worker process stands: its board, its slot on it, and how many share it."""
+    """Where a worker process stands: its board (one slot per worker) and its slot on it."""
 
     board: Board
     index: int
-    count: int
 
 
 class Node:
@@ -95,14 +95,27 @@ class Node:
         if self.worker is None:
             return self.stats, self.latencies.samples(), self.ready
         self.worker.board.publish(self.worker.index, self._snapshot())
-        parts = [orjson.loads(p) for p in self.worker.board.read_all()]
-        # Ready only when every worker is: the kernel hands a connection to any of them.
-        everyone_ready = len(parts) == self.worker.board.slots and all(p["ready"] for p in parts)
+        parts = self._board_parts()
         return (
             Stats.merged([p["stats"] for p in parts]),
             merge_samples(p["latencies"] for p in parts),
-            everyone_ready,
+            self.node_ready(parts),
         )
+
+    def node_ready(self, parts: list[dict[str, Any]] | None = None) -> bool:
+        """Every worker takes calls: the kernel may hand the next connection to any of them.
+
+        `parts` are the board's slots when the caller has read them already; this
+        worker's own slot may be up to PUBLISH_SECONDS old, so its live state counts too.
+        """
+        if self.worker is None or not self.ready:
+            return self.ready
+        parts = self._board_parts() if parts is None else parts
+        return len(parts) == self.worker.board.slots and all(p["ready"] for p in parts)
+
+    def _board_parts(self) -> list[dict[str, Any]]:
+        assert self.worker is not None
+        return [orjson.loads(p) for p in self.worker.board.read_all()]
 
     async def _publish_forever(self) -> None:
         assert self.worker is not None
@@ -112,7 +125,7 @@ class Node:
 
     def _local(self, consumer: ConsumerConfig) -> ConsumerConfig:
         """This process's share of a group's node-wide limits."""
-        return share_of(consumer, self.worker.count if self.worker else 1)
+        return share_of(consumer, self.worker.board.slots if self.worker else 1)
 
     @property
     def ready(self) -> bool:
@@ -122,7 +135,7 @@ class Node:
     def not_ready_reason(self) -> str:
         if self.draining:
             return "shutting down; send the call to another node"
-        return "kafka not reachable yet; retry later"
+        return "kafka not reachable; retry later"
 
     async def start(self) -> None:
         """Listen first, so the node answers (503) even while Kafka is away."""

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, config: Config, logs: Logging) -> int:
         path, index, count = args.worker_of.rsplit(":", 2)
         set_process_name(WORKER_NAME)
         die_with_parent()
-        slot = WorkerSlot(Board(Path(path), int(count)), int(index), int(count))
+        slot = WorkerSlot(Board(Path(path), int(count)), int(index))
         return uvloop.run(serve(config, logs, slot))
     set_process_name()
     workers = worker_count(args, config)

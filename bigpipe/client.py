@@ -42,7 +42,8 @@ class Outcome:
 
 
 class DeliveryClient:
-    """One per consumer group: one keep-alive pool, one rate limit, one breaker."""
+    """One per consumer group: a keep-alive pool (and a second, guarded one for denyPrivate
+    calls), one rate limit, one breaker."""
 
     def __init__(
         self, config: ConsumerConfig, counters: GroupCounters, breaker: Breaker | None

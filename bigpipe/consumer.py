@@ -5,8 +5,9 @@ At-least-once rests on three rules:
   (delivered, or written to the dead-letter topic);
 - a revoked partition commits what has finished and drops the rest, which its
   next owner delivers again; a lost partition commits nothing;
-- waiting (for a token, a slot, the breaker or buffer room) pauses partitions and
-  never stops polling, so the broker does not evict the consumer.
+- waiting (for a token, a slot or the breaker) pauses partitions, and a full buffer
+  skips consume() for a moment and then pauses them too; polling never stops for
+  long, so the broker does not evict the consumer.
 
 librdkafka fetches in its own threads; `consume(timeout=0)` only takes what it
 already has, so the poll loop runs on the event loop without blocking it, and the

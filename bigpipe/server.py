@@ -1,7 +1,8 @@
-"""The HTTP side: `/rpc/call` ingest, `/stats` and the `/rpc/server/mock` downstream.
+"""The HTTP side: `/rpc/call` ingest, `/stats`, `/metrics`, health, the dashboard, the
+OpenAPI document and the `/rpc/server/mock` downstream.
 
-Every reply is `{"errno", "msg", "data"}` as JSON, with an HTTP status that
-matches: a caller can branch on either.
+Every API reply (ingest, stats, health, and every error) is `{"errno", "msg", "data"}`
+as JSON, with an HTTP status that matches: a caller can branch on either.
 """
 
 from __future__ import annotations
@@ -300,7 +301,7 @@ def build_server(node: Node, **http_settings: Any) -> web.Server:
     async def readyz(_request: web.BaseRequest) -> web.Response:
         if not node.ready:
             return reply(503, INTERNAL_ERROR, node.not_ready_reason())
-        if not node.view()[2]:  # SO_REUSEPORT may hand the next call to any worker
+        if not node.node_ready():
             return reply(503, INTERNAL_ERROR, "another worker of this node is not ready yet")
         return reply(200, OK, "ready")
 

@@ -74,7 +74,11 @@ class Stats:
         self._groups: dict[tuple[str, str], GroupCounters] = {}
 
     def producer(self, topic: str) -> ProducerCounters:
-        return self._producer.setdefault(topic, ProducerCounters())
+        # get() first: setdefault() would build a throwaway ProducerCounters on every call.
+        counters = self._producer.get(topic)
+        if counters is None:
+            counters = self._producer[topic] = ProducerCounters()
+        return counters
 
     def group(self, topic: str, group_id: str) -> GroupCounters:
         return self._groups.setdefault((topic, group_id), GroupCounters())
