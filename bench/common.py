@@ -153,32 +153,28 @@ def wait_group_stable(bootstrap: str, group: str, members: int, timeout: float =
     raise BenchError(f"consumer group {group} not stable after {timeout} s: {state}")
 
 
-async def warm_up_broker(bootstrap: str, seconds: float, senders: int = 64) -> int:
+async def warm_up_broker(bootstrap: str, seconds: float, senders: int = 64) -> None:
     """Write small acks=all batches, as ingest does, while a consumer group reads them, as
     delivery does, for `seconds`. A production broker is long past its JIT warm-up; a
     fresh one answered the latency benchmark several times slower (p99 71-235 ms against
-    17 ms once warm, 1 worker). Uses Bigpipe's own producer; returns the records written."""
+    17 ms once warm, 1 worker). Uses Bigpipe's own producer."""
     topic = unique(f"{TOPIC_PREFIX}warmup")
     config = parse_config(base_config(bootstrap, topic, free_port(), partitions=6))
     await asyncio.to_thread(create_topic, bootstrap, topic, 6)
     producer = Producer(config)
     record = b'{"v": 1}' * 30
-    written = 0
     deadline = time.monotonic() + seconds
     reading = asyncio.create_task(asyncio.to_thread(read_until, bootstrap, topic, deadline))
 
     async def sender() -> None:
-        nonlocal written
         while time.monotonic() < deadline:
             await producer.send(topic, record, timeout=10)
-            written += 1
 
     try:
         await asyncio.gather(*(sender() for _ in range(senders)))
     finally:
         await producer.close(10)
         await reading
-    return written
 
 
 def read_until(bootstrap: str, topic: str, deadline: float) -> None:
@@ -340,14 +336,6 @@ def wait_for_port(port: int, timeout: float = 10) -> None:
 
 
 # ---------------------------------------------------------------- memory
-def rss_mib(pid: int) -> float:
-    """VmRSS of one process, in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise BenchError(f"no VmRSS for pid {pid}")
-
-
 def descendants(pid: int) -> list[int]:
     """PIDs of every living descendant of `pid`, from /proc/*/stat."""
     children: dict[int, list[int]] = {}
@@ -385,7 +373,8 @@ def percentile(values: list[float], p: float) -> float:
 
 # ---------------------------------------------------------------- results
 def save(directory: Path, name: str, result: dict[str, Any]) -> Path:
-    """Write <directory>/<name>.json (bench/results/ but for --quick), with machine and date."""
+    """Write <directory>/<name>.json (bench/results/workers-N/, or .local/bench-run/results
+    with --quick), with machine and date."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
     result = {"machine": machine(), "date": now(), **result}
@@ -430,7 +419,7 @@ class Context:
     workdir: Path
     workers: int  # Bigpipe worker processes, and the bare baseline's
     rounds: int  # runs per figure where a median is taken
-    results: Path = RESULTS  # where <benchmark>.json goes; not bench/results with --quick
+    results: Path  # where <benchmark>.json goes: bench/results/workers-N/, or a scratch dir
     scale: float = 1.0  # < 1 with --quick: every duration shrinks
     peak: float | None = None  # Bigpipe's ingest calls/s, set by the ingest benchmark
     delivery_peak: float | None = None  # Bigpipe's deliveries/s, set by the delivery benchmark

@@ -35,13 +35,12 @@ from bench.common import (
     call_body,
     descendants,
     nginx_204,
-    rss_mib,
     save,
     worker_pids,
 )
 from bench.latency import wait_delivered
 from bench.wrk import run_wrk
-from tests.support import consumer_entry, unique
+from tests.support import consumer_entry, rss_mib, unique
 
 IDLE_CALLS, IDLE_CLIENTS, REST_SECONDS = 1000, 8, 2
 TARGET_IDLE_MIB = 80

@@ -23,7 +23,7 @@ the run writes summary.json beside them, and a full run (no --only, no
 instead, so it never replaces recorded figures. The configs and logs of the
 processes a run starts stay in .local/bench-run until the next run. The broker
 is warmed up first (30 s of small writes, read by a consumer group). A full run
-takes 3 to 5 minutes.
+takes about 3 minutes.
 
 Exit status: 0 when every target is met, 1 when a target is missed, 2 when a
 benchmark could not produce a valid figure (wrong replies, a crash, a timeout).
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=None,
         help="ingest calls/s to scale latency and memory from when ingest is not run "
-        "(default: bench/results/ingest.json)",
+        "(default: bench/results/workers-N/ingest.json)",
     )
     parser.add_argument(
         "--keep-kafka", action="store_true", help="leave the bench broker running afterwards"

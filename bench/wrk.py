@@ -35,7 +35,7 @@ class WrkResult:
         return self.requests / self.seconds
 
     def check_all_ok(self, what: str) -> None:
-        """Fail loudly unless every reply was 2xx (errno 0) and no socket failed."""
+        """Fail loudly if any reply was 4xx or 5xx (errno != 0) or any socket failed."""
         bad = {k: v for k, v in self.socket_errors.items() if v}
         if self.status_errors or bad:
             raise BenchError(

@@ -40,6 +40,14 @@ def start_local_kafka(port: str, directory: Path, env: dict[str, str] | None = N
     return started.stdout.strip().splitlines()[-1]
 
 
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process, from /proc/PID/status (VmRSS, in kB), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -2,7 +2,7 @@
 --
 --   wrk -t2 -c64 -d10s -s bench/lua/rpc_call.lua URL/rpc/call -- BODY_FILE [statuses]
 --
--- BODY_FILE holds the JSON body (bench/wrk.py writes it). Every request is the
+-- BODY_FILE holds the JSON body (the benchmark that runs wrk writes it). Every request is the
 -- same, over keep-alive connections, so wrk builds it once. With "statuses",
 -- a response hook counts the replies per HTTP status. The hook costs wrk some
 -- CPU, so the throughput runs leave it off and use summary.errors.status, which

@@ -358,15 +358,6 @@ async def readyz_status(node: Bigpipe, http: aiohttp.ClientSession) -> int | Non
         return None
 
 
-def rss_mib(pid: int) -> float:
-    """Resident set size of a process, from /proc/PID/status (VmRSS, in kB)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
 def percentile(values: Sequence[float], fraction: float) -> float:
     if not values:
         return 0.0

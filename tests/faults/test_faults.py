@@ -26,10 +26,9 @@ from tests.faults.harness import (
     outcome_summary,
     percentile,
     readyz_status,
-    rss_mib,
     settle_and_account,
 )
-from tests.support import Bigpipe, eventually, free_port
+from tests.support import Bigpipe, eventually, free_port, rss_mib
 
 # Each test takes 10-40 s; the limit covers its bounded waits should a fault not clear.
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
