@@ -340,3 +340,28 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30) -> l
     finally:
         consumer.close()
     return records
+
+
+async def group_stats(bigpipe: Bigpipe, http: aiohttp.ClientSession) -> dict[str, Any]:
+    """The node's first consumer group's counters, from `/stats`."""
+    return (await bigpipe.stats(http))["consumerStats"][0]
+
+
+def rewrite(bigpipe: Bigpipe, **changes: Any) -> None:
+    """Write the node's config file anew, atomically, as an operator's tooling would."""
+    bigpipe.config.update(changes)
+    temporary = bigpipe.config_path.with_suffix(".tmp")
+    temporary.write_bytes(orjson.dumps(bigpipe.config))
+    os.replace(temporary, bigpipe.config_path)
+
+
+async def reload(bigpipe: Bigpipe, http: aiohttp.ClientSession, *, ok: bool = True) -> None:
+    """SIGUSR1, then wait for the node-wide reloadSuccess (or reloadFailure) to rise by one."""
+    node = (await bigpipe.stats(http))["nodeStats"]
+    key = "reloadSuccess" if ok else "reloadFailure"
+    bigpipe.signal(signal.SIGUSR1)
+
+    async def counted() -> bool:
+        return (await bigpipe.stats(http))["nodeStats"][key] == node[key] + 1
+
+    await eventually(counted, 30, f"{key} to rise")

@@ -17,6 +17,7 @@ from tests.support import (
     Downstream,
     eventually,
     free_port,
+    group_stats,
     read_topic,
     start_node,
 )
@@ -36,10 +37,6 @@ async def send(
         assert (status, reply["errno"]) == (200, 0), reply
         ids.append(reply["data"]["id"])
     return ids
-
-
-async def group_stats(bigpipe: Bigpipe, http: aiohttp.ClientSession) -> dict[str, Any]:
-    return (await bigpipe.stats(http))["consumerStats"][0]
 
 
 async def dead_letters(kafka: str, topic: str, count: int) -> list[dict[str, Any]]:

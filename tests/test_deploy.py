@@ -30,7 +30,8 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO, free_port
+
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "systemd" / "bigpipe.service"
 SYSUSERS = DEPLOY / "systemd" / "bigpipe.sysusers"
@@ -69,12 +70,6 @@ def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         argv, capture_output=True, text=True, timeout=kwargs.pop("timeout", 60), **kwargs
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def unit_directives(text: str) -> dict[str, list[str]]:

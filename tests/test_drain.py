@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import aiohttp
@@ -38,7 +39,7 @@ async def test_sigterm_under_load_loses_nothing_and_a_clean_drain_redelivers_not
 
     senders = [asyncio.create_task(sender()) for _ in range(4)]
     await eventually(lambda: len(accepted) >= 200, 30, "load to build up")
-    first.signal(15)  # SIGTERM
+    first.signal(signal.SIGTERM)
 
     async def not_ready() -> bool:
         try:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +15,11 @@ from tests.support import (
     Bigpipe,
     Downstream,
     eventually,
+    reload,
+    rewrite,
     start_node,
     unique,
 )
-
-
-def rewrite(bigpipe: Bigpipe, **changes: Any) -> None:
-    """Write the node's config file anew, atomically, as an operator's tooling would."""
-    bigpipe.config.update(changes)
-    temporary = bigpipe.config_path.with_suffix(".tmp")
-    temporary.write_bytes(orjson.dumps(bigpipe.config))
-    os.replace(temporary, bigpipe.config_path)
-
-
-async def reload(bigpipe: Bigpipe, http: aiohttp.ClientSession, *, ok: bool = True) -> None:
-    node = (await bigpipe.stats(http))["nodeStats"]
-    key = "reloadSuccess" if ok else "reloadFailure"
-    bigpipe.signal(signal.SIGUSR1)
-
-    async def counted() -> bool:
-        return (await bigpipe.stats(http))["nodeStats"][key] == node[key] + 1
-
-    await eventually(counted, 30, f"{key} to rise")
 
 
 async def post_as(

@@ -19,6 +19,7 @@ from tests.support import (
     consumer_entry,
     eventually,
     free_port,
+    reload,
     unique,
 )
 from tests.test_config import EXAMPLE
@@ -123,12 +124,7 @@ async def test_two_workers_share_a_port_report_node_wide_and_survive_a_worker_ki
     await eventually(lambda: accepted <= downstream.call_ids(), 60, "calls after the restart")
     await eventually(lambda: counted(2 * CALLS), 10, "counters carried over the restart")
 
-    bigpipe.signal(signal.SIGUSR1)
-
-    async def reloaded_once() -> bool:
-        return (await bigpipe.stats(http))["nodeStats"]["reloadSuccess"] == 1
-
-    await eventually(reloaded_once, 30, "one node-wide reload")
+    await reload(bigpipe, http)  # node-wide: the counter rises by exactly one
     assert await bigpipe.stop() == 0
     assert children(supervisor) == {}
 

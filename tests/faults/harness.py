@@ -79,7 +79,6 @@ class Sink:
     failing: bool = False  # answer 503 instead of 200
     ok: Counter[str] = field(default_factory=Counter)
     first_ok_at: dict[str, float] = field(default_factory=dict)  # call id -> monotonic time
-    attempts: int = 0
     refused_attempts: int = 0
     _runner: web.AppRunner | None = None
 
@@ -106,7 +105,6 @@ class Sink:
 
     async def _handle(self, request: web.Request) -> web.Response:
         await request.read()
-        self.attempts += 1
         if self.failing:
             self.refused_attempts += 1
             return web.Response(status=503, text="down for the fault test")
@@ -346,10 +344,6 @@ def _record_count_or_zero(bootstrap: str, topic: str) -> int:
 
 
 # ---------------------------------------------------------------- probes
-async def group_stats(node: Bigpipe, http: aiohttp.ClientSession) -> dict[str, Any]:
-    return (await node.stats(http))["consumerStats"][0]
-
-
 async def readyz_status(node: Bigpipe, http: aiohttp.ClientSession) -> int | None:
     try:
         async with http.get(f"{node.url}/readyz") as response:

@@ -22,13 +22,12 @@ from tests.faults.harness import (
     Sink,
     dead_letter_topic,
     fault_config,
-    group_stats,
     outcome_summary,
     percentile,
     readyz_status,
     settle_and_account,
 )
-from tests.support import Bigpipe, eventually, free_port, rss_mib
+from tests.support import Bigpipe, eventually, free_port, group_stats, rss_mib
 
 # Each test takes 10-40 s; the limit covers its bounded waits should a fault not clear.
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
@@ -83,7 +82,6 @@ async def test_broker_killed_under_load(
 async def test_bigpipe_crash_loop(
     cluster: Cluster,
     sink: Sink,
-    http: aiohttp.ClientSession,
     tmp_path: Path,
     processes: list[Bigpipe],
 ) -> None:
@@ -227,7 +225,10 @@ async def test_downstream_outage_breaker_opens_and_backlog_drains(
         back_at = time.monotonic()
         owed = set(tally.accepted)  # accepted before the recovery
         backlog = len(owed - sink.delivered())
-        await asyncio.sleep(3)  # some load after the recovery too
+        mark = len(tally.accepted)
+        await eventually(  # some load after the recovery too
+            lambda: len(tally.accepted) >= mark + 200, 30, "calls accepted after the recovery"
+        )
     accounting = await settle_and_account(
         "downstream-outage", tally, sink, cluster.bootstrap, dead_letter_topic(config), 150
     )
