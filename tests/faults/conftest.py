@@ -1,7 +1,7 @@
 """Fixtures for the fault tests: a 3-broker Kafka of their own, and a 1-broker one to stop.
 
-The 3-broker cluster (port 19592, `.local/kafka-faults`) is started once per
-session and stopped at the end only if this session started it. Before each test
+The 3-broker cluster (port 19592, or $BIGPIPE_FAULTS_PORT; `.local/kafka-faults`) is
+started once per session and stopped at the end only if this session started it. Before each test
 every broker is brought back up, so a test that failed mid-fault does not leave the
 next one with a broker down.
 """
@@ -9,6 +9,7 @@ next one with a broker down.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,11 +20,13 @@ import pytest
 from tests.faults.harness import Sink
 from tests.support import LOCAL_KAFKA, REPO
 
-CLUSTER_PORT = 19592
+# BIGPIPE_FAULTS_PORT moves both brokers' ports, so two checkouts on one machine can run
+# the fault suite at once (the lone broker sits 100 above the cluster).
+CLUSTER_PORT = int(os.environ.get("BIGPIPE_FAULTS_PORT", "19592"))
 CLUSTER_NODES = 3
 CLUSTER_DIR = REPO / ".local" / "kafka-faults"
 # A separate single broker that test_kafka_down_at_startup starts and stops itself.
-LONE_PORT = 19692
+LONE_PORT = CLUSTER_PORT + 100
 LONE_DIR = REPO / ".local" / "kafka-faults-lone"
 START_TIMEOUT = 180
 
