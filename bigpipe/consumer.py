@@ -269,6 +269,8 @@ class ConsumerGroup:
         try:
             outcome = await self._client.deliver(call)
         except Exception as exc:
+            if _cancelling():  # an error raised while cancelled: the call is owed, not failed
+                raise asyncio.CancelledError from exc
             # A bug here must not wedge the partition's commit point: dead-letter the call.
             log.exception("%s: delivering call %s failed unexpectedly", self.name, call.id)
             outcome = Outcome(
@@ -390,6 +392,11 @@ class ConsumerGroup:
         # A commit racing a rebalance is refused; the calls it covered are delivered again.
         level = logging.INFO if error.code() in REBALANCE_ERRORS else logging.WARNING
         log.log(level, "%s: commit failed: %s", self.name, error.str())
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _lag(partition: dict[str, Any]) -> int:

@@ -65,7 +65,10 @@ class Limits:
         except asyncio.CancelledError:
             if granted.done() and not granted.cancelled():
                 self.release()  # the slot came just as we were cancelled: pass it on
-            else:
+            elif granted in self._waiters:
+                # Not there when a release ran between the cancel and this line: _wake
+                # drops cancelled waiters itself. A ValueError here would turn the
+                # cancellation into a failed call (a false dead letter on every drain).
                 self._waiters.remove(granted)
             raise
 
