@@ -1,0 +1,118 @@
+"""Where a caller's calls may go, judged the way the downstream and the resolver read the URL:
+allow prefixes on the decoded, dot-resolved path; denyPrivate on every literal form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from yarl import URL
+
+from bigpipe.destinations import allowed, literal_refusal, parse_rule, server_path
+from tests.support import Bigpipe, Downstream, base_config, consumer_entry, free_port, unique
+
+SECRET = "destinations-secret"
+# Forms of 127.0.0.1 that inet_aton, and so getaddrinfo, reads as a literal address.
+LOOPBACK_SHORTHANDS = ("127.1", "0x7f000001", "2130706433", "0177.0.0.1", "0x7f.1")
+# Paths under /ok/ as written, that a server decoding them reaches outside /ok/.
+ESCAPING_PATHS = (
+    "/ok/..%2Fadmin",
+    "/ok/%2e%2e%2Fadmin",
+    "/ok/.%2E/admin",
+    "/ok/..%5Cadmin",
+    "/ok/..;/admin",
+    "/ok/x/..%2F..%2Fadmin",
+)
+
+
+# ---------------------------------------------------------------- units
+@pytest.mark.parametrize("host", LOOPBACK_SHORTHANDS)
+def test_ipv4_shorthands_are_literal_loopback(host: str) -> None:
+    assert literal_refusal(URL(f"http://{host}:8080/")) == (
+        f"{host} (127.0.0.1) is not a public address"
+    )
+
+
+def test_names_and_public_shorthands_are_left_to_resolution() -> None:
+    assert literal_refusal(URL("http://example.com/")) is None
+    assert literal_refusal(URL("http://8.8.8.8/")) is None
+    assert literal_refusal(URL("http://0x08080808/")) is None  # 8.8.8.8: public
+    assert literal_refusal(URL("http://deadbeef.example/")) is None
+
+
+@pytest.mark.parametrize("path", ESCAPING_PATHS)
+def test_allow_prefix_matches_the_path_a_server_decodes(path: str) -> None:
+    rules = (parse_rule("http://api.example.test/ok/"),)
+    assert server_path(URL(f"http://x{path}").raw_path) == "/admin"
+    assert not allowed(rules, URL(f"http://api.example.test{path}"))
+
+
+@pytest.mark.parametrize(
+    ("path", "ok"),
+    [
+        ("/ok/a", True),
+        ("/ok/a%2Fb", True),  # an escaped slash that stays under the prefix is fine
+        ("/ok/a/../b", True),
+        ("/ok/..", False),
+        ("/ok/%252e%252e%252fadmin", False),  # double-encoded: ambiguous, so refused
+        ("/okay", False),
+    ],
+)
+def test_allow_prefix_on_harmless_and_ambiguous_paths(path: str, ok: bool) -> None:
+    rules = (parse_rule("http://api.example.test/ok/"),)
+    assert allowed(rules, URL(f"http://api.example.test{path}")) is ok
+
+
+# ---------------------------------------------------------------- against a node
+@pytest.fixture
+async def node(
+    kafka: str, tmp_path: Path, processes: list[Bigpipe], downstream: Downstream
+) -> Bigpipe:
+    topic = unique("dest")
+    config = base_config(
+        kafka, topic, free_port(), consumers=[consumer_entry(topic, unique("g"), retries=0)]
+    )
+    config["kafka.producer.acl"] = [
+        {"name": "scoped", "secret": SECRET, "topic": topic, "allow": [downstream.url("/ok/")]},
+        {"name": "guarded", "secret": SECRET, "topic": topic, "denyPrivate": True},
+    ]
+    bigpipe = await Bigpipe(config, tmp_path).start()
+    processes.append(bigpipe)
+    return bigpipe
+
+
+async def call_as(
+    bigpipe: Bigpipe, http: aiohttp.ClientSession, name: str, url: str
+) -> tuple[int, dict[str, Any]]:
+    body = {"acl": {"name": name, "secret": SECRET}, "url": url, "data": "d"}
+    return await bigpipe.post_raw(http, orjson.dumps(body))
+
+
+async def test_deny_private_refuses_ipv4_shorthands_at_ingest(
+    node: Bigpipe, http: aiohttp.ClientSession, downstream: Downstream
+) -> None:
+    """Found by the audit: each of these got errno 0, then was dead-lettered at delivery."""
+    answers = {}
+    for host in LOOPBACK_SHORTHANDS:
+        status, reply = await call_as(node, http, "guarded", f"http://{host}:{downstream.port}/")
+        answers[host] = (status, reply["errno"])
+    print(f"\nshorthand loopback answers: {answers}")
+    assert answers == {host: (403, -1) for host in LOOPBACK_SHORTHANDS}
+    _, reply = await call_as(node, http, "guarded", f"http://127.1:{downstream.port}/")
+    assert reply["msg"] == "url refused: 127.1 (127.0.0.1) is not a public address (denyPrivate)"
+
+
+async def test_dot_segments_in_escapes_do_not_pass_an_allow_prefix(
+    node: Bigpipe, http: aiohttp.ClientSession, downstream: Downstream
+) -> None:
+    answers = {}
+    for path in ESCAPING_PATHS:
+        status, _ = await call_as(node, http, "scoped", downstream.url(path))
+        answers[path] = status
+    print(f"\nescaping paths under an allow prefix: {answers}")
+    assert answers == dict.fromkeys(ESCAPING_PATHS, 403)
+    status, _ = await call_as(node, http, "scoped", downstream.url("/ok/a%2Fb"))
+    assert status == 200
