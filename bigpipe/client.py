@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # ordinary replies and to show the start of an error body in a dead letter.
 RESPONSE_READ_LIMIT = 64 * 1024
 ERROR_BODY_EXCERPT = 200
+# Deadlines are Bigpipe's own (see DeliveryClient.update), not aiohttp's: aiohttp's total
+# timeout runs on through the body read and would turn a slow 2xx body into a failure.
+NO_AIOHTTP_TIMEOUT = aiohttp.ClientTimeout()
 
 
 @dataclass(slots=True)
@@ -59,8 +62,9 @@ class DeliveryClient:
         self._config = config
         self._breaker = breaker
         self._limits.update(config.rate_limit, config.concurrency)
-        # One deadline per attempt: connect, send, and read the (bounded) response.
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout_ms / 1000)
+        # The attempt's deadline covers connect, send and the status line: the verdict.
+        # The body then gets a deadline of its own, which cannot change that verdict.
+        self._timeout = config.timeout_ms / 1000
 
     async def close(self) -> None:
         await self._session.close()
@@ -113,21 +117,44 @@ class DeliveryClient:
         self._counters.inFlight += 1
         self._counters.attempts += 1
         try:
-            async with self._session_for(call).post(
-                call.url, data=body, headers=headers, allow_redirects=False, timeout=self._timeout
-            ) as response:
-                excerpt = await _read_bounded(response)
-                return _result_of(response, excerpt, self._config.retry_status)
-        except TimeoutError:
-            return AttemptResult(Verdict.RETRY, error=f"timeout after {self._config.timeout_ms} ms")
-        except aiohttp.InvalidURL as exc:
-            return AttemptResult(Verdict.FINAL, error=f"invalid url: {exc}")
-        except (aiohttp.ClientError, OSError) as exc:
-            if isinstance(getattr(exc, "os_error", exc), DestinationRefused):
-                return AttemptResult(Verdict.FINAL, error=f"destination refused: {exc}")
-            return AttemptResult(Verdict.RETRY, error=f"{type(exc).__name__}: {exc}")
+            try:
+                async with asyncio.timeout(self._timeout):
+                    response = await self._session_for(call).post(
+                        call.url,
+                        data=body,
+                        headers=headers,
+                        allow_redirects=False,
+                        timeout=NO_AIOHTTP_TIMEOUT,
+                    )
+            except TimeoutError:
+                error = f"timeout after {self._config.timeout_ms} ms"
+                return AttemptResult(Verdict.RETRY, error=error)
+            except aiohttp.InvalidURL as exc:
+                return AttemptResult(Verdict.FINAL, error=f"invalid url: {exc}")
+            except (aiohttp.ClientError, OSError) as exc:
+                if isinstance(getattr(exc, "os_error", exc), DestinationRefused):
+                    return AttemptResult(Verdict.FINAL, error=f"destination refused: {exc}")
+                return AttemptResult(Verdict.RETRY, error=f"{type(exc).__name__}: {exc}")
+            try:
+                excerpt = await self._read_body(response)
+            finally:
+                response.release()
+            return _result_of(response, excerpt, self._config.retry_status)
         finally:
             self._counters.inFlight -= 1
+
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        """The start of the reply, within its own `timeout`; b"" when it does not come.
+
+        A body that is slow, or breaks off, is cut and its connection closed; the
+        status line has already given the verdict.
+        """
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await _read_bounded(response)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            response.close()
+            return b""
 
 
 def _new_session(resolver: aiohttp.abc.AbstractResolver | None = None) -> aiohttp.ClientSession:
