@@ -33,6 +33,7 @@ from bigpipe.config import Config, ConsumerConfig
 from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_dead_letter
 from bigpipe.kafka import RepeatFilter, client_settings
 from bigpipe.offsets import PartitionOffsets
+from bigpipe.partitions import BREAKER, BUFFER, PartitionStates
 from bigpipe.producer import ProduceFailed, Producer
 from bigpipe.retry import Verdict, backoff_seconds
 from bigpipe.stats import GroupCounters
@@ -105,7 +106,7 @@ class ConsumerGroup:
             }
         )
         self._partitions: dict[int, _Partition] = {}
-        self._paused: set[int] = set()
+        self._states = PartitionStates(self._kafka, consumer.topic, counters.partitions)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -155,6 +156,7 @@ class ConsumerGroup:
                     self.name,
                     len(unfinished),
                 )
+        await self._states.settle()
         left = deadline - asyncio.get_running_loop().time()
         await self._leave(max(LEAVE_SECONDS, left))
         await self._client.close()
@@ -200,7 +202,7 @@ class ConsumerGroup:
             # A full buffer skips consume() for a moment rather than pausing: a pause drops
             # librdkafka's prefetched messages, and refetching them costs more than waiting.
             # While paused, consume() still runs, to serve rebalances and stay in the group.
-            if room > 0 or self._paused:
+            if room > 0 or self._states.any_paused:
                 messages = self._kafka.consume(
                     num_messages=max(1, min(POLL_BATCH, room)), timeout=0
                 )
@@ -235,15 +237,8 @@ class ConsumerGroup:
         flap between pause and resume on every finished call.
         """
         breaking = self._breaker is not None and self._breaker.update() == BREAK
-        draining = bool(self._paused) and self._buffered() > self.config.max_buffered // 2
-        hold = breaking or stalled or draining
-        assigned = set(self._partitions)
-        if hold and assigned - self._paused:
-            self._kafka.pause(self._topic_partitions(assigned - self._paused))
-            self._paused |= assigned
-        elif not hold and self._paused:
-            self._kafka.resume(self._topic_partitions(self._paused & assigned))
-            self._paused.clear()
+        draining = self._states.any_paused and self._buffered() > self.config.max_buffered // 2
+        self._states.hold(BREAKER if breaking else BUFFER if stalled or draining else None)
 
     # ------------------------------------------------------------ one call
     async def _handle(self, message: Message, partition: _Partition) -> None:
@@ -334,14 +329,12 @@ class ConsumerGroup:
             # Not fatal: the calls are delivered again by whoever owns the partition next.
             log.warning("%s: commit failed: %s", self.name, exc.args[0].str())
 
-    def _topic_partitions(self, numbers: set[int]) -> list[TopicPartition]:
-        return [TopicPartition(self.config.topic, n) for n in sorted(numbers)]
-
     # ------------------------------------------------------------ rebalance callbacks
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._partitions[tp.partition] = _Partition()
         consumer.incremental_assign(partitions)
+        self._states.assigned([tp.partition for tp in partitions])
         if partitions:  # a cooperative rebalance often assigns nothing new to this member
             log.info("%s: assigned partitions %s", self.name, [tp.partition for tp in partitions])
 
@@ -370,17 +363,21 @@ class ConsumerGroup:
     def _forget(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._partitions.pop(tp.partition, None)
-            self._paused.discard(tp.partition)
             self._counters.lag.pop(str(tp.partition), None)  # its new owner reports it
+        self._states.removed([tp.partition for tp in partitions])
         consumer.incremental_unassign(partitions)
 
     def _on_statistics(self, raw: str) -> None:
         topic = orjson.loads(raw).get("topics", {}).get(self.config.topic, {})
-        self._counters.lag = {
-            number: _lag(state)
-            for number, state in topic.get("partitions", {}).items()
-            if number != "-1" and int(number) in self._partitions and state["hi_offset"] >= 0
-        }
+        lag = {}
+        for number, state in topic.get("partitions", {}).items():
+            if number == "-1" or int(number) not in self._partitions:
+                continue
+            high = self._states.high_watermark(int(number), state["hi_offset"])
+            if high >= 0:
+                lag[number] = _lag(state, high)
+        self._counters.lag = lag
+        self._states.refresh_high_watermarks()
 
     def _on_error(self, error: KafkaError) -> None:
         if (text := self._repeats(error)) is not None:
@@ -399,7 +396,7 @@ def _cancelling() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _lag(partition: dict[str, Any]) -> int:
+def _lag(partition: dict[str, Any], high: int) -> int:
     """Calls in a partition after the committed offset.
 
     librdkafka says -1 while nothing was ever committed; the backlog then starts at
@@ -407,7 +404,7 @@ def _lag(partition: dict[str, Any]) -> int:
     """
     committed = partition["committed_offset"]
     start = committed if committed >= 0 else max(partition["lo_offset"], 0)
-    return max(0, partition["hi_offset"] - start)
+    return max(0, high - start)
 
 
 def _make_breaker(consumer: ConsumerConfig, counters: GroupCounters) -> Breaker | None:

@@ -182,6 +182,11 @@ class _StatsCollector(Collector):
             "Calls in Kafka not yet committed",
             labels=[*labels, "partition"],
         )
+        states = GaugeMetricFamily(
+            "bigpipe_partition_state",
+            "1 for each assigned partition's state: consuming, paused:breaker, paused:buffer",
+            labels=[*labels, "partition", "state"],
+        )
         for consumer in self._config.consumers:
             key = [consumer.topic, consumer.group_id]
             group = self._stats.group(consumer.topic, consumer.group_id)
@@ -193,5 +198,7 @@ class _StatsCollector(Collector):
             breaker.add_metric(key, group.breakerState)
             for partition, value in sorted(group.lag.items(), key=lambda item: int(item[0])):
                 lag.add_metric([*key, partition], value)
+            for partition, state in group.partitions.items():
+                states.add_metric([*key, partition, state], 1)
         yield from counters.values()
-        yield from (finished, in_flight, breaker, lag)
+        yield from (finished, in_flight, breaker, lag, states)

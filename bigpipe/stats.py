@@ -42,6 +42,8 @@ class GroupCounters:
     circuitIsBreak: int = 0  # a gauge: 1 while the breaker holds calls
     breakerState: int = 0  # a gauge: 0 NORMAL, 1 BREAK, 2 RECOVER
     lag: dict[str, int] = field(default_factory=dict)  # partition -> calls not yet committed
+    # partition -> "consuming" or "paused:<reason>", for every partition assigned here
+    partitions: dict[str, str] = field(default_factory=dict)
 
     def absorb(self, other: GroupCounters) -> None:
         """Add another worker's view of the same group."""
@@ -51,12 +53,15 @@ class GroupCounters:
         self.breakerState = max(self.breakerState, other.breakerState)
         for partition, lag in other.lag.items():  # one owner per partition, bar a rebalance
             self.lag[partition] = max(lag, self.lag.get(partition, 0))
+        self.partitions.update(other.partitions)
 
 
 _CLIENT_KEYS = ("rpcTotal", "rpcSuccess", "rpcFail", "rpcRetries")
 # Across workers, counters and inFlight add up; breaker gauges take the worst; lag merges.
 _SUMMED = tuple(
-    f.name for f in fields(GroupCounters) if f.name not in ("circuitIsBreak", "breakerState", "lag")
+    f.name
+    for f in fields(GroupCounters)
+    if f.name not in ("circuitIsBreak", "breakerState", "lag", "partitions")
 )
 
 
@@ -104,6 +109,7 @@ class Stats:
             if counters_only:
                 counters.inFlight = counters.circuitIsBreak = counters.breakerState = 0
                 counters.lag = {}
+                counters.partitions = {}
             stats._groups[(topic, group_id)] = counters
         return stats
 

@@ -1,0 +1,147 @@
+"""Every assigned partition is consuming, or paused for a reason /stats and /metrics show.
+
+librdkafka keeps its own pause flag on a partition across an incremental unassign and
+assign, so a partition paused when it was revoked comes back paused: the group must not
+forget that it has to resume it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from confluent_kafka import Consumer
+
+from tests.support import Bigpipe, Downstream, eventually, group_stats, start_node
+from tests.test_metrics import scrape
+
+BREAKER = {"breakPeriod": 1, "recoverPeriod": 1, "winSize": 2, "minStats": 3, "healthRate": 0.5}
+
+
+class Joiner:
+    """A second member of a Bigpipe group: a plain Kafka consumer that takes partitions,
+    reads nothing it commits, and leaves on `close()` (so its partitions go back)."""
+
+    def __init__(self, kafka: str, topic: str, group: str) -> None:
+        self.assigned: set[int] = set()
+        self._stop = threading.Event()
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": kafka,
+                "group.id": group,
+                "partition.assignment.strategy": "cooperative-sticky",
+                "enable.auto.commit": False,
+                "session.timeout.ms": 10_000,
+            }
+        )
+        self._consumer.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[Any]) -> None:
+        self.assigned |= {tp.partition for tp in partitions}
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[Any]) -> None:
+        self.assigned -= {tp.partition for tp in partitions}
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._consumer.poll(0.1)
+        self._consumer.close()
+
+    async def close(self) -> None:
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join, 30)
+
+
+async def test_a_partition_paused_when_revoked_is_resumed_when_it_comes_back(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    failing = True
+
+    async def outage(_request: web.Request, _number: int) -> web.Response:
+        return web.Response(status=503 if failing else 200)
+
+    downstream = await Downstream(behaviour=outage).start()
+    bigpipe, topic = await start_node(
+        kafka,
+        tmp_path,
+        processes,
+        partitions=4,
+        retries=1000,
+        backoffBase=50,
+        backoffMax=100,
+        circuitBreaker=BREAKER,
+    )
+    group = bigpipe.config["kafka.consumer.list"][0]["groupId"]
+
+    async def send(count: int) -> list[str]:
+        ids = []
+        for index in range(count):
+            status, reply = await bigpipe.post_call(
+                http, data=str(index), url=downstream.url(), partition_key=f"k{index}"
+            )
+            assert (status, reply["errno"]) == (200, 0), reply
+            ids.append(reply["data"]["id"])
+        return ids
+
+    ids = await send(20)
+
+    async def breaker_open() -> bool:
+        return (await group_stats(bigpipe, http))["circuitIsBreak"] == 1
+
+    await eventually(breaker_open, 30, "the breaker to open")
+
+    async def partitions() -> dict[str, str]:
+        return (await group_stats(bigpipe, http))["partitions"]
+
+    async def all_paused_by_breaker() -> bool:
+        states = await partitions()
+        return len(states) == 4 and set(states.values()) == {"paused:breaker"}
+
+    await eventually(all_paused_by_breaker, 10, "/stats to show every partition paused")
+    ids += await send(8)  # calls that arrive while their partitions are paused
+
+    async def lag_counts_them() -> bool:
+        lag = (await group_stats(bigpipe, http))["lag"]
+        return len(lag) == 4 and sum(lag.values()) == len(ids)
+
+    await eventually(lag_counts_them, 20, "lag to count calls on paused partitions")
+
+    joiner = Joiner(kafka, topic, group)
+    await eventually(lambda: bool(joiner.assigned), 60, "the second member to take partitions")
+    taken = set(joiner.assigned)
+    failing = False  # the downstream recovers while those partitions are away
+
+    async def breaker_closed() -> bool:
+        return (await group_stats(bigpipe, http))["circuitIsBreak"] == 0
+
+    await eventually(breaker_closed, 30, "the breaker to let calls through again")
+    await joiner.close()
+
+    async def all_back() -> bool:
+        return len(await partitions()) == 4
+
+    await eventually(all_back, 60, "the partitions to come back")
+    ids += await send(20)
+    started = time.monotonic()
+    try:
+        await eventually(lambda: set(ids) <= downstream.call_ids(), 30, "every call delivered")
+    finally:
+        missing = len(set(ids) - downstream.call_ids())
+        print(
+            f"\npaused partitions: taken_away={sorted(taken)} accepted={len(ids)} "
+            f"undelivered={missing} after {time.monotonic() - started:.1f} s; "
+            f"states={await partitions()}"
+        )
+    assert set((await partitions()).values()) == {"consuming"}
+    samples = await scrape(bigpipe, http)
+    states = samples["bigpipe_partition_state"]
+    consuming = [labels for labels, value in states.items() if value == 1]
+    assert len(consuming) == 4 and all(("state", "consuming") in labels for labels in consuming)
+    await downstream.stop()
