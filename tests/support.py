@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -365,3 +365,31 @@ async def reload(bigpipe: Bigpipe, http: aiohttp.ClientSession, *, ok: bool = Tr
         return (await bigpipe.stats(http))["nodeStats"][key] == node[key] + 1
 
     await eventually(counted, 30, f"{key} to rise")
+
+
+def free_broker_port() -> int:
+    """A port P with P + 1000 free too: local-kafka puts the broker's controller there."""
+    while True:
+        port = free_port()
+        with socket.socket() as sock:
+            if port + 1000 < 65536 and sock.connect_ex(("127.0.0.1", port + 1000)) != 0:
+                return port
+
+
+@contextlib.asynccontextmanager
+async def own_kafka(directory: Path) -> AsyncIterator[tuple[str, int]]:
+    """A one-broker Kafka of the caller's own, which it may freeze with SIGSTOP (its
+    connections stay open and nothing answers): yields (bootstrap, broker PID)."""
+    bootstrap = await asyncio.to_thread(start_local_kafka, str(free_broker_port()), directory)
+    pid = int((directory / "node-0" / "pid").read_text())
+    try:
+        yield bootstrap, pid
+    finally:
+        os.kill(pid, signal.SIGCONT)  # a stopped JVM cannot act on SIGTERM
+        await asyncio.to_thread(
+            subprocess.run,
+            [str(LOCAL_KAFKA), "stop", "--dir", str(directory)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )

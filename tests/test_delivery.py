@@ -249,3 +249,141 @@ async def test_outage_opens_the_breaker_and_the_backlog_drains_without_loss(
     assert "lost partitions" not in bigpipe.log_tail(1000), "paused, never evicted"
     assert stats["circuitIsBreak"] == 0
     await downstream.stop()
+
+
+async def test_a_response_body_is_read_to_64_kib_then_cut_off(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """A 200 whose body never ends: Bigpipe reads 64 KiB, drops the connection, and counts
+    the call delivered, on its first attempt, well before the attempt's timeout."""
+    written: list[int] = []
+    cut_after: list[float] = []
+
+    async def endless(request: web.Request, _number: int) -> web.StreamResponse:
+        response = web.StreamResponse(status=200)
+        await response.prepare(request)
+        started, sent = time.monotonic(), 0
+        try:
+            while time.monotonic() - started < 20:  # bounded, should the cut never come
+                await response.write(b"x" * 8192)
+                sent += 8192
+                await asyncio.sleep(0.005)
+        except (ConnectionError, RuntimeError):  # the client hung up
+            cut_after.append(time.monotonic() - started)
+        written.append(sent)
+        return response
+
+    downstream = await Downstream(behaviour=endless).start()
+    bigpipe, _ = await start_node(kafka, tmp_path, processes, timeout=15_000, retries=2)
+    await send(bigpipe, http, downstream.url())
+
+    async def delivered() -> bool:
+        return (await group_stats(bigpipe, http))["rpcSuccess"] == 1
+
+    await eventually(delivered, 15, "the call to count as delivered")
+    await eventually(lambda: bool(written), 25, "the downstream's stream to end")
+    print(f"\nresponse cap: {written[0]:,} bytes written before the cut, after {cut_after}")
+    assert cut_after and cut_after[0] < 10, "the client must hang up, not wait for the end"
+    assert written[0] < 1 << 20, "what was written: 64 KiB read, plus socket buffers"
+    assert [r.attempt for r in downstream.requests] == [1]
+    await downstream.stop()
+
+
+async def test_an_error_body_is_cut_and_its_start_goes_into_the_dead_letter(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    huge = "E" + "r" * (4 << 20)  # 4 MiB, far over the 64 KiB read
+
+    async def long_error(_request: web.Request, _number: int) -> web.Response:
+        return web.Response(status=500, text=huge)
+
+    downstream = await Downstream(behaviour=long_error).start()
+    bigpipe, topic = await start_node(kafka, tmp_path, processes, retries=0)
+    await send(bigpipe, http, downstream.url())
+    [letter] = await dead_letters(kafka, topic, 1)
+    assert letter["lastStatus"] == 500
+    assert letter["lastError"].startswith("HTTP 500: Er")
+    assert len(letter["lastError"]) < 1024, "the start of the body, not the body"
+    await downstream.stop()
+
+
+async def test_retry_after_on_503_is_honoured_as_a_date_and_capped_at_backoff_max(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    async def unavailable_twice(_request: web.Request, number: int) -> web.Response:
+        if number == 0:  # an HTTP date 2 s ahead (whole seconds: a wait of 1 to 2 s)
+            return web.Response(status=503, headers={"Retry-After": http_date(time.time() + 2)})
+        if number == 1:  # an hour: more than backoffMax allows
+            return web.Response(status=503, headers={"Retry-After": "3600"})
+        return web.Response(status=200)
+
+    downstream = await Downstream(behaviour=unavailable_twice).start()
+    bigpipe, _ = await start_node(
+        kafka, tmp_path, processes, retries=3, backoffBase=10, backoffMax=1500
+    )
+    await send(bigpipe, http, downstream.url())
+    await eventually(lambda: len(downstream.requests) == 3, 20, "two retries")
+    first, second, third = (r.at for r in downstream.requests)
+    print(f"\nRetry-After on 503: waited {second - first:.2f} s, then {third - second:.2f} s")
+    assert second - first >= 0.9, "Retry-After as a date 2 s ahead"
+    assert 1.4 <= third - second < 5, "Retry-After: 3600 capped at backoffMax (1.5 s)"
+
+    async def succeeded() -> bool:
+        return (await group_stats(bigpipe, http))["rpcSuccess"] == 1
+
+    await eventually(succeeded, 10, "the call to count as delivered")
+    await downstream.stop()
+
+
+def http_date(at: float) -> str:
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(at))
+
+
+async def test_a_backlog_never_bursts_past_a_tenth_of_a_second_of_tokens(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """The bucket holds 0.1 s of tokens: after an idle spell (a full bucket) a backlog of
+    calls reaches the downstream at its rate, never as one burst of a second's worth."""
+    rate, window = 50, 1.0
+    downstream = await Downstream().start()
+    bigpipe, _ = await start_node(kafka, tmp_path, processes, rateLimit=rate, concurrency=rate)
+    ids = await send_many(bigpipe, http, downstream.url(), rate * 3)
+    await eventually(lambda: set(ids) <= downstream.call_ids(), 30, "the backlog delivered")
+    times = sorted(r.at for r in downstream.requests)
+    busiest = max(sum(1 for t in times[i:] if t - start < window) for i, start in enumerate(times))
+    bound = rate * (window + 0.1 + 0.1) + 2  # the window's tokens, a full bucket, some jitter
+    print(f"\nburst: at most {busiest} requests in {window} s (bound {bound:.0f}, rate {rate}/s)")
+    assert busiest <= bound
+    await downstream.stop()
+
+
+async def test_a_full_buffer_stops_reading_from_kafka_until_calls_finish(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """maxBuffered bounds the calls read and unfinished: with the downstream stuck, the
+    group reads no more than that, stays in its group, and reads on once calls finish."""
+    max_buffered, calls = 10, 60
+    release = asyncio.Event()
+
+    async def stuck(_request: web.Request, _number: int) -> web.Response:
+        await release.wait()
+        return web.Response(status=200)
+
+    downstream = await Downstream(behaviour=stuck).start()
+    bigpipe, _ = await start_node(
+        kafka, tmp_path, processes, concurrency=2, maxBuffered=max_buffered, timeout=60_000
+    )
+    ids = await send_many(bigpipe, http, downstream.url(), calls)
+    await eventually(lambda: downstream.in_flight == 2, 30, "two calls stuck downstream")
+    read: list[int] = []
+    deadline = time.monotonic() + 3  # three times the stall after which the group pauses
+    while time.monotonic() < deadline:
+        read.append((await group_stats(bigpipe, http))["handleMessage"])
+        await asyncio.sleep(0.1)
+    print(f"\nmaxBuffered {max_buffered}: read {max(read)} of {calls} while stuck")
+    assert max(read) == max_buffered, "the buffer fills, and no further"
+    release.set()
+    await eventually(lambda: set(ids) <= downstream.call_ids(), 60, "every call delivered")
+    assert (await group_stats(bigpipe, http))["handleMessage"] == calls
+    assert "lost partitions" not in bigpipe.log_tail(1000), "paused, never evicted"
+    await downstream.stop()
