@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
+from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Bigpipe, Downstream, eventually, start_node
+from tests.support import (
+    REPO,
+    Bigpipe,
+    Downstream,
+    base_config,
+    consumer_entry,
+    eventually,
+    free_port,
+    group_stats,
+    own_kafka,
+    reload,
+    rewrite,
+    start_node,
+    unique,
+)
 
 CALLS = 5
 
@@ -77,3 +97,133 @@ async def test_health_endpoints(
     for path, message in (("/healthz", "alive"), ("/readyz", "ready")):
         async with http.get(f"{bigpipe.url}{path}") as response:
             assert (response.status, (await response.json())["msg"]) == (200, message)
+
+
+# ---------------------------------------------------------------- every documented metric
+@dataclass
+class Documented:
+    name: str
+    kind: str  # counter, gauge or histogram
+    labels: set[str]
+    values: dict[str, set[str]]  # label -> the values the README lists for it
+
+
+def documented_metrics() -> list[Documented]:
+    """The README's /metrics table, read at test time: a metric added there is checked too."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("### `/metrics`")
+    table = readme[start : readme.index("\n\n#", start)]
+    metrics = []
+    for row in re.findall(r"^\| (`bigpipe_.*)$", table, re.M):
+        names, kind, labels = (cell.strip() for cell in re.split(r"(?<!\\)\|", row)[:3])
+        values: dict[str, set[str]] = {}
+        for label in filter(None, (part.strip() for part in labels.split(","))):
+            name, _, listed = label.partition("=")
+            values[name] = set(listed.split("\\|")) if listed else set()
+        for name in re.findall(r"`(bigpipe_\w+)`", names):
+            metrics.append(Documented(name, kind, set(values), values))
+    assert len(metrics) >= 17, f"the README's /metrics table was not read: {metrics}"
+    return metrics
+
+
+def samples_of(samples: dict[str, dict], metric: Documented) -> dict:
+    names = [metric.name]
+    if metric.kind == "histogram":
+        names = [f"{metric.name}{suffix}" for suffix in ("_bucket", "_sum", "_count")]
+    found: dict = {}
+    for name in names:
+        found.update(samples.get(name, {}))
+    return found
+
+
+async def test_every_documented_metric_is_scraped_with_its_labels_and_failures_counted(
+    http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """One node goes through everything the table names: deliveries and dead letters,
+    retries, an invalid record, a reload that works and one that is refused, and a write
+    Kafka never acknowledges (its broker, this test's own, frozen). Then every documented
+    metric is in one scrape, with exactly its documented labels, each documented value of
+    `result` among them, and the failures counted."""
+
+    async def fail_on_request(request: web.Request, _number: int) -> web.Response:
+        return web.Response(status=500 if await request.read() == b"fail" else 200)
+
+    documented = documented_metrics()
+    downstream = await Downstream(behaviour=fail_on_request).start()
+    breaker = {
+        "breakPeriod": 5,
+        "recoverPeriod": 5,
+        "winSize": 10,
+        "minStats": 50,
+        "healthRate": 0.5,
+    }
+    async with own_kafka(tmp_path / "kafka") as (kafka, broker_pid):
+        topic, group = unique("metrics"), unique("g")
+        config = base_config(
+            kafka,
+            topic,
+            free_port(),
+            consumers=[consumer_entry(topic, group, retries=1, circuitBreaker=breaker)],
+            **{"kafka.producer.ack.timeout": 1500},
+        )
+        bigpipe = await Bigpipe(config, tmp_path).start()
+        processes.append(bigpipe)
+        for data in ("ok", "ok", "ok", "fail", "fail"):
+            status, reply = await bigpipe.post_call(http, data=data, url=downstream.url())
+            assert (status, reply["errno"]) == (200, 0), reply
+        producer = Producer({"bootstrap.servers": kafka})
+        producer.produce(topic, b"not a call")
+        producer.flush(10)
+
+        async def all_finished() -> bool:
+            stats = await group_stats(bigpipe, http)
+            return (stats["rpcTotal"], stats["deadLetter"]) == (5, 3)
+
+        await eventually(all_finished, 30, "five calls finished, three dead letters")
+        await reload(bigpipe, http)
+        rewrite(bigpipe, **{"log.level": 9})
+        await reload(bigpipe, http, ok=False)
+        os.kill(broker_pid, signal.SIGSTOP)
+        try:
+            status, reply = await bigpipe.post_call(http, url=downstream.url())
+        finally:
+            os.kill(broker_pid, signal.SIGCONT)
+        assert (status, reply["errno"]) == (503, 1), reply
+
+        async def lag_reported() -> bool:  # librdkafka reports statistics every 5 s
+            return "bigpipe_consumer_lag" in await scrape(bigpipe, http)
+
+        await eventually(lag_reported, 15, "consumer lag in /metrics")
+        samples = await scrape(bigpipe, http)
+        await bigpipe.stop()
+    await downstream.stop()
+
+    missing, wrong_labels, missing_values = [], [], []
+    for metric in documented:
+        found = samples_of(samples, metric)
+        if not found:
+            missing.append(metric.name)
+            continue
+        labels = {name for key in found for name, _ in key} - {"le"}
+        if labels != metric.labels:
+            wrong_labels.append((metric.name, labels, metric.labels))
+        for label, values in metric.values.items():
+            seen = {dict(key).get(label) for key in found}
+            if not values <= seen:
+                missing_values.append((metric.name, label, values - seen))
+    assert missing == [], f"documented, never scraped: {missing}"
+    assert wrong_labels == [], f"labels differ from the README: {wrong_labels}"
+    assert missing_values == [], f"documented label values never scraped: {missing_values}"
+
+    group_key = (("group", group), ("topic", topic))
+    assert samples["bigpipe_kafka_writes_total"][(("result", "fail"), ("topic", topic))] == 1
+    assert (
+        samples["bigpipe_calls_finished_total"][(group_key[0], ("result", "fail"), group_key[1])]
+        == 2
+    )
+    assert samples["bigpipe_reloads_total"][(("result", "failure"),)] == 1
+    assert samples["bigpipe_reloads_total"][(("result", "success"),)] == 1
+    assert samples["bigpipe_invalid_messages_total"][group_key] == 1
+    assert samples["bigpipe_dead_letters_total"][group_key] == 3
+    assert samples["bigpipe_retries_total"][group_key] == 2
+    assert samples["bigpipe_attempts_total"][group_key] == 7
