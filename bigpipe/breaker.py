@@ -72,6 +72,8 @@ class Breaker:
         self._window = HealthWindow(config.win_size, config.min_stats, config.health_rate)
         self._machine = pybreaker.CircuitBreaker(name=name, listeners=[_Transitions(on_change)])
         self._break_time = 0.0
+        self._replaced = False
+        self._successor: Breaker | None = None
 
     @property
     def state(self) -> str:
@@ -118,11 +120,26 @@ class Breaker:
         ramp = (self._clock() - self._break_time) / self._ramp_seconds
         return self._rng.random() < ramp
 
+    def hand_over(self, successor: Breaker | None) -> None:
+        """A reload replaced this breaker: calls it holds wait on `successor` (None: none)."""
+        self._replaced = True
+        self._successor = successor
+
     async def admit(self) -> None:
-        """Wait until an attempt may go out. Held calls are never dropped."""
-        while not self.allows():
+        """Wait until an attempt may go out. Held calls are never dropped.
+
+        Each check asks the breaker in force now: a reload may replace this one
+        while calls wait, and they must not wait out its break period.
+        """
+        while (breaker := self._in_force()) is not None and not breaker.allows():
             # Spread the re-checks so held calls do not wake in one herd.
             await asyncio.sleep(self._rng.uniform(0.05, 0.25))
+
+    def _in_force(self) -> Breaker | None:
+        breaker: Breaker | None = self
+        while breaker is not None and breaker._replaced:
+            breaker = breaker._successor
+        return breaker
 
     @property
     def _ramp_seconds(self) -> float:

@@ -53,12 +53,15 @@ class DeliveryClient:
     ) -> None:
         self._counters = counters
         self._limits = Limits(config.rate_limit, config.concurrency)
+        self._breaker: Breaker | None = None
         self.update(config, breaker)
         self._session = _new_session()
         self._guarded_session: aiohttp.ClientSession | None = None  # for denyPrivate calls
 
     def update(self, config: ConsumerConfig, breaker: Breaker | None) -> None:
         """Apply a reloaded config; attempts already under way finish under the old one."""
+        if self._breaker is not None and self._breaker is not breaker:
+            self._breaker.hand_over(breaker)  # the calls it holds now wait on the new one
         self._config = config
         self._breaker = breaker
         self._limits.update(config.rate_limit, config.concurrency)

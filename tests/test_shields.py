@@ -8,16 +8,20 @@ import time
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 
+from bigpipe.breaker import BREAK, Breaker
 from bigpipe.limits import RateLimit
 from tests.support import (
     Bigpipe,
     Downstream,
     eventually,
+    group_stats,
     reload,
     rewrite,
     start_node,
 )
+from tests.test_breaker import CONFIG, fail
 
 RATES = (20, 10)  # rateLimit alternates between these, one reload after another
 RELOADS = 24
@@ -87,4 +91,63 @@ async def test_reloading_rate_limit_never_bursts_past_it(
         f"({len(during)} in all)"
     )
     assert busiest <= max(RATES) * 1.1
+    await downstream.stop()
+
+
+async def test_a_replaced_breaker_hands_its_held_calls_to_its_successor() -> None:
+    old, new = Breaker(CONFIG, "t/g"), Breaker(CONFIG, "t/g")
+    fail(old, 10)
+    assert old.update() == BREAK
+    held = asyncio.create_task(old.admit())
+    done, _ = await asyncio.wait({held}, timeout=0.3)
+    assert not done
+    fail(new, 10)
+    old.hand_over(new)  # the successor is broken too: still held
+    done, _ = await asyncio.wait({held}, timeout=0.3)
+    assert not done
+    new.hand_over(None)  # the next reload removed the breaker: the call goes
+    await asyncio.wait_for(held, timeout=1)
+
+
+async def test_calls_held_by_the_breaker_follow_it_through_a_reload(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """Calls held by an open breaker waited on the old breaker object after a reload that
+    replaced it: here its breakPeriod of 60 s, though the new breaker had let them go."""
+
+    async def fail_three_times(_request: web.Request, number: int) -> web.Response:
+        return web.Response(status=500 if number < 3 else 200)
+
+    downstream = await Downstream(behaviour=fail_three_times).start()
+    slow_breaker = {
+        "breakPeriod": 60,
+        "recoverPeriod": 1,
+        "winSize": 60,
+        "minStats": 3,
+        "healthRate": 0.9,
+    }
+    bigpipe, _ = await start_node(
+        kafka, tmp_path, processes, retries=5, circuitBreaker=slow_breaker
+    )
+    for index in range(3):
+        await bigpipe.post_call(http, data=str(index), url=downstream.url())
+
+    async def broken() -> bool:
+        return (await group_stats(bigpipe, http))["circuitIsBreak"] == 1
+
+    await eventually(broken, 30, "three failures to open the breaker")
+    await eventually(lambda: len(downstream.requests) == 3, 10, "the three failed attempts")
+    entry = {
+        **bigpipe.config["kafka.consumer.list"][0],
+        "circuitBreaker": {**slow_breaker, "breakPeriod": 1},
+    }
+    rewrite(bigpipe, **{"kafka.consumer.list": [entry]})
+    await reload(bigpipe, http)
+    reloaded = time.monotonic()
+
+    async def delivered() -> bool:
+        return (await group_stats(bigpipe, http))["rpcSuccess"] == 3
+
+    await eventually(delivered, 15, "the held calls to go out under the new breaker")
+    print(f"\nheld calls delivered {time.monotonic() - reloaded:.1f} s after the reload")
     await downstream.stop()
