@@ -15,6 +15,10 @@ class Acl:
     def __init__(self, entries: tuple[AclEntry, ...]) -> None:
         self._by_name = {entry.name: entry for entry in entries}
 
+    def entry(self, name: str) -> AclEntry | None:
+        """The caller's entry by name, for delivery (which has no secret to check)."""
+        return self._by_name.get(name)
+
     def authenticate(self, name: str, secret: str) -> AclEntry | None:
         """The caller's entry when the name exists and the secret matches, else None.
 

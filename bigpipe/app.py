@@ -21,7 +21,7 @@ from confluent_kafka import KafkaException
 
 from bigpipe.acl import Acl
 from bigpipe.board import Board
-from bigpipe.config import Config, ConfigError, ConsumerConfig, load_config
+from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig, load_config
 from bigpipe.consumer import ConsumerGroup
 from bigpipe.kafka import ensure_topics
 from bigpipe.listener import HTTP_LIMITS, GuardedSite
@@ -123,6 +123,11 @@ class Node:
             self.worker.board.publish(self.worker.index, self._snapshot())
             await asyncio.sleep(PUBLISH_SECONDS)
 
+    def caller(self, name: str) -> AclEntry | None:
+        """The caller's ACL entry in force now: a reload replaces self.acl, and delivery
+        judges each attempt by the entry of that moment."""
+        return self.acl.entry(name)
+
     def _local(self, consumer: ConsumerConfig) -> ConsumerConfig:
         """This process's share of a group's node-wide limits."""
         return share_of(consumer, self.worker.board.slots if self.worker else 1)
@@ -211,7 +216,7 @@ class Node:
             counters = self.stats.group(consumer.topic, consumer.group_id)
             latency = self.latencies.delivery_seconds.labels(consumer.topic, consumer.group_id)
             group = ConsumerGroup(
-                self.config, self._local(consumer), self.producer, counters, latency
+                self.config, self._local(consumer), self.producer, counters, latency, self.caller
             )
             group.start()
             self.groups[consumer.key] = group

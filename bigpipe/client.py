@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 from bigpipe.breaker import Breaker
-from bigpipe.config import ConsumerConfig
-from bigpipe.destinations import DestinationRefused, PublicOnlyResolver
+from bigpipe.config import AclEntry, ConsumerConfig
+from bigpipe.destinations import DestinationRefused, PublicOnlyResolver, refusal
 from bigpipe.envelope import Call
 from bigpipe.limits import Limits
 from bigpipe.retry import Verdict, backoff_seconds, classify, retry_after_seconds
@@ -36,6 +38,10 @@ class AttemptResult:
     retry_after: float | None = None  # seconds the downstream asked us to wait
 
 
+# The caller's ACL entry by name, from the config in force now (None: no such caller).
+CallerLookup = Callable[[str], AclEntry | None]
+
+
 @dataclass(slots=True)
 class Outcome:
     delivered: bool
@@ -46,12 +52,17 @@ class Outcome:
 
 class DeliveryClient:
     """One per consumer group: a keep-alive pool (and a second, guarded one for denyPrivate
-    calls), one rate limit, one breaker."""
+    calls), one rate limit, one breaker, and the callers' destination rules."""
 
     def __init__(
-        self, config: ConsumerConfig, counters: GroupCounters, breaker: Breaker | None
+        self,
+        config: ConsumerConfig,
+        counters: GroupCounters,
+        breaker: Breaker | None,
+        callers: CallerLookup,
     ) -> None:
         self._counters = counters
+        self._callers = callers
         self._limits = Limits(config.rate_limit, config.concurrency)
         self._breaker: Breaker | None = None
         self.update(config, breaker)
@@ -74,8 +85,8 @@ class DeliveryClient:
         if self._guarded_session is not None:
             await self._guarded_session.close()
 
-    def _session_for(self, call: Call) -> aiohttp.ClientSession:
-        if not call.deny_private:
+    def _session_for(self, caller: AclEntry) -> aiohttp.ClientSession:
+        if not caller.deny_private:
             return self._session
         if self._guarded_session is None:
             self._guarded_session = _new_session(PublicOnlyResolver())
@@ -93,7 +104,13 @@ class DeliveryClient:
                 await self._breaker.admit()
             await self._limits.acquire()
             try:
-                result = await self._attempt(call, body, attempt)
+                # Judged at each attempt, under the ACL in force now: a reload may have
+                # narrowed it while the call waited. Refused is final, and not an attempt.
+                caller = self._callers(call.caller)
+                if (refused := _refusal(call, caller)) is not None:
+                    failure = AttemptResult(Verdict.FINAL, error=f"destination refused: {refused}")
+                    return Outcome(False, attempt - 1, failure, first_attempt_ms)
+                result = await self._attempt(call, body, attempt, caller)
             finally:
                 self._limits.release()
             if self._breaker is not None:
@@ -110,7 +127,9 @@ class DeliveryClient:
             delay = max(delay, min(result.retry_after, self._config.backoff_max_ms / 1000))
         return delay
 
-    async def _attempt(self, call: Call, body: bytes, attempt: int) -> AttemptResult:
+    async def _attempt(
+        self, call: Call, body: bytes, attempt: int, caller: AclEntry
+    ) -> AttemptResult:
         headers = {
             **call.headers,
             "Content-Type": "application/octet-stream",
@@ -122,7 +141,7 @@ class DeliveryClient:
         try:
             try:
                 async with asyncio.timeout(self._timeout):
-                    response = await self._session_for(call).post(
+                    response = await self._session_for(caller).post(
                         call.url,
                         data=body,
                         headers=headers,
@@ -158,6 +177,22 @@ class DeliveryClient:
         except (TimeoutError, aiohttp.ClientError, OSError):
             response.close()
             return b""
+
+
+def _refusal(call: Call, caller: AclEntry | None) -> str | None:
+    """Why the call may not go to its URL under its caller's entry in force, or None.
+
+    A caller removed from the ACL has lost every right it had: its calls are refused.
+    """
+    if caller is None:
+        return f"caller {call.caller!r} is no longer in kafka.producer.acl"
+    if not caller.allow and not caller.deny_private:
+        return None  # the common case: no rules, nothing to parse
+    try:
+        url = URL(call.url)
+    except ValueError:
+        return None  # not a URL: the attempt fails on it as an invalid url
+    return refusal(caller.name, caller.allow, caller.deny_private, url)
 
 
 def _new_session(resolver: aiohttp.abc.AbstractResolver | None = None) -> aiohttp.ClientSession:

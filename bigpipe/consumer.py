@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from prometheus_client import Histogram
 
 from bigpipe.breaker import BREAK, STATE_NUMBERS, Breaker
-from bigpipe.client import AttemptResult, DeliveryClient, Outcome
+from bigpipe.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_dead_letter
 from bigpipe.kafka import RepeatFilter, client_settings
@@ -89,13 +89,14 @@ class ConsumerGroup:
         producer: Producer,
         counters: GroupCounters,
         latency: Histogram,
+        callers: CallerLookup,
     ) -> None:
         self.config = consumer
         self._counters = counters
         self._latency = latency
         self.producer = producer
         self._breaker = _make_breaker(consumer, counters)
-        self._client = DeliveryClient(consumer, counters, self._breaker)
+        self._client = DeliveryClient(consumer, counters, self._breaker, callers)
         self._repeats = RepeatFilter()  # a Kafka outage repeats one error many times a second
         self._kafka = Consumer(
             {

@@ -105,6 +105,18 @@ def allowed(rules: tuple[AllowRule, ...], url: URL) -> bool:
     return not rules or any(rule.matches(url) for rule in rules)
 
 
+def refusal(caller: str, rules: tuple[AllowRule, ...], deny_private: bool, url: URL) -> str | None:
+    """Why a caller with these `allow` rules and `denyPrivate` may not call `url`, or None.
+
+    Judged at ingest, and again at each delivery attempt under the ACL then in force.
+    """
+    if not allowed(rules, url):
+        return f"url not allowed for caller {caller!r}: not in its allow list"
+    if deny_private and (reason := literal_refusal(url)) is not None:
+        return f"url refused: {reason} (denyPrivate)"
+    return None
+
+
 def is_public(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

@@ -54,7 +54,6 @@ class Call:
     caller: str
     created_ms: int
     headers: dict[str, str]
-    deny_private: bool = False  # delivery must refuse non-public addresses (SSRF)
 
 
 def new_call_id() -> str:
@@ -63,10 +62,8 @@ def new_call_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def new_call(
-    url: str, data: str, caller: str, headers: dict[str, str], deny_private: bool = False
-) -> Call:
-    return Call(new_call_id(), url, data, caller, int(time.time() * 1000), headers, deny_private)
+def new_call(url: str, data: str, caller: str, headers: dict[str, str]) -> Call:
+    return Call(new_call_id(), url, data, caller, int(time.time() * 1000), headers)
 
 
 def encode_call(call: Call) -> bytes:
@@ -79,8 +76,6 @@ def encode_call(call: Call) -> bytes:
         "ts": call.created_ms,
         "headers": call.headers,
     }
-    if call.deny_private:  # written only when set, so the common envelope stays small
-        envelope["denyPrivate"] = True
     return orjson.dumps(envelope)
 
 
@@ -103,10 +98,8 @@ def decode_call(value: bytes | None) -> Call:
     headers = obj["headers"]
     if not all(isinstance(v, str) for v in headers.values()):
         raise InvalidRecord("field 'headers' has a non-string value")
-    deny_private = obj.get("denyPrivate", False)
-    if not isinstance(deny_private, bool):
-        raise InvalidRecord("field 'denyPrivate' is not a boolean")
-    return Call(obj["id"], obj["url"], obj["data"], obj["caller"], obj["ts"], headers, deny_private)
+    # An older Bigpipe also wrote "denyPrivate"; delivery now reads it from the ACL in force.
+    return Call(obj["id"], obj["url"], obj["data"], obj["caller"], obj["ts"], headers)
 
 
 def forwardable_headers(headers: Iterable[tuple[str, str]], secret: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from aiohttp import HttpVersion11, web
 from yarl import URL
 
 from bigpipe.config import AclEntry, Config
-from bigpipe.destinations import allowed, literal_refusal
+from bigpipe.destinations import refusal
 from bigpipe.envelope import encode_call, forwardable_headers, new_call
 from bigpipe.listener import request_done
 from bigpipe.metrics import CONTENT_TYPE, render
@@ -122,10 +122,8 @@ def _valid_host(host: str) -> bool:
 
 
 def _check_destination(entry: AclEntry, target: URL) -> None:
-    if not allowed(entry.allow, target):
-        raise Reject(403, f"url not allowed for caller {entry.name!r}: not in its allow list")
-    if entry.deny_private and (reason := literal_refusal(target)) is not None:
-        raise Reject(403, f"url refused: {reason} (denyPrivate)")
+    if (reason := refusal(entry.name, entry.allow, entry.deny_private, target)) is not None:
+        raise Reject(403, reason)
 
 
 class Ingest:
@@ -167,9 +165,7 @@ class Ingest:
             node.stats.server.overloadCall += 1
             raise Reject(503, "overloaded: too many calls waiting for Kafka; retry later")
         headers = forwardable_headers(request.headers.items(), call_request.secret)
-        call = new_call(
-            call_request.url, call_request.data, call_request.name, headers, entry.deny_private
-        )
+        call = new_call(call_request.url, call_request.data, call_request.name, headers)
         key = call_request.partition_key.encode() if call_request.partition_key else None
         counters = node.stats.producer(entry.topic)
         latency = node.latencies.ingest_child(entry.topic)

@@ -3,16 +3,31 @@ allow prefixes on the decoded, dot-resolved path; denyPrivate on every literal f
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from yarl import URL
 
 from bigpipe.destinations import allowed, literal_refusal, parse_rule, server_path
-from tests.support import Bigpipe, Downstream, base_config, consumer_entry, free_port, unique
+from tests.support import (
+    Bigpipe,
+    Downstream,
+    base_config,
+    consumer_entry,
+    eventually,
+    free_port,
+    group_stats,
+    read_topic,
+    reload,
+    rewrite,
+    unique,
+)
 
 SECRET = "destinations-secret"
 # Forms of 127.0.0.1 that inet_aton, and so getaddrinfo, reads as a literal address.
@@ -116,3 +131,79 @@ async def test_dot_segments_in_escapes_do_not_pass_an_allow_prefix(
     assert answers == dict.fromkeys(ESCAPING_PATHS, 403)
     status, _ = await call_as(node, http, "scoped", downstream.url("/ok/a%2Fb"))
     assert status == 200
+
+
+async def test_a_reload_that_tightens_the_acl_holds_back_calls_already_queued(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """Found by the audit: after a reload tightening allow, 38 of 40 queued calls still went.
+
+    Three callers queue 10 calls each behind one stuck delivery (concurrency 1). The reload
+    narrows one's allow list, turns denyPrivate on for another and removes the third: no
+    queued call may reach the downstream after it, and each is dead-lettered at once,
+    saying why.
+    """
+    gate = asyncio.Event()
+
+    async def stuck_until_released(_request: web.Request, _number: int) -> web.Response:
+        await gate.wait()
+        return web.Response(status=200)
+
+    downstream = await Downstream(behaviour=stuck_until_released).start()
+    topic = unique("tighten")
+    group = consumer_entry(topic, unique("g"), concurrency=1, timeout=60_000, retries=3)
+    config = base_config(kafka, topic, free_port(), consumers=[group])
+    callers = {
+        "narrowed": {"allow": [downstream.url("/ok/")]},
+        "guarded": {},
+        "removed": {},
+    }
+    config["kafka.producer.acl"] = [
+        {"name": name, "secret": SECRET, "topic": topic, **extra} for name, extra in callers.items()
+    ]
+    bigpipe = await Bigpipe(config, tmp_path).start()
+    processes.append(bigpipe)
+    for name in callers:
+        for _ in range(10):
+            status, _ = await call_as(bigpipe, http, name, downstream.url("/ok/x"))
+            assert status == 200
+    await eventually(lambda: len(downstream.requests) == 1, 30, "the first delivery to stick")
+    first = downstream.requests[0].call_id
+    rewrite(
+        bigpipe,
+        **{
+            "kafka.producer.acl": [
+                {"name": "narrowed", "secret": SECRET, "topic": topic, "allow": ["x.test"]},
+                {"name": "guarded", "secret": SECRET, "topic": topic, "denyPrivate": True},
+            ]
+        },
+    )
+    await reload(bigpipe, http)
+    gate.set()
+
+    async def all_finished() -> bool:
+        return (await group_stats(bigpipe, http))["rpcTotal"] == 30
+
+    await eventually(all_finished, 60, "every call to be delivered or dead-lettered")
+    letters = [
+        orjson.loads(r.value())
+        for r in await asyncio.to_thread(read_topic, kafka, f"{topic}.dlq", 29)
+    ]
+    reasons = Counter((letter["call"]["caller"], letter["lastError"]) for letter in letters)
+    print(f"\nafter tightening: {len(downstream.requests)} of 30 queued calls delivered")
+    for (caller, reason), count in sorted(reasons.items()):
+        print(f"  {count} x {caller}: {reason}")
+    assert [r.call_id for r in downstream.requests] == [first], "only the call in flight"
+    assert len(letters) == 29
+    assert all(letter["attempts"] == 0 for letter in letters if letter["call"]["id"] != first)
+    refused = "destination refused: "
+    expected = {
+        "narrowed": f"{refused}url not allowed for caller 'narrowed': not in its allow list",
+        "guarded": f"{refused}url refused: 127.0.0.1 is not a public address (denyPrivate)",
+        "removed": f"{refused}caller 'removed' is no longer in kafka.producer.acl",
+    }
+    assert {reason for _, reason in reasons} <= set(expected.values())
+    assert {caller: expected[caller] for caller, _ in reasons} == {
+        caller: reason for caller, reason in reasons
+    }
+    await downstream.stop()
