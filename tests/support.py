@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +87,7 @@ class Received:
     call_id: str
     attempt: int
     at: float
+    answered: float | None = None  # when the downstream answered; None while working or cut off
 
 
 Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
@@ -108,7 +111,9 @@ class Downstream:
     async def start(self) -> Downstream:
         app = web.Application(client_max_size=4 << 20)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # A caller that goes away (kill -9, a cancelled attempt) cancels the handler, so
+        # a request it never saw answered is never counted as answered.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         self.port = free_port()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -122,7 +127,16 @@ class Downstream:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def call_ids(self) -> set[str]:
+        """Calls that arrived, answered or not."""
         return {r.call_id for r in self.requests}
+
+    def answered_ids(self) -> set[str]:
+        """Calls the downstream answered: delivered, as far as it can tell."""
+        return {r.call_id for r in self.requests if r.answered is not None}
+
+    def unanswered_ids(self) -> set[str]:
+        """Calls that arrived and have no answer yet (in flight, or cut off by the caller)."""
+        return self.call_ids() - self.answered_ids()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.in_flight += 1
@@ -130,16 +144,17 @@ class Downstream:
         try:
             body = await request.read()
             number = len(self.requests)
-            self.requests.append(
-                Received(
-                    body,
-                    dict(request.headers),
-                    request.headers.get("X-Bigpipe-Call-Id", ""),
-                    int(request.headers.get("X-Bigpipe-Attempt", "0")),
-                    time.monotonic(),
-                )
+            received = Received(
+                body,
+                dict(request.headers),
+                request.headers.get("X-Bigpipe-Call-Id", ""),
+                int(request.headers.get("X-Bigpipe-Attempt", "0")),
+                time.monotonic(),
             )
-            return await self.behaviour(request, number)
+            self.requests.append(received)
+            response = await self.behaviour(request, number)
+            received.answered = time.monotonic()
+            return response
         finally:
             self.in_flight -= 1
 
@@ -186,9 +201,18 @@ def consumer_entry(topic: str, group: str, **overrides: Any) -> dict[str, Any]:
 
 
 async def start_node(
-    kafka: str, workdir: Path, processes: list[Bigpipe], partitions: int = 3, **entry: Any
+    kafka: str,
+    workdir: Path,
+    processes: list[Bigpipe],
+    partitions: int = 3,
+    node: dict[str, Any] | None = None,
+    **entry: Any,
 ) -> tuple[Bigpipe, str]:
-    """A Bigpipe with a fresh topic and one consumer group on it; returns it and the topic."""
+    """A Bigpipe with a fresh topic and one consumer group on it; returns it and the topic.
+
+    `node` holds top-level keys to set (say `http.server.shutdown.timeout`); `entry`, the
+    group's keys.
+    """
     topic = unique("calls")
     config = base_config(
         kafka,
@@ -196,6 +220,7 @@ async def start_node(
         free_port(),
         partitions=partitions,
         consumers=[consumer_entry(topic, unique("g"), **entry)],
+        **(node or {}),
     )
     bigpipe = await Bigpipe(config, workdir).start()
     processes.append(bigpipe)
@@ -317,6 +342,26 @@ def topic_record_count(bootstrap: str, topic: str) -> int:
         )
     finally:
         consumer.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """A group's committed offset per partition of a topic (negative: nothing committed)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return {tp.partition: tp.offset for tp in committed}
+    finally:
+        consumer.close()
+
+
+def key_for(partition: int, partitions: int) -> str:
+    """A record key that librdkafka's default partitioner (CRC32 of the key) puts there."""
+    return next(
+        key
+        for key in (f"k{n}" for n in itertools.count())
+        if zlib.crc32(key.encode()) % partitions == partition
+    )
 
 
 def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30) -> list[Any]:
