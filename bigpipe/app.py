@@ -214,9 +214,9 @@ class Node:
         assert self.producer is not None
         for consumer in consumers:
             counters = self.stats.group(consumer.topic, consumer.group_id)
-            latency = self.latencies.delivery_seconds.labels(consumer.topic, consumer.group_id)
+            latencies = self.latencies.group(consumer.topic, consumer.group_id)
             group = ConsumerGroup(
-                self.config, self._local(consumer), self.producer, counters, latency, self.caller
+                self.config, self._local(consumer), self.producer, counters, latencies, self.caller
             )
             group.start()
             self.groups[consumer.key] = group

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+from prometheus_client import Histogram
 from yarl import URL
 
 from bigpipe.breaker import Breaker
@@ -60,9 +61,11 @@ class DeliveryClient:
         counters: GroupCounters,
         breaker: Breaker | None,
         callers: CallerLookup,
+        attempt_seconds: Histogram,
     ) -> None:
         self._counters = counters
         self._callers = callers
+        self._attempt_seconds = attempt_seconds
         self._limits = Limits(config.rate_limit, config.concurrency)
         self._breaker: Breaker | None = None
         self.update(config, breaker)
@@ -138,6 +141,7 @@ class DeliveryClient:
         }
         self._counters.inFlight += 1
         self._counters.attempts += 1
+        started = time.perf_counter()
         try:
             try:
                 async with asyncio.timeout(self._timeout):
@@ -157,6 +161,10 @@ class DeliveryClient:
                 if isinstance(getattr(exc, "os_error", exc), DestinationRefused):
                     return AttemptResult(Verdict.FINAL, error=f"destination refused: {exc}")
                 return AttemptResult(Verdict.RETRY, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                # The attempt is over at its status line or its failure; the body read is not
+                # part of the verdict, so not of the attempt's latency either.
+                self._attempt_seconds.observe(time.perf_counter() - started)
             try:
                 excerpt = await self._read_body(response)
             finally:

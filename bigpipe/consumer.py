@@ -25,13 +25,13 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
-from prometheus_client import Histogram
 
 from bigpipe.breaker import BREAK, STATE_NUMBERS, Breaker
 from bigpipe.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_dead_letter
 from bigpipe.kafka import RepeatFilter, client_settings
+from bigpipe.metrics import GroupLatencies
 from bigpipe.offsets import PartitionOffsets
 from bigpipe.partitions import BREAKER, BUFFER, PartitionStates
 from bigpipe.producer import ProduceFailed, Producer
@@ -88,15 +88,15 @@ class ConsumerGroup:
         consumer: ConsumerConfig,
         producer: Producer,
         counters: GroupCounters,
-        latency: Histogram,
+        latencies: GroupLatencies,
         callers: CallerLookup,
     ) -> None:
         self.config = consumer
         self._counters = counters
-        self._latency = latency
+        self._latencies = latencies
         self.producer = producer
         self._breaker = _make_breaker(consumer, counters)
-        self._client = DeliveryClient(consumer, counters, self._breaker, callers)
+        self._client = DeliveryClient(consumer, counters, self._breaker, callers, latencies.attempt)
         self._repeats = RepeatFilter()  # a Kafka outage repeats one error many times a second
         self._kafka = Consumer(
             {
@@ -258,10 +258,11 @@ class ConsumerGroup:
             await self._dead_letter(message, None, None, f"invalid record: {exc}")
         else:
             await self._deliver(message, call)
+            # Delivered or dead-lettered: the call's whole stay, on the accepting node's clock.
+            self._latencies.end_to_end.observe(max(0.0, time.time() - call.created_ms / 1000))
         partition.offsets.finish(message.offset())
 
     async def _deliver(self, message: Message, call: Call) -> None:
-        started = time.perf_counter()
         try:
             outcome = await self._client.deliver(call)
         except Exception as exc:
@@ -272,7 +273,6 @@ class ConsumerGroup:
             outcome = Outcome(
                 False, 0, AttemptResult(Verdict.FINAL, error=f"internal: {exc!r}"), None
             )
-        self._latency.observe(time.perf_counter() - started)
         self._counters.rpcTotal += 1
         if outcome.delivered:
             self._counters.rpcSuccess += 1

@@ -8,6 +8,7 @@ exported as plain samples so that workers' histograms can be added up.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -40,11 +41,23 @@ LATENCY_BUCKETS = (
     30.0,
     60.0,
 )
-HISTOGRAMS = {  # name: (help, labels)
-    "bigpipe_ingest_seconds": ("From a /rpc/call request to Kafka's acknowledgement", ["topic"]),
-    "bigpipe_delivery_seconds": (
-        "From a call's first attempt to its end: delivered or dead-lettered",
+# A call may spend minutes in Bigpipe (a backlog, an open breaker, retries): longer buckets.
+END_TO_END_BUCKETS = (*LATENCY_BUCKETS, 300.0, 900.0, 3600.0)
+HISTOGRAMS = {  # name: (help, labels, buckets)
+    "bigpipe_ingest_seconds": (
+        "From a /rpc/call request to Kafka's acknowledgement",
+        ["topic"],
+        LATENCY_BUCKETS,
+    ),
+    "bigpipe_attempt_seconds": (
+        "One HTTP attempt: from sending the request to its status line, or its failure",
         ["topic", "group"],
+        LATENCY_BUCKETS,
+    ),
+    "bigpipe_end_to_end_seconds": (
+        "A call's time in Bigpipe: from its acceptance to delivered or dead-lettered",
+        ["topic", "group"],
+        END_TO_END_BUCKETS,
     ),
 }
 # (metric name, help, GroupCounters field) for the per-group counters.
@@ -59,18 +72,31 @@ GROUP_COUNTERS = (
 Sample = list[Any]
 
 
+@dataclass(frozen=True, slots=True)
+class GroupLatencies:
+    """One consumer group's two delivery histograms, kept apart on purpose."""
+
+    attempt: Any  # one HTTP attempt: what the downstream costs
+    end_to_end: Any  # acceptance to outcome: what the caller waits, Kafka and waits included
+
+
 class Latencies:
     """The histograms one process observes."""
 
     def __init__(self) -> None:
         registry = CollectorRegistry(auto_describe=False)
         self._registry = registry
-        self.ingest_seconds, self.delivery_seconds = (
-            Histogram(name, help_text, labels, registry=registry, buckets=LATENCY_BUCKETS)
-            for name, (help_text, labels) in HISTOGRAMS.items()
+        self.ingest_seconds, self._attempt_seconds, self._end_to_end_seconds = (
+            Histogram(name, help_text, labels, registry=registry, buckets=buckets)
+            for name, (help_text, labels, buckets) in HISTOGRAMS.items()
         )
-
         self._ingest_children: dict[str, Any] = {}
+
+    def group(self, topic: str, group_id: str) -> GroupLatencies:
+        return GroupLatencies(
+            self._attempt_seconds.labels(topic, group_id),
+            self._end_to_end_seconds.labels(topic, group_id),
+        )
 
     def ingest_child(self, topic: str) -> Any:
         """The topic's ingest histogram, kept: labels() takes a lock on every call."""
@@ -108,7 +134,7 @@ class _HistogramCollector(Collector):
         self._samples = samples
 
     def collect(self) -> Iterator[Metric]:
-        for name, (help_text, label_names) in HISTOGRAMS.items():
+        for name, (help_text, label_names, _) in HISTOGRAMS.items():
             series: dict[tuple[str, ...], dict[str, Any]] = {}
             for sample_name, labels, value in self._samples:
                 if not sample_name.startswith(name):

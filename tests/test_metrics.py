@@ -83,7 +83,8 @@ async def test_metrics_match_stats_and_cover_latency_breaker_and_lag(
     assert samples["bigpipe_in_flight"][key] == 0
     assert samples["bigpipe_breaker_state"][key] == 0
     assert samples["bigpipe_ingest_seconds_count"][(("topic", topic),)] == CALLS
-    assert samples["bigpipe_delivery_seconds_count"][key] == CALLS
+    assert samples["bigpipe_attempt_seconds_count"][key] == CALLS
+    assert samples["bigpipe_end_to_end_seconds_count"][key] == CALLS
     assert samples["bigpipe_ready"][()] == 1
     lag = samples["bigpipe_consumer_lag"]
     assert {dict(labels)["partition"] for labels in lag} == {"0", "1", "2"}
