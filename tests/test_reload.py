@@ -8,13 +8,16 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp import web
 
 from tests.support import (
     ACL_NAME,
     ACL_SECRET,
     Bigpipe,
     Downstream,
+    Received,
     eventually,
+    group_stats,
     reload,
     rewrite,
     start_node,
@@ -173,3 +176,74 @@ async def test_groups_and_topics_can_be_added_and_removed(
         (new_topic, second_group["groupId"])
     ]
     await logged(bigpipe, f"{topic}/{first_group['groupId']}: revoked partitions")  # it left
+
+
+async def by_path(request: web.Request, _number: int) -> web.Response:
+    """/slow answers in 0.3 s, /slower in 1.5 s, /fail with 500, anything else at once."""
+    delay = {"/slow": 0.3, "/slower": 1.5}.get(request.path, 0)
+    await asyncio.sleep(delay)
+    return web.Response(status=500 if request.path == "/fail" else 200)
+
+
+async def test_each_reloaded_consumer_setting_is_seen_at_the_downstream(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    downstream = await Downstream(behaviour=by_path).start()
+    before = {"rateLimit": 5, "concurrency": 2, "retries": 0, "timeout": 5000}
+    bigpipe, _ = await start_node(kafka, tmp_path, processes, **before)
+
+    sent: list[str] = []
+
+    async def send(path: str, count: int = 1) -> list[str]:
+        ids = []
+        for _ in range(count):
+            status, reply = await bigpipe.post_call(http, url=downstream.url(path))
+            assert (status, reply["errno"]) == (200, 0)
+            ids.append(reply["data"]["id"])
+        sent.extend(ids)
+        return ids
+
+    def attempts(call_id: str) -> list[Received]:
+        return [r for r in downstream.requests if r.call_id == call_id]
+
+    async def finished() -> None:
+        """Wait until every call sent has finished: delivered, or dead-lettered."""
+
+        async def all_done() -> bool:
+            return (await group_stats(bigpipe, http))["rpcTotal"] == len(sent)
+
+        await eventually(all_done, 30, f"all {len(sent)} calls to finish")
+
+    async def under_current_settings() -> dict[str, Any]:
+        """The rate, the concurrency peak, the attempts on a failure and a 1.5 s answer."""
+        rated = await send("/rate", 10)
+        await finished()
+        arrivals = sorted(attempts(i)[0].at for i in rated)
+        downstream.peak_in_flight = 0
+        await send("/slow", 12)
+        await finished()
+        failing = await send("/fail")
+        slower = await send("/slower")
+        await finished()
+        return {
+            "rate span": arrivals[-1] - arrivals[0],
+            "concurrency peak": downstream.peak_in_flight,
+            "attempts on 500": len(attempts(failing[0])),
+            "1.5 s answer": [bool(r.answered) for r in attempts(slower[0])],
+        }
+
+    old = await under_current_settings()
+    after = {"rateLimit": 1000, "concurrency": 6, "retries": 2, "timeout": 500}
+    rewrite(
+        bigpipe, **{"kafka.consumer.list": [{**bigpipe.config["kafka.consumer.list"][0], **after}]}
+    )
+    await reload(bigpipe, http)
+    new = await under_current_settings()
+    print(f"\nreloaded consumer settings at the downstream: before {old}, after {new}")
+    # 10 calls at 5/s, with a bucket of one token, take 1.8 s; at 1000/s, a moment.
+    assert old["rate span"] > 1.2 and new["rate span"] < 0.6, "rateLimit"
+    assert (old["concurrency peak"], new["concurrency peak"]) == (2, 6), "concurrency"
+    assert (old["attempts on 500"], new["attempts on 500"]) == (1, 3), "retries"
+    assert old["1.5 s answer"] == [True], "a 5 s timeout waits for the 1.5 s answer"
+    assert new["1.5 s answer"] == [False] * 3, "a 0.5 s timeout cuts off each attempt"
+    await downstream.stop()
