@@ -3,28 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import math
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import orjson
+from aiohttp import web
 
+from bigpipe.board import Board
 from bigpipe.config import parse_config
 from bigpipe.workers import share_of
 from tests.support import (
     Bigpipe,
     Downstream,
     base_config,
+    committed_offsets,
     consumer_entry,
     eventually,
     free_port,
+    group_stats,
     reload,
     unique,
 )
 from tests.test_config import EXAMPLE
 
 CALLS = 200
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def test_limits_are_shared_between_workers() -> None:
@@ -124,7 +133,16 @@ async def test_two_workers_share_a_port_report_node_wide_and_survive_a_worker_ki
     await eventually(lambda: accepted <= downstream.call_ids(), 60, "calls after the restart")
     await eventually(lambda: counted(2 * CALLS), 10, "counters carried over the restart")
 
-    await reload(bigpipe, http)  # node-wide: the counter rises by exactly one
+    # Node-wide, reloadSuccess rises by one whether one worker reloaded or all of them: each
+    # worker's own count, from the slot it publishes, must rise by one.
+    before = reloads_by_worker(supervisor)
+    assert sorted(before) == [0, 1]
+    await reload(bigpipe, http)
+    await eventually(
+        lambda: reloads_by_worker(supervisor) == {i: n + 1 for i, n in before.items()},
+        10,
+        "every worker to reload once",
+    )
     assert await bigpipe.stop() == 0
     assert children(supervisor) == {}
 
@@ -142,21 +160,80 @@ def workers_of(config_path: Path) -> list[int]:
     return found
 
 
+def reloads_by_worker(supervisor: int) -> dict[int, int]:
+    """Each worker's own reloadSuccess, from the board slot it publishes its counters to."""
+    counts = {}
+    for pid in children(supervisor):
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        where = command[command.index(b"--worker-of") + 1].decode()
+        path, index, slots = where.rsplit(":", 2)
+        board = Board(Path(path), int(slots))
+        try:
+            payload = board.read(int(index))
+        finally:
+            board.close()
+        assert payload is not None, f"worker {index} has not published its counters"
+        counts[int(index)] = orjson.loads(payload)["stats"]["node"]["reloadSuccess"]
+    return counts
+
+
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[None]:
+    """Become the child subreaper: orphaned descendants become our children, to wait for."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    assert prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+    try:
+        yield
+    finally:
+        prctl(PR_SET_CHILD_SUBREAPER, 0)
+
+
+def exit_code(pid: int) -> int:
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+async def slowly(_request: web.Request, _number: int) -> web.Response:
+    await asyncio.sleep(0.2)
+    return web.Response(status=200)
+
+
 async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
-    kafka: str, tmp_path: Path, processes: list[Bigpipe]
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
-    topic = unique("orphans")
+    downstream = await Downstream(behaviour=slowly).start()
+    topic, group = unique("orphans"), unique("g")
     config = base_config(
         kafka,
         topic,
         free_port(),
-        consumers=[consumer_entry(topic, unique("g"))],
-        **{"http.server.workers": 2},
+        partitions=4,
+        consumers=[consumer_entry(topic, group, concurrency=8)],
+        **{"http.server.workers": 2, "http.server.shutdown.timeout": 20_000},
     )
-    bigpipe = await Bigpipe(config, tmp_path).start()
+    bigpipe = await Bigpipe(config, tmp_path).start()  # ready: both workers own partitions
     processes.append(bigpipe)
-    await eventually(lambda: len(workers_of(bigpipe.config_path)) == 2, 30, "two workers")
-    await bigpipe.kill()  # SIGKILL: no chance to forward anything
-    await eventually(
-        lambda: workers_of(bigpipe.config_path) == [], 30, "the orphaned workers to drain and exit"
-    )
+    accepted = set()
+    for _ in range(60):
+        status, reply = await bigpipe.post_call(http, url=downstream.url())
+        assert (status, reply["errno"]) == (200, 0)
+        accepted.add(reply["data"]["id"])
+
+    async def consumed_and_in_flight() -> bool:
+        stats = await group_stats(bigpipe, http)
+        return stats["handleMessage"] == len(accepted) and downstream.in_flight > 0
+
+    await eventually(consumed_and_in_flight, 30, "every call read, some in flight")
+    assert len(downstream.answered_ids()) < len(accepted)
+    with adopting_orphans():
+        workers = workers_of(bigpipe.config_path)
+        assert len(workers) == 2
+        await bigpipe.kill()  # SIGKILL: no chance to forward anything
+        codes = await asyncio.wait_for(
+            asyncio.gather(*(asyncio.to_thread(exit_code, pid) for pid in workers)), 60
+        )
+    print(f"\norphaned workers: exit codes {codes}")
+    assert codes == [0, 0], "the kernel's SIGTERM makes each orphan drain and exit 0"
+    assert downstream.answered_ids() == accepted, "the drain delivers every call it had read"
+    committed = committed_offsets(kafka, group, topic)
+    assert sum(committed.values()) == len(accepted), f"the drain commits them all: {committed}"
+    await downstream.stop()
