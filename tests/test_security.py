@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from yarl import URL
 
 from bigpipe.config import ConfigError, parse_config
@@ -133,6 +134,7 @@ async def guarded(
         {"name": "guarded", "secret": SECRET, "topic": topic, "denyPrivate": True},
     ]
     config["http.server.read.timeout"] = 1000
+    config["log.level"] = 5  # DEBUG: the per-call lines too must never show a secret
     bigpipe = await Bigpipe(config, tmp_path).start()
     processes.append(bigpipe)
     return bigpipe, topic
@@ -202,26 +204,33 @@ async def test_deny_private_checks_resolved_addresses_at_delivery(
     assert downstream.requests == []
 
 
+async def fail_on_fail(request: web.Request, _number: int) -> web.Response:
+    return web.Response(status=500 if request.path.endswith("/fail") else 200, text="no")
+
+
 async def test_the_secret_never_shows_in_kafka_logs_stats_or_metrics(
     guarded: tuple[Bigpipe, str], http: aiohttp.ClientSession, kafka: str, downstream: Downstream
 ) -> None:
     bigpipe, topic = guarded
-    status, _ = await call_as(
-        bigpipe,
-        http,
-        "scoped",
-        downstream.url("/ok/s"),
-        headers={"X-Token": SECRET, "Authorization": f"Bearer {SECRET}"},
-    )
-    assert status == 200
-    await eventually(lambda: len(downstream.requests) == 1, 30, "the delivery")
-    [record] = await asyncio.to_thread(read_topic, kafka, topic, 1)
+    downstream.behaviour = fail_on_fail
+    headers = {"X-Token": SECRET, "Authorization": f"Bearer {SECRET}"}
+    ids = []
+    for path in ("/ok/s", "/ok/fail"):  # one delivered, one dead-lettered
+        status, reply = await call_as(bigpipe, http, "scoped", downstream.url(path), headers)
+        assert status == 200
+        ids.append(reply["data"]["id"])
+    await eventually(lambda: len(downstream.requests) == 2, 30, "the deliveries")
+    # At DEBUG, the failed call has its own log line: the per-call path is exercised.
+    await eventually(lambda: ids[1] in bigpipe.log_tail(10_000), 10, "a DEBUG line for the call")
+    records = await asyncio.to_thread(read_topic, kafka, topic, 2)
+    [letter] = await asyncio.to_thread(read_topic, kafka, f"{topic}.dlq", 1)
     async with http.get(f"{bigpipe.url}/metrics") as response:
         metrics = await response.text()
     stats = orjson.dumps(await bigpipe.stats(http)).decode()
-    delivered = str(downstream.requests[0].headers)
+    delivered = str([r.headers for r in downstream.requests])
     for where, text in (
-        ("kafka", record.value().decode()),
+        ("kafka", "".join(r.value().decode() for r in records)),
+        ("dead letter", letter.value().decode()),
         ("log", bigpipe.log_tail(10_000)),
         ("stats", stats),
         ("metrics", metrics),
