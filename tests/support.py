@@ -17,10 +17,11 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from confluent_kafka import Consumer, TopicPartition
 
@@ -48,6 +49,17 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def missing_tool(reason: str) -> NoReturn:
+    """A test's tool is missing: skip on a developer's machine, fail in CI.
+
+    build.sh installs every test tool (or fails) when it runs in CI or as root, so there a
+    missing tool is a broken set-up that a skip would hide.
+    """
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must have every test tool (build.sh installs them)")
+    pytest.skip(reason)
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import Bigpipe, Downstream, eventually, start_node
+from tests.support import Bigpipe, Downstream, eventually, missing_tool, start_node
 
 CALLS = 20
 SCREENSHOT_COPY = Path("/tmp/bigpipe-dashboard.png")
@@ -50,10 +50,10 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        pytest.skip("selenium is not installed (pip install 'selenium>=4.20,<5')")
+        missing_tool("selenium is not installed (pip install 'selenium>=4.20,<5')")
     chromium, chromedriver = _executable("chromium"), _executable("chromedriver")
     if chromium is None or chromedriver is None:
-        pytest.skip(
+        missing_tool(
             "dashboard test needs chromium and chromedriver "
             "(apt-get install -y chromium chromium-driver; build.sh does it as root)"
         )

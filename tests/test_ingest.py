@@ -68,8 +68,9 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def topic() -> str:
+    """A topic per test: "nothing reaches Kafka" must not depend on which test ran first."""
     return unique("ingest")
 
 
