@@ -29,13 +29,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from bigpipe.breaker import BREAK, STATE_NUMBERS, Breaker
 from bigpipe.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
 from bigpipe.config import Config, ConsumerConfig
-from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_dead_letter
+from bigpipe.dead_letters import DeadLetterWriter, dead_letter_limit
+from bigpipe.envelope import Call, InvalidRecord, decode_call
 from bigpipe.kafka import RepeatFilter, client_settings
 from bigpipe.metrics import GroupLatencies
 from bigpipe.offsets import PartitionOffsets
 from bigpipe.partitions import BREAKER, BUFFER, PartitionStates
-from bigpipe.producer import ProduceFailed, Producer
-from bigpipe.retry import Verdict, backoff_seconds
+from bigpipe.producer import Producer
+from bigpipe.retry import Verdict
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ class ConsumerGroup:
         self.config = consumer
         self._counters = counters
         self._latencies = latencies
-        self.producer = producer
+        self._dead_letters = DeadLetterWriter(
+            self.name, dead_letter_limit(config), producer, counters
+        )
         self._breaker = _make_breaker(consumer, counters)
         self._client = DeliveryClient(consumer, counters, self._breaker, callers, latencies.attempt)
         self._repeats = RepeatFilter()  # a Kafka outage repeats one error many times a second
@@ -114,6 +117,15 @@ class ConsumerGroup:
     @property
     def name(self) -> str:
         return f"{self.config.topic}/{self.config.group_id}"
+
+    @property
+    def producer(self) -> Producer:
+        return self._dead_letters.producer
+
+    @producer.setter
+    def producer(self, producer: Producer) -> None:
+        """A reload's new producer: dead letters under way move to it (see Producer.close)."""
+        self._dead_letters.producer = producer
 
     def update(self, consumer: ConsumerConfig) -> None:
         """Apply changed limits, retries, timeouts or breaker in place: no rebalance.
@@ -288,31 +300,10 @@ class ConsumerGroup:
         await self._dead_letter(message, call, outcome, outcome.last.error)
 
     async def _dead_letter(
-        self, message: Message, call: Call | None, outcome: Outcome | None, error: str
+        self, message: Message, call: Call | None, outcome: Outcome | None, reason: str
     ) -> None:
-        """Write the dead letter, retrying until Kafka takes it: its offset waits till then."""
-        record = encode_dead_letter(
-            value=message.value(),
-            call=call,
-            topic=message.topic(),
-            partition=message.partition(),
-            offset=message.offset(),
-            group_id=self.config.group_id,
-            attempts=outcome.attempts if outcome else 0,
-            last_status=outcome.last.status if outcome else None,
-            last_error=error,
-            first_attempt_ms=outcome.first_attempt_ms if outcome else None,
-        )
-        failures = 0
-        while True:
-            try:
-                await self.producer.send(self.config.dead_letter_topic, record, message.key())
-                break
-            except ProduceFailed as exc:
-                failures += 1
-                log.error("%s: dead letter not written (%s); retrying", self.name, exc)
-                await asyncio.sleep(backoff_seconds(failures, 500, 10_000))
-        self._counters.deadLetter += 1
+        topic, group_id = self.config.dead_letter_topic, self.config.group_id
+        await self._dead_letters.write(topic, group_id, message, call, outcome, reason)
 
     # ------------------------------------------------------------ offsets
     def _commit(self, asynchronous: bool, only: list[int] | None = None) -> None:

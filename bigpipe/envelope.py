@@ -7,6 +7,7 @@ can read a topic without Bigpipe. The README documents every field.
 from __future__ import annotations
 
 import base64
+import hashlib
 import random
 import time
 from collections.abc import Iterable
@@ -165,11 +166,17 @@ def encode_dead_letter(
     last_status: int | None,
     last_error: str,
     first_attempt_ms: int | None,
+    max_bytes: int | None = None,
 ) -> bytes:
-    """A dead letter keeps the original envelope (or raw bytes) plus why delivery gave up."""
+    """A dead letter keeps the original envelope (or raw bytes) plus why delivery gave up.
+
+    Past `max_bytes`, the call's `data` (or `raw`) is cut to what fits, and `cut` says
+    so, with the original's length and SHA-256; every other field is kept whole.
+    """
+    envelope = orjson.loads(value) if call is not None and value else None
     record: dict[str, Any] = {
         "v": ENVELOPE_VERSION,
-        "call": orjson.loads(value) if call is not None and value else None,
+        "call": envelope,
         "raw": None if call is not None else base64.b64encode(value or b"").decode(),
         "source": {"topic": topic, "partition": partition, "offset": offset, "group": group_id},
         "attempts": attempts,
@@ -177,5 +184,38 @@ def encode_dead_letter(
         "lastError": last_error,
         "firstAttemptAt": first_attempt_ms,
         "failedAt": int(time.time() * 1000),
+        "cut": None,
     }
-    return orjson.dumps(record)
+    encoded = orjson.dumps(record)
+    if max_bytes is None or len(encoded) <= max_bytes:
+        return encoded
+    if envelope is not None:
+        return _cut(record, "call.data", envelope["data"].encode(), max_bytes)
+    return _cut(record, "raw", value or b"", max_bytes)
+
+
+def _cut(record: dict[str, Any], name: str, whole: bytes, max_bytes: int) -> bytes:
+    """The record with field `name` cut to the longest prefix of `whole` that fits."""
+    record["cut"] = {
+        "field": name,
+        "length": len(whole),
+        "sha256": hashlib.sha256(whole).hexdigest(),
+    }
+
+    def encode(keep: int) -> bytes:
+        part = whole[:keep]
+        if name == "raw":
+            record["raw"] = base64.b64encode(part).decode()
+        else:  # a cut inside a UTF-8 sequence drops that character
+            record["call"]["data"] = part.decode("utf-8", "ignore")
+        return orjson.dumps(record)
+
+    base = len(encode(0))
+    keep = len(whole)
+    encoded = encode(keep)
+    while len(encoded) > max_bytes and keep > 0:
+        # Escapes make the JSON longer than the data: scale by what a byte costs in it.
+        per_byte = (len(encoded) - base) / keep
+        keep = max(0, min(keep - 1, int((max_bytes - base) / per_byte)))
+        encoded = encode(keep)
+    return encoded

@@ -67,6 +67,11 @@ GROUP_COUNTERS = (
     ("bigpipe_retries", "Attempts after the first (rpcRetries)", "rpcRetries"),
     ("bigpipe_attempts", "Requests sent to downstreams, retries included", "attempts"),
     ("bigpipe_dead_letters", "Calls written to the dead-letter topic", "deadLetter"),
+    (
+        "bigpipe_dead_letters_skipped",
+        "Failed calls whose dead letter Kafka refused for good, even without its data",
+        "deadLetterSkipped",
+    ),
 )
 # A histogram sample: [name with _bucket/_sum/_count, labels, value].
 Sample = list[Any]

@@ -33,8 +33,43 @@ POLL_SECONDS = 0.1  # how long the poll thread blocks when nothing happens
 DEADLINE_SWEEP_SECONDS = 0.05  # how late past its timeout a write may be failed
 
 
+# Kafka refuses these records for good: retrying the same record cannot help. Every other
+# error (timeouts, lost connections, a leader election, a purge) may pass. librdkafka's
+# KafkaError.retriable() and .fatal() are set only on the transactional API's errors,
+# never on a delivery report's, so the codes decide.
+TOO_LARGE_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+PERMANENT_ERRORS = TOO_LARGE_ERRORS | frozenset(
+    {
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.INVALID_RECORD,
+        KafkaError.TOPIC_EXCEPTION,  # an invalid topic name
+        KafkaError.POLICY_VIOLATION,
+        KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+        KafkaError._INVALID_ARG,
+    }
+)
+
+
 class ProduceFailed(Exception):
-    """Kafka did not acknowledge the write; the record may or may not be stored."""
+    """Kafka did not take the write.
+
+    `permanent`: Kafka refused this record for good (too large, not authorised, ...) and
+    stored nothing; retrying it cannot help. Otherwise the record may or may not be
+    stored, and a retry may get through.
+    """
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+
+    @property
+    def permanent(self) -> bool:
+        return self.code in PERMANENT_ERRORS
+
+    @property
+    def too_large(self) -> bool:
+        return self.code in TOO_LARGE_ERRORS
 
 
 def producer_settings(config: Config) -> dict[str, Any]:
@@ -87,8 +122,11 @@ class Producer:
         future: asyncio.Future[None] = self._loop.create_future()
         try:
             self._kafka.produce(topic, value, key, on_delivery=partial(self._queue_ack, future))
-        except (BufferError, KafkaException) as exc:
+        except BufferError as exc:
             raise ProduceFailed(f"local queue refused the write: {exc}") from None
+        except KafkaException as exc:
+            error = exc.args[0]
+            raise ProduceFailed(f"refused the write: {error.str()}", error.code()) from None
         if self._pending == 0:
             self._idle.clear()
         self._pending += 1
@@ -99,13 +137,22 @@ class Producer:
         await future
 
     async def close(self, timeout: float) -> None:
-        """Wait up to `timeout` s for pending writes, then stop polling."""
+        """Wait up to `timeout` s for pending writes, then stop polling.
+
+        Writes still pending then fail (transient: they may or may not be stored), so
+        nobody waits forever on a producer that is gone: a dead letter written through a
+        producer a reload replaced is written again through the new one.
+        """
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             log.error("producer: %d writes still unacknowledged at shutdown", self._pending)
         self._stopping.set()
         await asyncio.to_thread(self._poller.join, POLL_SECONDS * 2)
+        if self._pending:
+            self._kafka.purge()  # each pending write gets a _PURGE_* delivery report...
+            self._kafka.poll(0)  # ...served here, on the loop: the poll thread has ended
+            self._resolve_acks()
 
     def probe(self, timeout: float) -> bool:
         """Does a broker answer a metadata request within `timeout` s? Blocking: use a thread."""
@@ -135,7 +182,7 @@ class Producer:
             if error is None:
                 future.set_result(None)
             else:
-                future.set_exception(ProduceFailed(error.str()))
+                future.set_exception(ProduceFailed(error.str(), error.code()))
         if self._pending == 0:
             self._idle.set()
 

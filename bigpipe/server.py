@@ -178,7 +178,7 @@ class Ingest:
             )
         except ProduceFailed as exc:
             counters.deliveryFail += 1
-            raise Reject(503, f"kafka did not take the call: {exc}", INTERNAL_ERROR) from None
+            raise _produce_refusal(exc, entry.topic) from None
         finally:
             latency.observe(time.perf_counter() - started)
             self._waiting -= 1
@@ -186,6 +186,19 @@ class Ingest:
                 self._idle.set()
         counters.deliverySuccess += 1
         return call.id
+
+
+def _produce_refusal(exc: ProduceFailed, topic: str) -> Reject:
+    """Kafka's refusal as a reply that tells "retry later" from "retrying cannot help"."""
+    if exc.too_large:
+        return Reject(
+            413,
+            f"kafka refuses the call for good: {exc}; it is larger than topic {topic} "
+            "accepts (its max.message.bytes), retrying cannot help",
+        )
+    if exc.permanent:
+        return Reject(500, f"kafka refuses the call for good: {exc}; retrying cannot help")
+    return Reject(503, f"kafka did not take the call: {exc}", INTERNAL_ERROR)
 
 
 async def _read_body(request: web.BaseRequest, config: Config) -> bytes:

@@ -38,6 +38,7 @@ class GroupCounters:
     rpcRetries: int = 0  # attempts after the first
     attempts: int = 0  # requests sent, retries included
     deadLetter: int = 0
+    deadLetterSkipped: int = 0  # calls whose dead letter Kafka refused for good (logged)
     inFlight: int = 0  # a gauge: requests open to the downstream now
     circuitIsBreak: int = 0  # a gauge: 1 while the breaker holds calls
     breakerState: int = 0  # a gauge: 0 NORMAL, 1 BREAK, 2 RECOVER

@@ -450,3 +450,13 @@ async def own_kafka(directory: Path) -> AsyncIterator[tuple[str, int]]:
             stdout=subprocess.DEVNULL,
             timeout=60,
         )
+
+
+def create_topic(bootstrap: str, name: str, partitions: int = 1, **settings: str) -> None:
+    """Create a topic as an operator would, before Bigpipe starts (which never alters it),
+    e.g. `create_topic(kafka, "t", **{"max.message.bytes": "2000"})`. Blocking."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    topic = NewTopic(name, num_partitions=partitions, replication_factor=1, config=settings)
+    admin.create_topics([topic])[name].result(timeout=30)
