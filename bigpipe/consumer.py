@@ -51,6 +51,7 @@ COMMIT_INTERVAL_SECONDS = 0.5
 # Short, because rebalances are only served while consume() runs.
 STALL_SECONDS = 1.0
 LEAVE_SECONDS = 1.0  # the least time given to the final commit and group leave
+DRAIN_POLL_MARGIN_MS = 30_000  # max.poll.interval.ms beyond the shutdown timeout
 
 
 def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any]:
@@ -67,8 +68,10 @@ def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any
         "session.timeout.ms": 10_000,
         "heartbeat.interval.ms": 2_000,
         # Also the rebalance timeout: how long a rebalance may wait for a slow member. The
-        # poll loop never pauses for more than a moment, so a minute is plenty.
-        "max.poll.interval.ms": 60_000,
+        # poll loop never pauses for more than a moment, except in a drain: it stops while
+        # calls in flight finish, for up to the shutdown timeout, and a member that does
+        # not poll for longer than this is evicted, its final commit refused.
+        "max.poll.interval.ms": max(60_000, config.shutdown_timeout_ms + DRAIN_POLL_MARGIN_MS),
         # Bound what librdkafka prefetches, so memory stays bounded under a backlog.
         "queued.max.messages.kbytes": 8_192,
         # librdkafka's statistics carry each partition's lag, for /metrics.
@@ -375,10 +378,24 @@ class ConsumerGroup:
         if (text := self._repeats(error)) is not None:
             log.warning("%s: kafka: %s", self.name, text)
 
-    def _on_commit(self, error: KafkaError | None, _partitions: list[TopicPartition]) -> None:
-        if error is None or error.code() == KafkaError._NO_OFFSET:
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """Un-mark what Kafka refused, so the next commit round sends it again.
+
+        _commit marks offsets committed when it sends them; without this, a partition
+        whose commit was refused (say, mid-rebalance) and that then sat idle would never
+        commit again, and its next owner would deliver those calls twice.
+        """
+        if error is not None and error.code() == KafkaError._NO_OFFSET:
             return
-        # A commit racing a rebalance is refused; the calls it covered are delivered again.
+        for tp in partitions:
+            failed = error if error is not None else tp.error
+            partition = self._partitions.get(tp.partition)
+            if failed is not None and partition is not None:
+                partition.offsets.commit_failed(tp.offset)
+        if error is None:
+            return
+        # A commit racing a rebalance is refused; it is sent again if this member keeps
+        # the partition, else its next owner delivers the calls it covered again.
         level = logging.INFO if error.code() in REBALANCE_ERRORS else logging.WARNING
         log.log(level, "%s: commit failed: %s", self.name, error.str())
 

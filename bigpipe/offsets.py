@@ -41,3 +41,8 @@ class PartitionOffsets:
 
     def committed(self, offset: int) -> None:
         self._committed = offset
+
+    def commit_failed(self, offset: int) -> None:
+        """Kafka refused the commit of `offset`: offer it again (unless a later one was sent)."""
+        if self._committed == offset:
+            self._committed = None
