@@ -242,8 +242,9 @@ async def start_node(
 class Bigpipe:
     """A Bigpipe process started from a config dict; stopped by its PID."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
+    def __init__(self, config: dict[str, Any], workdir: Path, args: tuple[str, ...] = ()) -> None:
         self.config = config
+        self.args = args  # command-line options after -config PATH, say ("--workers", "2")
         self.port = config["http.server.port"]
         self.config_path = workdir / f"bigpipe-{self.port}.json"
         self.log_path = workdir / f"bigpipe-{self.port}.log"
@@ -262,6 +263,7 @@ class Bigpipe:
             "bigpipe",
             "-config",
             str(self.config_path),
+            *self.args,
             stdout=log,
             stderr=log,
             cwd=REPO,

@@ -8,11 +8,14 @@ import ctypes
 import math
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from bigpipe.board import Board
@@ -237,3 +240,39 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
     committed = committed_offsets(kafka, group, topic)
     assert sum(committed.values()) == len(accepted), f"the drain commits them all: {committed}"
     await downstream.stop()
+
+
+@pytest.mark.parametrize(("in_config", "on_command_line"), [(1, 2), (2, 1)])
+async def test_the_workers_option_overrides_the_config(
+    kafka: str, tmp_path: Path, processes: list[Bigpipe], in_config: int, on_command_line: int
+) -> None:
+    topic = unique("cli")
+    config = base_config(
+        kafka,
+        topic,
+        free_port(),
+        consumers=[consumer_entry(topic, unique("g"))],
+        **{"http.server.workers": in_config},
+    )
+    bigpipe = Bigpipe(config, tmp_path, ("--workers", str(on_command_line)))
+    processes.append(await bigpipe.start())
+    assert bigpipe.process is not None
+    # One worker runs as a single process; more run under a supervisor.
+    expected = ["bigpipe-worker"] * on_command_line if on_command_line > 1 else []
+    await eventually(
+        lambda: sorted(children(bigpipe.process.pid).values()) == expected,
+        30,
+        f"{on_command_line} worker process(es)",
+    )
+    assert await bigpipe.stop() == 0
+
+
+def test_a_negative_workers_option_is_a_usage_error(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bigpipe", "-config", str(tmp_path / "x.json"), "--workers", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--workers must be 0 (one per core) or more" in done.stderr
