@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,17 +22,18 @@ from confluent_kafka import KafkaException
 
 from bigpipe.acl import Acl
 from bigpipe.board import Board
-from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig, load_config
+from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig, read_config_file
 from bigpipe.consumer import ConsumerGroup
 from bigpipe.kafka import ensure_topics
 from bigpipe.listener import HTTP_LIMITS, GuardedSite
 from bigpipe.logs import Logging
 from bigpipe.metrics import Latencies, Sample, merge_samples
 from bigpipe.producer import Producer
-from bigpipe.reload import ReloadPlan, plan_reload
+from bigpipe.reload import ReloadPlan, check_reload, log_reloaded, plan_reload
 from bigpipe.server import Ingest, build_server
+from bigpipe.signals import handle_reloads, notify_ready
 from bigpipe.stats import Stats
-from bigpipe.workers import share_of
+from bigpipe.workers import read_snapshot, share_of
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,12 @@ KAFKA_PROBE_TIMEOUT = 2.0
 
 @dataclass(frozen=True)
 class WorkerSlot:
-    """Where a worker process stands: its board (one slot per worker) and its slot on it."""
+    """Where a worker process stands: its board (one slot per worker), its slot on it, and
+    the supervisor's config snapshot (bigpipe.workers), which it runs instead of the file."""
 
     board: Board
     index: int
+    snapshot: Path
 
 
 class Node:
@@ -75,6 +79,8 @@ class Node:
         self._publisher: asyncio.Task[None] | None = None
         if worker is not None:
             self._take_over_slot(worker)
+            # The supervisor counts reloads: see bigpipe.workers.
+            _, self.stats.node = read_snapshot(worker.snapshot, config.source)
 
     def _take_over_slot(self, worker: WorkerSlot) -> None:
         """Continue the counters of a dead predecessor, so node-wide totals never drop."""
@@ -86,8 +92,14 @@ class Node:
 
     def _snapshot(self) -> bytes:
         latencies = merge_samples([self._inherited, self.latencies.samples()])
+        # The pid tells the supervisor that this process got as far as listening.
         return orjson.dumps(
-            {"stats": self.stats.to_dict(), "latencies": latencies, "ready": self.ready}
+            {
+                "stats": self.stats.to_dict(),
+                "latencies": latencies,
+                "ready": self.ready,
+                "pid": os.getpid(),
+            }
         )
 
     def view(self) -> tuple[Stats, list[Sample], bool]:
@@ -222,24 +234,40 @@ class Node:
             self.groups[consumer.key] = group
 
     async def reload(self) -> bool:
-        """Re-read the config file and apply what changed; a bad file changes nothing."""
+        """Apply a new config; a bad file changes nothing.
+
+        A single process reads its file itself. A worker applies the supervisor's
+        snapshot, which the supervisor has checked, and takes its reload counters.
+        """
         async with self._reloading:
-            assert self.config.source is not None
+            source = self.config.source
+            assert source is not None
             try:
-                loaded = load_config(self.config.source)
+                if self.worker is None:
+                    loaded = check_reload(self.config, read_config_file(source), source)
+                else:
+                    loaded, counters = read_snapshot(self.worker.snapshot, source)
             except ConfigError as exc:
                 for problem in exc.problems:
                     log.error("reload rejected, old config kept: %s", problem)
                 self.stats.node.reloadFailure += 1
                 return False
-            await self._apply(plan_reload(self.config, loaded))
-            self.stats.node.reloadSuccess += 1
-            log.info("reloaded %s", self.config.source)
+            running, plan = self.config, plan_reload(self.config, loaded)
+            if plan.config != running:
+                try:
+                    await self._apply(plan)
+                except Exception:  # a bug: say so, rather than "Task exception never retrieved"
+                    log.exception("reload failed while applying %s", source)
+                    self.stats.node.reloadFailure += 1
+                    return False
+            if self.worker is None:
+                log_reloaded(source, running, loaded, plan)  # at the new log level
+                self.stats.node.reloadSuccess += 1
+            else:
+                self.stats.node = counters
             return True
 
     async def _apply(self, plan: ReloadPlan) -> None:
-        for key in plan.needs_restart:
-            log.warning("reload: %s changed; it takes effect after a restart", key)
         config = plan.config
         if self._logs is not None:
             self._logs.apply(config.log_level, config.log_directory, config.log_format)
@@ -337,7 +365,9 @@ async def serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal, signum)
-    loop.add_signal_handler(signal.SIGUSR1, on_reload_signal)
+    handle_reloads(loop, on_reload_signal)
+    if worker is None:  # a worker's supervisor speaks for the node
+        notify_ready()
     await node.start()
     await stop.wait()
     await asyncio.gather(*reloads, return_exceptions=True)

@@ -7,12 +7,18 @@ progress), so readers never see half a snapshot and writers never wait.
 
 A worker that replaces a dead one starts from the dead one's last snapshot,
 so node-wide counters never go backwards.
+
+The supervisor's files in /dev/shm are named `bigpipe-<kind>-<its pid>-<random>`,
+so an operator can tell whose they are. A supervisor killed by SIGKILL cannot
+remove its own; the next one to start removes those whose owner is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -20,6 +26,44 @@ from pathlib import Path
 SLOT_BYTES = 1 << 20
 HEADER = struct.Struct("<QI")  # sequence number, payload length
 READ_TRIES = 100
+SHARED_MEMORY = Path("/dev/shm")
+NODE_FILE = re.compile(r"bigpipe-(?:board|config)-(\d+)-")
+OWNER_NAME = "bigpipe"  # the supervisor's /proc/PID/comm (bigpipe.cli.PROCESS_NAME)
+
+
+def node_directory() -> Path:
+    """/dev/shm where there is one (memory, not disk), else the temporary directory."""
+    return SHARED_MEMORY if SHARED_MEMORY.is_dir() else Path(tempfile.gettempdir())
+
+
+def node_file(kind: str, suffix: str = "") -> Path:
+    """A new empty file, readable by this user only, named for its kind and this process."""
+    remove_stale_node_files()
+    descriptor, name = tempfile.mkstemp(
+        prefix=f"bigpipe-{kind}-{os.getpid()}-", suffix=suffix, dir=node_directory()
+    )
+    os.close(descriptor)
+    return Path(name)
+
+
+def remove_stale_node_files(directory: Path | None = None) -> list[Path]:
+    """Remove the files of supervisors that are gone (killed by SIGKILL); return them."""
+    removed = []
+    for path in (directory or node_directory()).glob("bigpipe-*-*-*"):
+        match = NODE_FILE.match(path.name)
+        if match and not _owner_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):  # another user's, or removed meanwhile
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _owner_alive(pid: int) -> bool:
+    """Is `pid` a running Bigpipe supervisor? A reused PID names another program."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == OWNER_NAME
+    except OSError:
+        return False
 
 
 class Board:
@@ -32,12 +76,10 @@ class Board:
 
     @classmethod
     def create(cls, slots: int) -> Board:
-        """A new zeroed board, in /dev/shm where there is one (memory, not disk)."""
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        descriptor, name = tempfile.mkstemp(prefix="bigpipe-board-", dir=directory)
-        os.ftruncate(descriptor, slots * SLOT_BYTES)
-        os.close(descriptor)
-        return cls(Path(name), slots)
+        """A new zeroed board (see node_file)."""
+        path = node_file("board")
+        os.truncate(path, slots * SLOT_BYTES)
+        return cls(path, slots)
 
     def publish(self, slot: int, payload: bytes) -> None:
         if len(payload) > SLOT_BYTES - HEADER.size:

@@ -1,7 +1,8 @@
 """`bigpipe -config bigpipe.json`: parse arguments, load the config, run the node.
 
 Exit codes: 0 after a clean drain, 1 when the node fails at run time (for
-example the port is taken), 2 for a bad command line or config.
+example the port is taken, or workers keep dying before they are up), 2 for a
+bad command line or config.
 """
 
 from __future__ import annotations
@@ -10,21 +11,28 @@ import argparse
 import contextlib
 import gc
 import logging
-import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
 from bigpipe import __version__
 from bigpipe.app import WorkerSlot, serve
-from bigpipe.board import Board
-from bigpipe.config import Config, ConfigError, load_config
+from bigpipe.board import OWNER_NAME, Board
+from bigpipe.config import Config, ConfigError
 from bigpipe.logs import Logging
-from bigpipe.workers import WORKER_NAME, Supervisor, die_with_parent
+from bigpipe.preflight import load_checked
+from bigpipe.workers import (
+    WORKER_NAME,
+    Supervisor,
+    available_cpus,
+    die_with_parent,
+    read_snapshot,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-PROCESS_NAME = b"bigpipe"
+PROCESS_NAME = OWNER_NAME.encode()
 
 log = logging.getLogger("bigpipe")
 
@@ -50,8 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="worker processes, overriding http.server.workers (0: one per core)",
     )
     parser.add_argument("--version", action="version", version=f"bigpipe {__version__}")
-    # Set by the supervisor on the workers it starts: BOARD_PATH:INDEX:COUNT.
+    # Set by the supervisor on the workers it starts: BOARD_PATH:INDEX:COUNT, and the
+    # snapshot of its config that they run (bigpipe.workers). Their -config names the
+    # node's file, for `ps` and the logs; they never read it.
     parser.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--snapshot", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be 0 (one per core) or more")
@@ -66,22 +77,32 @@ def set_process_name(name: bytes = PROCESS_NAME) -> None:
 
 def worker_count(args: argparse.Namespace, config: Config) -> int:
     wanted = args.workers if args.workers is not None else config.workers
-    return wanted or os.cpu_count() or 1
+    return wanted or available_cpus()
 
 
-def run(args: argparse.Namespace, config: Config, logs: Logging) -> int:
+def run(args: argparse.Namespace, raw: Any, config: Config, logs: Logging) -> int:
     """Run as a supervisor of workers, as one of its workers, or as a single process."""
     if args.worker_of is not None:
         path, index, count = args.worker_of.rsplit(":", 2)
         set_process_name(WORKER_NAME)
         die_with_parent()
-        slot = WorkerSlot(Board(Path(path), int(count)), int(index))
+        slot = WorkerSlot(Board(Path(path), int(count)), int(index), Path(args.snapshot))
         return uvloop.run(serve(config, logs, slot))
     set_process_name()
     workers = worker_count(args, config)
     if workers > 1:
-        return uvloop.run(Supervisor(config, workers).run())
+        return uvloop.run(Supervisor(raw, config, workers, logs).run())
     return uvloop.run(serve(config, logs))
+
+
+def log_origin(args: argparse.Namespace, config: Config) -> str | None:
+    """Who writes this process's log lines: `worker-N`, `supervisor`, or a lone node (None).
+
+    Every worker logs the same events, so without it each line came N times, anonymous.
+    """
+    if args.worker_of is not None:
+        return f"worker-{args.worker_of.rsplit(':', 2)[1]}"
+    return "supervisor" if worker_count(args, config) > 1 else None
 
 
 def tune_gc() -> None:
@@ -99,7 +120,10 @@ def tune_gc() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config)
+        if args.worker_of is not None:
+            raw, (config, _) = None, read_snapshot(Path(args.snapshot), Path(args.config))
+        else:
+            raw, config = load_checked(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"bigpipe: config error: {problem}", file=sys.stderr)
@@ -107,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print("config ok")
         return EXIT_OK
-    logs = Logging()
+    logs = Logging(log_origin(args, config))
     logs.apply(config.log_level, config.log_directory, config.log_format)
     try:
         tune_gc()
-        return run(args, config, logs)
+        return run(args, raw, config, logs)
     except OSError as exc:
         log.critical("cannot run: %s", exc)
         print(f"bigpipe: cannot run: {exc}", file=sys.stderr)

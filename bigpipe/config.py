@@ -529,15 +529,19 @@ def _check_topic_roles(
             )
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a config file; raise ConfigError with one line per problem."""
+def read_config_file(path: str | Path) -> Any:
+    """The decoded JSON of a config file, not yet validated; ConfigError if unreadable."""
     path = Path(path)
     try:
         text = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"config {path}: cannot read it ({exc.strerror})"]) from None
     try:
-        raw = orjson.loads(text)
+        return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise ConfigError([f"config {path}: invalid JSON ({exc})"]) from None
-    return parse_config(raw, source=path)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raise ConfigError with one line per problem."""
+    return parse_config(read_config_file(path), source=Path(path))

@@ -2,7 +2,8 @@
 
 Records go through a queue to a listener thread, so a slow disk never stalls
 ingest or delivery. Files are named bigpipe.YYYYMMDD_HH.log, one per hour, as
-the original names them.
+the original names them. Every line carries its time in RFC 3339 UTC and, in
+a node with workers, who wrote it (`supervisor`, `worker-0`, ...).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging.handlers
 import queue
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -23,7 +25,7 @@ LEVELS = {
     4: logging.INFO,
     5: logging.DEBUG,
 }
-FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMAT = "%(asctime)s %(levelname)s {origin}%(name)s: %(message)s"
 RETENTION_HOURS = 7 * 24
 
 
@@ -68,14 +70,23 @@ class HourlyFileHandler(logging.Handler):
 
 
 class Logging:
-    """Owns the queue listener; `apply` switches level and destination, e.g. on reload."""
+    """Owns the queue listener; `apply` switches level and destination, e.g. on reload.
 
-    def __init__(self) -> None:
+    `origin` names the process in every line (`worker-1`), or is None for a lone node.
+    """
+
+    def __init__(self, origin: str | None = None) -> None:
         self._queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         self._listener: logging.handlers.QueueListener | None = None
         self._sink_settings: tuple[str, str] | None = None
+        self._origin = origin
         root = logging.getLogger()
         root.handlers[:] = [logging.handlers.QueueHandler(self._queue)]
+
+    @property
+    def to_file(self) -> bool:
+        """Do lines go to files? Then stderr does not see them."""
+        return self._sink_settings is not None and self._sink_settings[0] not in ("", "-")
 
     def apply(self, level: int, directory: str, style: str = "text") -> None:
         logging.getLogger().setLevel(LEVELS[level])
@@ -83,7 +94,8 @@ class Logging:
             return
         self.stop()
         handler = _sink(directory)
-        handler.setFormatter(JsonFormatter() if style == "json" else logging.Formatter(FORMAT))
+        formatter = JsonFormatter if style == "json" else TextFormatter
+        handler.setFormatter(formatter(self._origin))
         self._listener = logging.handlers.QueueListener(self._queue, handler)
         self._listener.start()
         self._sink_settings = (directory, style)
@@ -96,16 +108,38 @@ class Logging:
             self._listener = None
 
 
+def rfc3339(created: float) -> str:
+    """2026-12-04T08:40:00.123Z: UTC, so lines of hosts in other zones sort together."""
+    moment = datetime.fromtimestamp(created, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    """`TIME LEVEL [ORIGIN ]LOGGER: MESSAGE`."""
+
+    def __init__(self, origin: str | None = None) -> None:
+        super().__init__(FORMAT.format(origin=f"{origin} " if origin else ""))
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return rfc3339(record.created)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers: time, level, logger, message."""
+    """One JSON object per line, for log shippers: time, level, logger, message, worker."""
+
+    def __init__(self, origin: str | None = None) -> None:
+        super().__init__()
+        self._origin = origin
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": self.formatTime(record),
+            "time": rfc3339(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._origin is not None:
+            entry["origin"] = self._origin
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()

@@ -4,10 +4,16 @@ One Python process runs on one core, so a node runs `http.server.workers`
 workers. Each is a whole Bigpipe node: it listens on the shared port
 (SO_REUSEPORT, the kernel spreads connections) and joins every consumer group
 (Kafka spreads the partitions). The supervisor, named `bigpipe` so that
-`killall -USR1 bigpipe` reaches it, forwards SIGUSR1 and SIGTERM to the
-workers (named `bigpipe-worker`, so they are not signalled twice), restarts a
-worker that dies, and owns the shared board through which `/stats` and
-`/metrics` report node-wide numbers.
+`killall -USR1 bigpipe` reaches it, restarts a worker that dies, forwards
+SIGTERM, and owns two files in /dev/shm: the shared board through which
+`/stats` and `/metrics` report node-wide numbers, and the config snapshot.
+
+The snapshot is the config every worker runs: the one the supervisor last
+loaded successfully. Only the supervisor reads the operator's file. On SIGUSR1
+it validates the file, writes a new snapshot if the file is good, and then
+signals the workers, which apply the snapshot. A worker restarted later starts
+from the snapshot too, so an edited but unreloaded file, or a broken one, never
+reaches one worker and not the others.
 
 `rateLimit` and `concurrency` stay node-wide: each worker takes its share
 (see `share_of`), so N workers together never exceed the configured limits.
@@ -21,19 +27,32 @@ import ctypes
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
-from bigpipe.board import Board
-from bigpipe.config import Config, ConsumerConfig
+import orjson
+
+import bigpipe
+from bigpipe.board import Board, node_file
+from bigpipe.config import Config, ConfigError, ConsumerConfig, parse_config, read_config_file
+from bigpipe.logs import Logging
+from bigpipe.reload import check_reload, log_reloaded, plan_reload, with_running_http
+from bigpipe.signals import handle_reloads, notify_ready
+from bigpipe.stats import NodeCounters
 
 log = logging.getLogger(__name__)
 
 WORKER_NAME = b"bigpipe-worker"
 RESTART_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
 STABLE_SECONDS = 30  # a worker that lived this long resets its restart backoff
+START_ATTEMPTS = 3  # a worker that dies this many times in a row before it is up: give up
 PR_SET_PDEATHSIG = 1
+EXIT_WORKERS_FAILED = 1
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def share_of(consumer: ConsumerConfig, workers: int) -> ConsumerConfig:
@@ -53,66 +72,183 @@ def share_of(consumer: ConsumerConfig, workers: int) -> ConsumerConfig:
     )
 
 
+def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota.
+
+    os.cpu_count() counts the machine's CPUs; in a container or under `taskset` the
+    process may run on fewer, and a worker per machine CPU would then only contend.
+    """
+    cpus = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cpus, math.ceil(quota))) if quota is not None else cpus
+
+
+def cgroup_cpu_quota(root: Path) -> float | None:
+    """The tightest `cpu.max` quota (in CPUs) of this process's cgroup v2 and its parents."""
+    try:
+        line = Path("/proc/self/cgroup").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    if not line.startswith("0::"):  # cgroup v1 or none
+        return None
+    quotas = []
+    directory = root / line[3:].strip().lstrip("/")
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            limit, period = (directory / "cpu.max").read_text().split()
+            if limit != "max":
+                quotas.append(int(limit) / int(period))
+        if directory == root or root not in directory.parents:
+            break
+        directory = directory.parent
+    return min(quotas) if quotas else None
+
+
 def die_with_parent() -> None:
     """Ask Linux to send this worker SIGTERM if its supervisor dies, even by kill -9."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# ---------------------------------------------------------------- the config snapshot
+def write_snapshot(path: Path, raw: dict[str, Any], reloads: NodeCounters) -> None:
+    """Replace the snapshot atomically: a worker reads either the old one or the new one."""
+    temporary = path.with_name(path.name + ".new")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(orjson.dumps({"config": raw, "nodeStats": dataclasses.asdict(reloads)}))
+    os.replace(temporary, path)
+
+
+def read_snapshot(path: Path, source: Path) -> tuple[Config, NodeCounters]:
+    """The config a worker runs (read from `source` by the supervisor), and the node's
+    reload counters, which the supervisor keeps."""
+    snapshot = read_config_file(path)
+    config = parse_config(snapshot["config"], source=source)
+    return config, NodeCounters(**snapshot["nodeStats"])
+
+
+# ---------------------------------------------------------------- worker processes
+class WorkerProcess:
+    """A worker started with SIGUSR1 blocked, waited for and signalled through a pidfd.
+
+    asyncio's and uvloop's subprocesses clear the signal mask in the child (libuv does),
+    so a reload forwarded while the worker imports its libraries would kill it. A pidfd
+    also makes a signal reach this process, never a later one that reused its PID.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which
+        # forwards one SIGTERM; a second signal would make the workers skip the drain.
+        self.pid = os.posix_spawn(argv[0], argv, env, setsid=True, setsigmask={signal.SIGUSR1})
+        self._pidfd = os.pidfd_open(self.pid)
+        self.returncode: int | None = None
+
+    async def wait(self) -> int:
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        loop.add_reader(self._pidfd, lambda: exited.done() or exited.set_result(None))
+        try:
+            await exited
+        finally:
+            loop.remove_reader(self._pidfd)
+        # The pidfd is readable once the process has exited: this returns at once.
+        _, status = os.waitpid(self.pid, 0)  # noqa: ASYNC222
+        self.returncode = os.waitstatus_to_exitcode(status)
+        os.close(self._pidfd)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signum)
+
+
 @dataclasses.dataclass
 class _Worker:
     index: int
-    process: asyncio.subprocess.Process | None = None
+    process: WorkerProcess | None = None
     started: float = 0.0
     failures: int = 0
+    start_failures: int = 0  # deaths in a row before the worker was up
+
+
+def worker_environment() -> dict[str, str]:
+    """The supervisor's environment, importing the very package the supervisor runs.
+
+    Workers start with `python -P`, so a `bigpipe/` folder in the current directory
+    cannot shadow the package (it made every worker fail its imports, forever).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    root = str(Path(bigpipe.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+    return env
 
 
 class Supervisor:
-    def __init__(self, config: Config, workers: int) -> None:
+    def __init__(
+        self, raw: dict[str, Any], config: Config, workers: int, logs: Logging | None = None
+    ) -> None:
         assert config.source is not None
-        self._config = config
+        self._raw, self._config = raw, config  # the last config loaded successfully
+        self._logs = logs
+        self._reloads = NodeCounters()
         self._workers = [_Worker(i) for i in range(workers)]
         self._board = Board.create(workers)
+        self._snapshot = node_file("config", ".json")
+        write_snapshot(self._snapshot, raw, self._reloads)
+        self._env = worker_environment()
         self._stopping = False
+        self._stopped = asyncio.Event()
+        self._failed = False
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        stopped = asyncio.Event()
-        loop.add_signal_handler(signal.SIGUSR1, self._forward, signal.SIGUSR1)
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._on_stop, signum, stopped)
+            loop.add_signal_handler(signum, self._on_stop, signum)
+        handle_reloads(loop, self._reload)
+        notify_ready()
         log.info("supervising %d workers on port %d", len(self._workers), self._config.http_port)
         try:
             keepers = [asyncio.create_task(self._keep_running(w)) for w in self._workers]
-            await stopped.wait()
+            await self._stopped.wait()
             results = await asyncio.gather(*keepers)
         finally:
             self._board.remove()
+            self._snapshot.unlink(missing_ok=True)
+        if self._failed:
+            return EXIT_WORKERS_FAILED
         return 0 if all(code == 0 for code in results) else 1
 
     def _command(self, worker: _Worker) -> list[str]:
         return [
             sys.executable,
+            "-P",
             "-m",
             "bigpipe",
             "-config",
             str(self._config.source),
             "--worker-of",
             f"{self._board.path}:{worker.index}:{len(self._workers)}",
+            "--snapshot",
+            str(self._snapshot),
         ]
 
     async def _keep_running(self, worker: _Worker) -> int:
         """Run one worker until the node stops; restart it whenever it dies before that."""
         while True:
-            # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which
-            # forwards one SIGTERM; a second signal would make the workers skip the drain.
-            worker.process = await asyncio.create_subprocess_exec(
-                *self._command(worker), start_new_session=True
-            )
+            worker.process = WorkerProcess(self._command(worker), self._env)
             worker.started = time.monotonic()
             code = await worker.process.wait()
             if self._stopping:
                 return code
+            if self._was_up(worker):
+                worker.start_failures = 0
+            else:
+                worker.start_failures += 1
+                if worker.start_failures >= START_ATTEMPTS:
+                    self._give_up(worker, code)
+                    return code
             worker.failures = (
                 0 if time.monotonic() - worker.started > STABLE_SECONDS else worker.failures + 1
             )
@@ -126,15 +262,60 @@ class Supervisor:
             if self._stopping:
                 return 0
 
+    def _was_up(self, worker: _Worker) -> bool:
+        """Did this worker process get as far as listening? It then published its pid."""
+        published = self._board.read(worker.index)
+        assert worker.process is not None
+        return published is not None and orjson.loads(published).get("pid") == worker.process.pid
+
+    def _give_up(self, worker: _Worker, code: int) -> None:
+        message = (
+            f"worker {worker.index} died {worker.start_failures} times in a row before it "
+            f"was up (last exit code {code}); giving up: see its error above"
+        )
+        log.critical("%s", message)
+        if self._logs is None or self._logs.to_file:
+            print(f"bigpipe: {message}", file=sys.stderr, flush=True)
+        self._failed = True
+        self._stop()
+
+    def _reload(self) -> None:
+        """Validate the operator's file; hand a good one to the workers through the snapshot.
+
+        The workers are signalled either way: they take the node's reload counters from
+        the snapshot, so /stats counts a refused file too.
+        """
+        source = self._config.source
+        assert source is not None
+        try:
+            raw = read_config_file(source)
+            loaded = check_reload(self._config, raw, source)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload rejected, old config kept: %s", problem)
+            self._reloads.reloadFailure += 1
+        else:
+            if self._logs is not None:
+                self._logs.apply(loaded.log_level, loaded.log_directory, loaded.log_format)
+            plan = plan_reload(self._config, loaded)
+            log_reloaded(source, self._config, loaded, plan)
+            self._raw = with_running_http(raw, self._raw)
+            self._config = plan.config
+            self._reloads.reloadSuccess += 1
+        write_snapshot(self._snapshot, self._raw, self._reloads)
+        self._forward(signal.SIGUSR1)
+
     def _forward(self, signum: int) -> None:
         for worker in self._workers:
-            if worker.process is not None and worker.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.send_signal(signum)
+            if worker.process is not None:
+                worker.process.send_signal(signum)
 
-    def _on_stop(self, signum: int, stopped: asyncio.Event) -> None:
+    def _on_stop(self, signum: int) -> None:
         # A second signal is forwarded too: each worker then exits at once.
         log.info("%s: draining %d workers", signal.Signals(signum).name, len(self._workers))
+        self._stop()
+
+    def _stop(self) -> None:
         self._stopping = True
         self._forward(signal.SIGTERM)
-        stopped.set()
+        self._stopped.set()

@@ -230,9 +230,10 @@ def test_reload_plan_changes_only_what_changed() -> None:
     assert not plan.new_producer and not plan.regroup_all
 
 
-def test_reload_plan_moves_every_group_when_the_cluster_changes() -> None:
+def test_reload_plan_moves_every_group_when_the_client_settings_change() -> None:
     running = parse_config(EXAMPLE)
-    plan = plan_reload(running, parse_config({**EXAMPLE, "kafka.bootstrap.servers": "other:9092"}))
+    settings = {"kafka.client.config": {"socket.timeout.ms": 30_000}}
+    plan = plan_reload(running, parse_config({**EXAMPLE, **settings}))
     assert plan.new_producer and plan.regroup_all
     assert plan.removed == [("test", "G1"), ("test", "G2")]
     assert [c.key for c in plan.added] == [("test", "G1"), ("test", "G2")]

@@ -1,0 +1,40 @@
+"""Taking SIGUSR1 safely, and telling systemd when it is safe to send it.
+
+bigpipe/__main__.py blocks SIGUSR1 as its first instruction; the supervisor
+starts workers with it blocked (bigpipe.workers). `handle_reloads` installs the
+handler and only then unblocks the signal, so one sent during start-up is taken
+then instead of killing the process. `notify_ready` sends systemd READY=1
+(Type=notify), after which `systemctl reload` may signal at any time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Callable
+
+
+def handle_reloads(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> None:
+    loop.add_signal_handler(signal.SIGUSR1, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+
+def notify_ready() -> None:
+    """sd_notify(READY=1) when systemd asked for it ($NOTIFY_SOCKET); otherwise nothing.
+
+    The variable is dropped afterwards, so processes started later (workers) never
+    speak for the service.
+    """
+    address = os.environ.pop("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
+    ):
+        sock.sendto(b"READY=1\nMAINPID=%d" % os.getpid(), address)
