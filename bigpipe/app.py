@@ -38,6 +38,7 @@ from bigpipe.workers import read_snapshot, share_of
 log = logging.getLogger(__name__)
 
 EXIT_FORCED = 1
+EXIT_FAILED = 1  # a part of the node died: the supervisor (or systemd) starts it afresh
 PUBLISH_SECONDS = 0.1  # how stale another worker's figures in /stats may be
 TOPIC_CHECK_TIMEOUT = 10.0
 TOPIC_RETRY_SECONDS = 2.0
@@ -70,6 +71,9 @@ class Node:
         self._joined = False  # topics exist and the groups started
         self.kafka_lost = False  # every broker unreachable, after start-up (_watch_kafka)
         self.draining = False
+        self.broken = False  # a consumer group's poll loop died (_group_died)
+        self.stop_requested = asyncio.Event()  # a signal, or a part of the node died
+        self.exit_code = 0
         self._logs = logs
         self._runner: web.ServerRunner | None = None
         self._bring_up: asyncio.Task[None] | None = None
@@ -146,11 +150,11 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        """Taking calls: joined Kafka, Kafka still reachable, not draining."""
-        return self._joined and not self.kafka_lost and not self.draining
+        """Taking calls: joined Kafka, Kafka still reachable, not draining, not broken."""
+        return self._joined and not self.kafka_lost and not self.draining and not self.broken
 
     def not_ready_reason(self) -> str:
-        if self.draining:
+        if self.draining or self.broken:
             return "shutting down; send the call to another node"
         return "kafka not reachable; retry later"
 
@@ -230,7 +234,7 @@ class Node:
             group = ConsumerGroup(
                 self.config, self._local(consumer), self.producer, counters, latencies, self.caller
             )
-            group.start()
+            group.start(self._group_died)
             self.groups[consumer.key] = group
 
     async def reload(self) -> bool:
@@ -290,6 +294,14 @@ class Node:
             self.groups[consumer.key].update(self._local(consumer))
         self._start_groups(plan.added)
 
+    def _group_died(self) -> None:
+        """A group's poll loop died: this process would take calls it never delivers.
+        Stop taking them, drain, and exit 1, so that it is started afresh."""
+        log.error("a consumer group failed: draining, then exiting %d to start afresh", EXIT_FAILED)
+        self.broken = True
+        self.exit_code = EXIT_FAILED
+        self.stop_requested.set()
+
     async def _swap_producer(self, config: Config) -> None:
         old, self.producer = self.producer, Producer(config)
         for group in self.groups.values():
@@ -343,7 +355,7 @@ async def serve(
     """Run a node until SIGTERM or SIGINT; a second signal exits at once. SIGUSR1 reloads."""
     node = Node(config, logs, worker)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = node.stop_requested
     reloads: set[asyncio.Task[bool]] = set()
 
     def on_stop_signal(signum: int) -> None:
@@ -372,4 +384,4 @@ async def serve(
     await stop.wait()
     await asyncio.gather(*reloads, return_exceptions=True)
     await node.stop()
-    return 0
+    return node.exit_code

@@ -20,7 +20,9 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -142,7 +144,9 @@ class ConsumerGroup:
         self._client.update(consumer, self._breaker)
         log.info("%s: applied new settings", self.name)
 
-    def start(self) -> None:
+    def start(self, on_poll_death: Callable[[], None]) -> None:
+        """Join the group and poll; `on_poll_death` is called if the poll loop dies of an
+        error, since this process then delivers nothing more for the group."""
         self._kafka.subscribe(
             [self.config.topic],
             on_assign=self._on_assign,
@@ -150,6 +154,17 @@ class ConsumerGroup:
             on_lost=self._on_lost,
         )
         self._task = asyncio.create_task(self._poll_forever(), name=f"poll {self.name}")
+        self._task.add_done_callback(partial(self._poll_ended, on_poll_death))
+
+    def _poll_ended(self, on_poll_death: Callable[[], None], task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical(
+            "%s: the poll loop died; this process delivers nothing more for the group",
+            self.name,
+            exc_info=task.exception(),
+        )
+        on_poll_death()
 
     async def stop(self, timeout: float) -> None:
         """Stop polling, let calls in flight finish, commit, leave the group: within `timeout`.
@@ -158,8 +173,8 @@ class ConsumerGroup:
         """
         deadline = asyncio.get_running_loop().time() + timeout
         self._stopping.set()
-        if self._task is not None:
-            await self._task
+        if self._task is not None:  # a loop that died was reported by _poll_ended
+            await asyncio.gather(self._task, return_exceptions=True)
         tasks = [t for p in self._partitions.values() for t in p.tasks]
         if tasks:
             _, unfinished = await asyncio.wait(tasks, timeout=max(0.0, timeout - LEAVE_SECONDS))
