@@ -33,7 +33,7 @@ from bigpipe.reload import ReloadPlan, check_reload, log_reloaded, plan_reload
 from bigpipe.server import Ingest, build_server
 from bigpipe.signals import handle_reloads, notify_ready
 from bigpipe.stats import Stats
-from bigpipe.workers import read_snapshot, share_of
+from bigpipe.workers import SUPERVISOR_GONE, read_snapshot, share_of
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,10 @@ class Node:
 async def serve(
     config: Config, logs: Logging | None = None, worker: WorkerSlot | None = None
 ) -> int:
-    """Run a node until SIGTERM or SIGINT; a second signal exits at once. SIGUSR1 reloads."""
+    """Run a node until SIGTERM or SIGINT; a second signal exits at once. SIGUSR1 reloads.
+
+    A worker also drains when its supervisor dies (SUPERVISOR_GONE, however often it comes).
+    """
     node = Node(config, logs, worker)
     loop = asyncio.get_running_loop()
     stop = node.stop_requested
@@ -375,11 +378,18 @@ async def serve(
         reloads.add(task)  # keep a reference until done, or the task may vanish
         task.add_done_callback(reloads.discard)
 
+    def on_supervisor_gone() -> None:
+        if not stop.is_set():
+            log.warning("the supervisor is gone: draining")
+            stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop_signal, signum)
     handle_reloads(loop, on_reload_signal)
     if worker is None:  # a worker's supervisor speaks for the node
         notify_ready()
+    else:  # see bigpipe.workers.die_with_parent
+        loop.add_signal_handler(SUPERVISOR_GONE, on_supervisor_gone)
     await node.start()
     await stop.wait()
     await asyncio.gather(*reloads, return_exceptions=True)

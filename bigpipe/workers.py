@@ -51,6 +51,7 @@ RESTART_BACKOFF_SECONDS = (1, 2, 5, 10, 30)
 STABLE_SECONDS = 30  # a worker that lived this long resets its restart backoff
 START_ATTEMPTS = 3  # a worker that dies this many times in a row before it is up: give up
 PR_SET_PDEATHSIG = 1
+SUPERVISOR_GONE = signal.SIGHUP  # a worker's drain signal when its supervisor dies
 EXIT_WORKERS_FAILED = 1
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -105,9 +106,14 @@ def cgroup_cpu_quota(root: Path) -> float | None:
 
 
 def die_with_parent() -> None:
-    """Ask Linux to send this worker SIGTERM if its supervisor dies, even by kill -9."""
+    """Ask Linux to send this worker SUPERVISOR_GONE if its supervisor dies, even by kill -9.
+
+    Not SIGTERM: Linux sends the signal each time the worker's parent thread exits, and
+    it is first reparented to another thread of the dying supervisor, so the signal may
+    come twice; a second SIGTERM means "exit now, skip the drain".
+    """
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, SUPERVISOR_GONE)
 
 
 # ---------------------------------------------------------------- the config snapshot
