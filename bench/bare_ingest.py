@@ -5,10 +5,13 @@
 It does what any JSON-over-HTTP handler must: read the body, parse it with
 orjson, pick out the fields, and answer with a reply of the same shape and
 size as Bigpipe's (`{"data": {"id": <32 hex digits>}, "errno": 0, "msg":
-"success"}`). It runs on uvloop with Bigpipe's garbage-collector setting, in
-N worker processes that share the port with SO_REUSEPORT, as Bigpipe's
-workers do. So bigpipe/bare is the share of plain aiohttp speed that Bigpipe
-keeps while it checks the call and waits for Kafka's acknowledgement.
+"success"}`). It is served the way Bigpipe serves: aiohttp's low-level
+`web.Server` with a dict from path and method to handler, no router, no
+middleware (bigpipe/server.py, `Routes`). It runs on uvloop with Bigpipe's
+garbage-collector setting, in N worker processes that share the port with
+SO_REUSEPORT, as Bigpipe's workers do. So bigpipe/bare is the share of plain
+aiohttp speed that Bigpipe keeps while it checks the call and waits for
+Kafka's acknowledgement: the serving pattern is the same on both sides.
 
 Each worker prints one line, `listening PID`, once it accepts connections.
 SIGTERM stops every worker.
@@ -34,10 +37,10 @@ from aiohttp import web
 PR_SET_PDEATHSIG = 1
 
 
-def make_app() -> web.Application:
+def make_server() -> web.Server:
     ids = itertools.count()
 
-    async def rpc_call(request: web.Request) -> web.Response:
+    async def rpc_call(request: web.BaseRequest) -> web.Response:
         payload = orjson.loads(await request.read())
         acl = payload["acl"]
         if not (
@@ -50,9 +53,15 @@ def make_app() -> web.Application:
         body = orjson.dumps({"data": {"id": f"{next(ids):032x}"}, "errno": 0, "msg": "success"})
         return web.Response(body=body, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/rpc/call", rpc_call)
-    return app
+    routes = {"/rpc/call": {"POST": rpc_call}}
+
+    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+        handler = routes.get(request.path, {}).get(request.method)
+        if handler is None:
+            return web.Response(status=404)
+        return await handler(request)
+
+    return web.Server(dispatch, access_log=None)
 
 
 async def serve(port: int) -> None:
@@ -60,7 +69,7 @@ async def serve(port: int) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", port))
-    runner = web.AppRunner(make_app(), access_log=None, handle_signals=False)
+    runner = web.ServerRunner(make_server(), handle_signals=False)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     stop = asyncio.Event()

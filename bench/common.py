@@ -352,6 +352,27 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of `pid` and every living descendant (a node: its
+    supervisor and workers), from utime and stime in /proc/PID/stat."""
+    ticks = 0
+    for member in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError, IndexError, ValueError):  # one that just exited
+            # After the command name's last ')': field 3 (state) is index 0, so utime
+            # (field 14) and stime (field 15) are indexes 11 and 12.
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLOCK_TICKS
+
+
+def per_10k(cpu: float, calls: int) -> float:
+    """CPU seconds per 10,000 calls: the cost of a call, readable across machines' speeds."""
+    return cpu / calls * 10_000
+
+
 def worker_pids(pid: int) -> list[int]:
     """The processes that serve calls: the children of a supervisor, or the process itself."""
     return descendants(pid) or [pid]

@@ -6,11 +6,17 @@ Each round starts one Bigpipe node (uvloop) with a consumer group on a fresh
 topic, waits until the group is stable (every worker has its partitions, so
 no rebalance falls inside the measurement), then preloads N calls (20,000)
 into the topic in a burst; the node delivers them to nginx answering 204, at
-concurrency 64. The baseline posts the same requests (same body, same
-headers) to the same nginx with a bare aiohttp client on uvloop, at the same
-concurrency. Deliveries are counted where they land, in nginx's stub_status
-request counter, so the figure holds whatever Bigpipe's worker count. The
-rate runs from the first delivery seen to the last; medians of `rounds`.
+concurrency 64. The baseline (bench/bare_delivery.py) posts the same requests (same body,
+same headers) to the same nginx with a bare aiohttp client on uvloop, in as
+many processes as Bigpipe has workers, splitting the concurrency as Bigpipe
+splits it: like for like. Deliveries are counted where they land, in
+nginx's stub_status request counter, for both sides alike. The rate runs
+from the first delivery seen to the last; medians of `rounds`.
+
+CPU cost: the user + system CPU seconds of every process of the node
+(/proc/PID/stat), from just before the preload until the last delivery, per
+10,000 calls; for the baseline, each client process's own CPU time while it
+sends.
 
 Figure: Bigpipe deliveries/s; ratio: Bigpipe / bare client; target >= 0.70.
 """
@@ -18,6 +24,7 @@ Figure: Bigpipe deliveries/s; ratio: Bigpipe / bare client; target >= 0.70.
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import aiohttp
@@ -30,46 +37,50 @@ from bench.common import (
     Row,
     bigpipe_config,
     bigpipe_node,
+    cpu_seconds,
     create_topic,
     median,
     nginx_204,
+    per_10k,
     save,
+    stop_process,
     wait_group_stable,
 )
 from bigpipe.envelope import encode_call, new_call
-from tests.support import consumer_entry, unique
+from tests.support import REPO, consumer_entry, unique
 
 CALLS, CONCURRENCY, PARTITIONS = 20_000, 64, 4
 TARGET_RATIO = 0.70
 
 
-async def bare_client_rate(url: str, calls: int, concurrency: int) -> float:
-    """Calls/s of a bare aiohttp client posting DATA to `url` with `concurrency` workers.
-
-    It sends the request Bigpipe sends: the same body and the same headers.
-    """
-    remaining = calls
-    body = DATA.encode()
-    headers = {
-        "Content-Type": "application/octet-stream",
-        "X-Bigpipe-Call-Id": "0" * 32,
-        "X-Bigpipe-Attempt": "1",
-    }
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            async with session.post(url, data=body, headers=headers) as response:
-                await response.read()
-                if response.status != 204:
-                    raise BenchError(f"nginx answered {response.status}")
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        started = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(worker(session) for _ in range(concurrency))), 120)
-        return calls / (time.perf_counter() - started)
+async def bare_client_rate(ctx: Context, nginx: str, calls: int) -> tuple[float, float]:
+    """Calls/s of bench/bare_delivery.py, in as many processes as Bigpipe has workers, and
+    their CPU seconds per 10,000 calls; counted at nginx, as Bigpipe's deliveries are."""
+    async with aiohttp.ClientSession() as session:
+        counter = NginxCounter(session, nginx)
+        await counter.reset()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.bare_delivery",
+            f"--url={nginx}/hook",
+            f"--calls={calls}",
+            f"--concurrency={CONCURRENCY}",
+            f"--processes={ctx.workers}",
+            stdout=asyncio.subprocess.PIPE,
+            cwd=REPO,
+        )
+        try:
+            rate = await _drain_rate(counter, calls, timeout=60 + calls / 1000)
+            out, _ = await asyncio.wait_for(process.communicate(), 60)
+        finally:
+            await stop_process(process)
+    if process.returncode != 0:
+        raise BenchError(f"bare_delivery exited {process.returncode}")
+    cpu = sum(
+        float(line.split()[1]) for line in out.decode().splitlines() if line.startswith("cpu ")
+    )
+    return rate, per_10k(cpu, calls)
 
 
 class Preload:
@@ -124,8 +135,9 @@ class NginxCounter:
         return await self._requests() - self._start - self._polls
 
 
-async def bigpipe_rate(ctx: Context, nginx: str, calls: int) -> float:
-    """Deliveries/s of one Bigpipe node draining `calls` preloaded calls to nginx."""
+async def bigpipe_rate(ctx: Context, nginx: str, calls: int) -> tuple[float, float]:
+    """Deliveries/s of one Bigpipe node draining `calls` preloaded calls to nginx, and the
+    CPU seconds per 10,000 calls of all its processes, from the preload to the last one."""
     topic, group = unique("bench-deliver"), unique("g")
     await asyncio.to_thread(create_topic, ctx.bootstrap, topic, PARTITIONS)
     consumer = consumer_entry(topic, group, concurrency=CONCURRENCY, rateLimit=1e9, timeout=5000)
@@ -133,13 +145,16 @@ async def bigpipe_rate(ctx: Context, nginx: str, calls: int) -> float:
         ctx.bootstrap, topic, workers=ctx.workers, partitions=PARTITIONS, consumers=[consumer]
     )
     preload = await asyncio.to_thread(Preload, ctx.bootstrap, topic, f"{nginx}/hook", calls)
-    async with aiohttp.ClientSession() as session, bigpipe_node(config, ctx.workdir):
+    async with aiohttp.ClientSession() as session, bigpipe_node(config, ctx.workdir) as node:
+        assert node.process is not None
         counter = NginxCounter(session, nginx)
         await counter.reset()
         await asyncio.to_thread(wait_group_stable, ctx.bootstrap, group, ctx.workers)
+        cpu_before = cpu_seconds(node.process.pid)
         drain = asyncio.create_task(_drain_rate(counter, calls, timeout=60 + calls / 1000))
         await asyncio.to_thread(preload.burst)
-        return await drain
+        rate = await drain
+        return rate, per_10k(cpu_seconds(node.process.pid) - cpu_before, calls)
 
 
 async def _drain_rate(counter: NginxCounter, calls: int, timeout: float) -> float:
@@ -159,21 +174,31 @@ async def _drain_rate(counter: NginxCounter, calls: int, timeout: float) -> floa
 
 async def run(ctx: Context) -> list[Row]:
     calls = ctx.count(CALLS)
-    baseline, bigpipe = [], []
+    baseline, bigpipe, baseline_cpu, bigpipe_cpu = [], [], [], []
     with nginx_204(ctx.workdir / "nginx") as nginx:
         for round_number in range(1, ctx.rounds + 1):
-            baseline.append(await bare_client_rate(f"{nginx}/hook", calls, CONCURRENCY))
-            bigpipe.append(await bigpipe_rate(ctx, nginx, calls))
+            rate, cpu = await bare_client_rate(ctx, nginx, calls)
+            baseline.append(rate)
+            baseline_cpu.append(cpu)
+            rate, cpu = await bigpipe_rate(ctx, nginx, calls)
+            bigpipe.append(rate)
+            bigpipe_cpu.append(cpu)
             print(
-                f"  delivery round {round_number}: bare client {baseline[-1]:,.0f}/s, "
-                f"bigpipe {bigpipe[-1]:,.0f}/s",
+                f"  delivery round {round_number}: bare client {baseline[-1]:,.0f}/s "
+                f"({baseline_cpu[-1]:.2f} CPU-s/10k), bigpipe {bigpipe[-1]:,.0f}/s "
+                f"({bigpipe_cpu[-1]:.2f} CPU-s/10k)",
                 flush=True,
             )
     ratio = median(bigpipe) / median(baseline)
     ctx.delivery_peak = median(bigpipe)
     how = (
         f"{calls:,} preloaded calls to nginx 204, concurrency {CONCURRENCY}, "
-        f"{PARTITIONS} partitions, median of {ctx.rounds}"
+        f"{PARTITIONS} partitions, median of {ctx.rounds}; the bare client runs in "
+        f"{ctx.workers} process(es), as Bigpipe in {ctx.workers} worker(s)"
+    )
+    cpu = (
+        f"CPU-seconds per 10,000 calls (median): bigpipe {median(bigpipe_cpu):.2f} (every "
+        f"process of the node, /proc/PID/stat), bare client {median(baseline_cpu):.2f}"
     )
     save(
         ctx.results,
@@ -186,6 +211,8 @@ async def run(ctx: Context) -> list[Row]:
             "concurrency": CONCURRENCY,
             "baseline_per_s": baseline,
             "bigpipe_per_s": bigpipe,
+            "baseline_cpu_s_per_10k": baseline_cpu,
+            "bigpipe_cpu_s_per_10k": bigpipe_cpu,
             "ratio": ratio,
             "target": TARGET_RATIO,
         },
@@ -198,7 +225,7 @@ async def run(ctx: Context) -> list[Row]:
             ratio,
             f">= {TARGET_RATIO:.2f}",
             ratio >= TARGET_RATIO,
-            [how],
+            [how, cpu],
         )
     ]
 

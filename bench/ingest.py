@@ -7,6 +7,9 @@ after Kafka has stored the call (acks=all, idempotent producer); the baseline
 the same shape and size, with the same number of worker processes, and no
 Kafka. Every reply must be 2xx, i.e. errno 0: one that is not fails the
 benchmark. Latency percentiles (p50, p99, p99.9) come from wrk's histogram.
+CPU cost: the user + system CPU seconds of every process of each side
+(/proc/PID/stat: Bigpipe's supervisor and workers; the bare server's
+processes) over each wrk run, per 10,000 calls answered.
 
 Figure: Bigpipe calls/s; ratio: Bigpipe / bare; target >= 0.70. The median
 Bigpipe rate is the "peak" that the latency and memory benchmarks scale from.
@@ -25,7 +28,9 @@ from bench.common import (
     bigpipe_config,
     bigpipe_node,
     call_body,
+    cpu_seconds,
     median,
+    per_10k,
     save,
 )
 from bench.wrk import WrkResult, run_wrk
@@ -77,24 +82,29 @@ async def run(ctx: Context) -> list[Row]:
         )
 
     runs: dict[str, list[WrkResult]] = {"bare": [], "bigpipe": []}
+    cpu: dict[str, list[float]] = {"bare": [], "bigpipe": []}  # CPU-s per 10,000 calls
     async with (
         bigpipe_node(config, ctx.workdir) as node,
-        bare_ingest(ctx.workers, ctx.workdir) as (bare_url, _pid),
+        bare_ingest(ctx.workers, ctx.workdir) as (bare_url, bare_pid),
     ):
+        assert node.process is not None
         await check_reply_shapes(node.url, bare_url, body)
-        targets = {"bare": bare_url, "bigpipe": node.url}
-        for name, url in targets.items():  # connections, the producer, caches
+        targets = {"bare": (bare_url, bare_pid), "bigpipe": (node.url, node.process.pid)}
+        for name, (url, _) in targets.items():  # connections, the producer, caches
             (await wrk(url, WARMUP_SECONDS)).check_all_ok(f"ingest warm-up, {name}")
         for round_number in range(1, ctx.rounds + 1):
-            for name, url in targets.items():
+            for name, (url, pid) in targets.items():
+                cpu_before = cpu_seconds(pid)
                 result = await wrk(url, seconds)
+                cpu[name].append(per_10k(cpu_seconds(pid) - cpu_before, result.requests))
                 result.check_all_ok(f"ingest round {round_number}, {name}")
                 runs[name].append(result)
             bare, bigpipe = runs["bare"][-1], runs["bigpipe"][-1]
             print(
                 f"  ingest round {round_number}: bare {bare.rate:,.0f}/s "
-                f"(p99 {bare.latency_ms['p99']:.1f} ms), bigpipe {bigpipe.rate:,.0f}/s "
-                f"(p99 {bigpipe.latency_ms['p99']:.1f} ms)",
+                f"(p99 {bare.latency_ms['p99']:.1f} ms, {cpu['bare'][-1]:.2f} CPU-s/10k), "
+                f"bigpipe {bigpipe.rate:,.0f}/s (p99 {bigpipe.latency_ms['p99']:.1f} ms, "
+                f"{cpu['bigpipe'][-1]:.2f} CPU-s/10k)",
                 flush=True,
             )
     bigpipe_rate = median([r.rate for r in runs["bigpipe"]])
@@ -116,6 +126,7 @@ async def run(ctx: Context) -> list[Row]:
             "target": TARGET_RATIO,
             "bigpipe_latency_ms": lat_bigpipe,
             "bare_latency_ms": lat_bare,
+            "cpu_s_per_10k": cpu,
             "runs": {name: [r.summary() for r in results] for name, results in runs.items()},
         },
     )
@@ -131,6 +142,8 @@ async def run(ctx: Context) -> list[Row]:
                 f"{how}; {ctx.workers} worker(s) each; every reply 200/errno 0",
                 f"latency p50/p99/p99.9: bigpipe {fmt_latency(lat_bigpipe)}, "
                 f"bare {fmt_latency(lat_bare)}",
+                f"CPU-seconds per 10,000 calls (median): bigpipe {median(cpu['bigpipe']):.2f} "
+                f"(every process of the node, /proc/PID/stat), bare {median(cpu['bare']):.2f}",
             ],
         )
     ]

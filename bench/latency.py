@@ -17,8 +17,12 @@ millisecond precision, converted with the offset between the two clocks.
   p99, to the millisecond. It can be slightly negative: the call is in Kafka
   before the reply reaches the caller. Informational.
 
-A 2 s warm-up at the same rate runs first, and is waited for until delivered,
-so the consumer group has joined and its connections are open.
+Each side gets the same 2 s warm-up at the same rate first (Bigpipe's is
+waited for until delivered, so the consumer group has joined and its
+connections are open), then `rounds` runs of 10 s; the figures are the
+medians over the rounds of each percentile. Bigpipe's node delivers every
+call as it goes (its own background load); the bare handler runs alone, with
+no background load: the node is stopped before the bare rounds.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from bench.common import (
     bigpipe_config,
     bigpipe_node,
     call_body,
+    median,
     nginx_204,
     percentile,
     save,
@@ -170,13 +175,57 @@ def fmt(figures: dict[str, Any]) -> str:
     return f"{figures['p50_ms']:.1f}/{figures['p99_ms']:.1f}/{figures['p99.9_ms']:.1f} ms"
 
 
-async def run(ctx: Context) -> list[Row]:
-    if not ctx.peak:
-        raise BenchError("needs the ingest peak: run the ingest benchmark first, or --peak")
-    rate = round(ctx.end_to_end_peak() * LOAD_SHARE)
-    seconds = ctx.seconds(SECONDS)
+def end_to_end(receipts_log: Path, replies: dict[str, float]) -> dict[str, Any]:
+    """Downstream receipt minus the caller's reply, per accepted call: percentiles (ms)."""
+    wall_minus_monotonic = time.time() - time.monotonic()
+    arrivals = read_receipts(receipts_log)
+    e2e = [
+        (arrivals[call_id][0] - wall_minus_monotonic - replied) * 1000
+        for call_id, replied in replies.items()
+    ]
+    return {
+        "calls": len(e2e),
+        "p50_ms": percentile(e2e, 50),
+        "p99_ms": percentile(e2e, 99),
+        "p99.9_ms": percentile(e2e, 99.9),
+        "duplicates": sum(len(arrivals[call_id]) - 1 for call_id in replies),
+    }
+
+
+def accepted_replies(columns: dict[str, list]) -> dict[str, float]:
+    """Call id -> when its errno 0 reply came (monotonic s)."""
+    return {
+        call_id: replied
+        for call_id, replied, status in zip(
+            columns["id"], columns["replied"], columns["status"], strict=True
+        )
+        if status == 200
+    }
+
+
+def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-round figures merged: the median of each percentile, failures summed."""
+    merged: dict[str, Any] = {
+        key: median([r[key] for r in rounds]) for key in rounds[0] if key.endswith("_ms")
+    }
+    failed: Counter[str] = Counter()
+    for figures in rounds:
+        failed.update(figures.get("failed", {}))
+    merged["calls"] = sum(r["calls"] for r in rounds)
+    merged["failed"] = dict(failed)
+    merged["failed_total"] = sum(failed.values())
+    merged["duplicates"] = sum(r.get("duplicates", 0) for r in rounds)
+    merged["rounds"] = rounds
+    return merged
+
+
+async def bigpipe_rounds(
+    ctx: Context, rate: float, seconds: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Warm-up, then `rounds` runs against a node delivering to nginx: ingest and e2e."""
     receipts_log = ctx.workdir / "nginx-latency" / "receipts.log"
     receipts_log.unlink(missing_ok=True)
+    ingest, e2e = [], []
     with nginx_204(receipts_log.parent, receipts_log) as downstream_url:
         topic = unique("bench-latency")
         consumer = consumer_entry(topic, unique("g"), concurrency=64, rateLimit=1e9, timeout=5000)
@@ -187,39 +236,52 @@ async def run(ctx: Context) -> list[Row]:
             # the accepted calls to be delivered.
             warmup = await open_loop(ctx, node.url, body, rate, WARMUP_SECONDS)
             await wait_delivered(receipts_log, set(warmup["id"]) - {""}, 90, node)
-            columns = await open_loop(ctx, node.url, body, rate, seconds)
-            bigpipe = ingest_figures(columns, "latency run, bigpipe")
-            replies = {
-                call_id: replied
-                for call_id, replied, status in zip(
-                    columns["id"], columns["replied"], columns["status"], strict=True
+            for round_number in range(1, ctx.rounds + 1):
+                columns = await open_loop(ctx, node.url, body, rate, seconds)
+                ingest.append(ingest_figures(columns, f"latency round {round_number}, bigpipe"))
+                replies = accepted_replies(columns)
+                await wait_delivered(receipts_log, set(replies), 60, node)
+                e2e.append(end_to_end(receipts_log, replies))
+                print(
+                    f"  latency round {round_number} at {rate:,.0f}/s: bigpipe ingest p99 "
+                    f"{ingest[-1]['p99_ms']:.1f} ms, reply -> downstream p50 "
+                    f"{e2e[-1]['p50_ms']:.1f} ms, p99 {e2e[-1]['p99_ms']:.1f} ms",
+                    flush=True,
                 )
-                if status == 200
-            }
-            await wait_delivered(receipts_log, set(replies), 60, node)
-    wall_minus_monotonic = time.time() - time.monotonic()
-    arrivals = read_receipts(receipts_log)
-    receipts = {call_id: arrivals[call_id][0] - wall_minus_monotonic for call_id in replies}
-    e2e = [(receipts[call_id] - replied) * 1000 for call_id, replied in replies.items()]
-    end_to_end = {
-        "p50_ms": percentile(e2e, 50),
-        "p99_ms": percentile(e2e, 99),
-        "p99.9_ms": percentile(e2e, 99.9),
-        "duplicates": sum(len(arrivals[call_id]) - 1 for call_id in replies),
-    }
-    print(
-        f"  latency at {rate:,.0f}/s: bigpipe ingest p99 {bigpipe['p99_ms']:.1f} ms, "
-        f"reply -> downstream p50 {end_to_end['p50_ms']:.1f} ms, p99 {end_to_end['p99_ms']:.1f} ms",
-        flush=True,
-    )
+    return ingest, e2e
+
+
+async def bare_rounds(ctx: Context, rate: float, seconds: float) -> list[dict[str, Any]]:
+    """The same warm-up and rounds against the bare handler, with no background load."""
+    rounds = []
+    body = call_body()
     async with bare_ingest(ctx.workers, ctx.workdir) as (bare_url, _pid):
-        columns = await open_loop(ctx, bare_url, body, rate, seconds)
-        bare = ingest_figures(columns, "latency, bare")
-    print(f"  latency at {rate:,.0f}/s: bare ingest p99 {bare['p99_ms']:.1f} ms", flush=True)
+        await open_loop(ctx, bare_url, body, rate, WARMUP_SECONDS)
+        for round_number in range(1, ctx.rounds + 1):
+            columns = await open_loop(ctx, bare_url, body, rate, seconds)
+            rounds.append(ingest_figures(columns, f"latency round {round_number}, bare"))
+            print(
+                f"  latency round {round_number} at {rate:,.0f}/s: bare ingest p99 "
+                f"{rounds[-1]['p99_ms']:.1f} ms",
+                flush=True,
+            )
+    return rounds
+
+
+async def run(ctx: Context) -> list[Row]:
+    if not ctx.peak:
+        raise BenchError("needs the ingest peak: run the ingest benchmark first, or --peak")
+    rate = round(ctx.end_to_end_peak() * LOAD_SHARE)
+    seconds = ctx.seconds(SECONDS)
+    ingest_rounds, e2e_rounds = await bigpipe_rounds(ctx, rate, seconds)
+    bigpipe, end_to_end_figures = medians(ingest_rounds), medians(e2e_rounds)
+    bare = medians(await bare_rounds(ctx, rate, seconds))
     ratio = bigpipe["p99_ms"] / bare["p99_ms"]
     how = (
         f"open loop at {rate:,.0f} calls/s ({LOAD_SHARE:.0%} of the end-to-end peak) for "
-        f"{seconds:g} s, {GENERATORS} generator processes"
+        f"{seconds:g} s, {GENERATORS} generator processes, median of {ctx.rounds} rounds "
+        f"after a {WARMUP_SECONDS} s warm-up on each side; Bigpipe delivers every call to "
+        "nginx as it goes, the bare handler runs with no background load (the node is stopped)"
     )
     notes = [how, f"ingest p50/p99/p99.9: bigpipe {fmt(bigpipe)}, bare {fmt(bare)}"]
     for name, figures in (("bigpipe", bigpipe), ("bare", bare)):
@@ -241,7 +303,7 @@ async def run(ctx: Context) -> list[Row]:
             "rate_per_s": rate,
             "bigpipe_ingest": bigpipe,
             "bare_ingest": bare,
-            "end_to_end": end_to_end,
+            "end_to_end": end_to_end_figures,
             "target_ingest_p99_ms": TARGET_P99_MS,
         },
     )
@@ -257,15 +319,16 @@ async def run(ctx: Context) -> list[Row]:
         ),
         Row(
             "end-to-end latency",
-            f"p50 {end_to_end['p50_ms']:.1f} / p99 {end_to_end['p99_ms']:.1f} ms",
+            f"p50 {end_to_end_figures['p50_ms']:.1f} / p99 {end_to_end_figures['p99_ms']:.1f} ms",
             "-",
             None,
             "-",
             None,
             [
-                f"downstream receipt - caller's reply, {len(e2e):,} calls at {rate:,.0f}/s, "
-                f"p99.9 {end_to_end['p99.9_ms']:.1f} ms, "
-                f"{end_to_end['duplicates']} duplicate deliveries"
+                f"downstream receipt - caller's reply, {end_to_end_figures['calls']:,} calls "
+                f"at {rate:,.0f}/s, median of {ctx.rounds} rounds, p99.9 "
+                f"{end_to_end_figures['p99.9_ms']:.1f} ms, "
+                f"{end_to_end_figures['duplicates']} duplicate deliveries"
             ],
         ),
     ]

@@ -1,6 +1,7 @@
 """The benchmark suite: `python -m bench` runs every benchmark and prints one summary table.
 
     python -m bench [--workers N] [--rounds R] [--only NAME,...] [--quick] [--keep-kafka]
+                    [--note TEXT]
 
 Benchmarks, in order (each module's docstring says what it measures and how):
 
@@ -104,6 +105,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-kafka", action="store_true", help="leave the bench broker running afterwards"
     )
+    parser.add_argument(
+        "--note",
+        default="",
+        help="a line for this run's RESULTS.md section, e.g. what else loaded the machine",
+    )
     args = parser.parse_args(argv)
     args.selected = [name.strip() for name in args.only.split(",") if name.strip()] or list(
         BENCHMARKS
@@ -185,6 +191,7 @@ def write_results_md(rows: list[Row], info: dict[str, str]) -> None:
         f"- Command: `{info['command']}`",
         f"- Load average (1/5/15 min) at start: {info['load_start']}; at end: {info['load_end']}",
         f"- Runtime: {info['runtime']}",
+        *([f"- Note: {info['note']}"] if info.get("note") else []),
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -226,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join([".venv/bin/python -m bench", *argv]),
         "workers": str(args.workers),
         "load_start": load_average(),
+        "note": args.note,
     }
     results = RESULTS / f"workers-{args.workers}"  # figures of one worker count apart
     peak = args.peak or (None if "ingest" in args.selected else previous_peak(results))
