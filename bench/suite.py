@@ -24,7 +24,7 @@ the run writes summary.json beside them, and a full run (no --only, no
 instead, so it never replaces recorded figures. The configs and logs of the
 processes a run starts stay in .local/bench-run until the next run. The broker
 is warmed up first (30 s of small writes, read by a consumer group). A full run
-takes about 3 minutes.
+takes about 4 minutes.
 
 Exit status: 0 when every target is met, 1 when a target is missed, 2 when a
 benchmark could not produce a valid figure (wrong replies, a crash, a timeout).
@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     info = {
         "date": now(),
         "machine": machine(),
-        "command": " ".join([".venv/bin/python -m bench", *argv]),
+        "command": shlex.join([".venv/bin/python", "-m", "bench", *argv]),
         "workers": str(args.workers),
         "load_start": load_average(),
         "note": args.note,

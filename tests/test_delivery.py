@@ -351,7 +351,9 @@ async def test_a_backlog_never_bursts_past_a_tenth_of_a_second_of_tokens(
     await eventually(lambda: set(ids) <= downstream.call_ids(), 30, "the backlog delivered")
     times = sorted(r.at for r in downstream.requests)
     busiest = max(sum(1 for t in times[i:] if t - start < window) for i, start in enumerate(times))
-    bound = rate * (window + 0.1 + 0.1) + 2  # the window's tokens, a full bucket, some jitter
+    # The window's tokens, a full bucket, and 0.3 s of slack: this test's own loop may stall
+    # on a loaded machine and stamp requests that came over a longer span as one window.
+    bound = rate * (window + 0.1 + 0.3)
     print(f"\nburst: at most {busiest} requests in {window} s (bound {bound:.0f}, rate {rate}/s)")
     assert busiest <= bound
     await downstream.stop()
