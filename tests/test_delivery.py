@@ -44,6 +44,15 @@ async def dead_letters(kafka: str, topic: str, count: int) -> list[dict[str, Any
     return [orjson.loads(r.value()) for r in records]
 
 
+async def counted_delivered(bigpipe: Bigpipe, http: aiohttp.ClientSession, timeout: float) -> None:
+    """Wait until the node's group counts one call delivered."""
+
+    async def delivered() -> bool:
+        return (await group_stats(bigpipe, http))["rpcSuccess"] == 1
+
+    await eventually(delivered, timeout, "the call to count as delivered")
+
+
 def status(code: int, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
     async def behaviour(_request: web.Request, _number: int) -> web.Response:
         return web.Response(status=code, text=f"status {code}", headers=headers)
@@ -128,10 +137,7 @@ async def test_retry_after_on_429_is_honoured(
     first, second = downstream.requests
     assert second.at - first.at >= 0.95, "Retry-After: 1 asks for a 1 s wait"
 
-    async def succeeded() -> bool:
-        return (await group_stats(bigpipe, http))["rpcSuccess"] == 1
-
-    await eventually(succeeded, 10, "the retried call to count as a success")
+    await counted_delivered(bigpipe, http, 10)
     await downstream.stop()
 
 
@@ -277,10 +283,7 @@ async def test_a_response_body_is_read_to_64_kib_then_cut_off(
     bigpipe, _ = await start_node(kafka, tmp_path, processes, timeout=15_000, retries=2)
     await send(bigpipe, http, downstream.url())
 
-    async def delivered() -> bool:
-        return (await group_stats(bigpipe, http))["rpcSuccess"] == 1
-
-    await eventually(delivered, 15, "the call to count as delivered")
+    await counted_delivered(bigpipe, http, 15)
     await eventually(lambda: bool(written), 25, "the downstream's stream to end")
     print(f"\nresponse cap: {written[0]:,} bytes written before the cut, after {cut_after}")
     assert cut_after and cut_after[0] < 10, "the client must hang up, not wait for the end"
@@ -328,10 +331,7 @@ async def test_retry_after_on_503_is_honoured_as_a_date_and_capped_at_backoff_ma
     assert second - first >= 0.9, "Retry-After as a date 2 s ahead"
     assert 1.4 <= third - second < 5, "Retry-After: 3600 capped at backoffMax (1.5 s)"
 
-    async def succeeded() -> bool:
-        return (await group_stats(bigpipe, http))["rpcSuccess"] == 1
-
-    await eventually(succeeded, 10, "the call to count as delivered")
+    await counted_delivered(bigpipe, http, 10)
     await downstream.stop()
 
 
