@@ -227,4 +227,6 @@ async def test_every_documented_metric_is_scraped_with_its_labels_and_failures_c
     assert samples["bigpipe_invalid_messages_total"][group_key] == 1
     assert samples["bigpipe_dead_letters_total"][group_key] == 3
     assert samples["bigpipe_retries_total"][group_key] == 2
-    assert samples["bigpipe_attempts_total"][group_key] == 7
+    # Five calls, two of them failing twice; the call Kafka did not acknowledge in time may
+    # still have been stored (errno 1 says it may), and then it is delivered too.
+    assert samples["bigpipe_attempts_total"][group_key] in (7, 8)
