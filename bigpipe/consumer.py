@@ -53,6 +53,9 @@ COMMIT_INTERVAL_SECONDS = 0.5
 # Short, because rebalances are only served while consume() runs.
 STALL_SECONDS = 1.0
 LEAVE_SECONDS = 1.0  # the least time given to the final commit and group leave
+# The records a group holds in memory (read, not yet finished), per worker, besides
+# maxBuffered calls: with large calls, a count alone let a worker hold hundreds of MiB.
+BUFFER_BYTES = 32 << 20
 DRAIN_POLL_MARGIN_MS = 30_000  # max.poll.interval.ms beyond the shutdown timeout
 
 
@@ -115,6 +118,7 @@ class ConsumerGroup:
             }
         )
         self._partitions: dict[int, _Partition] = {}
+        self._buffered_bytes = 0  # record bytes of the calls read and not yet finished
         self._states = PartitionStates(self._kafka, consumer.topic, counters.partitions)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -227,7 +231,7 @@ class ConsumerGroup:
         full_since: float | None = None
         while not self._stopping.is_set():
             now = loop.time()
-            room = self.config.max_buffered - self._buffered()
+            room = self._room()
             full_since = (full_since or now) if room <= 0 else None
             messages = []
             # A full buffer skips consume() for a moment rather than pausing: a pause drops
@@ -248,6 +252,15 @@ class ConsumerGroup:
     def _buffered(self) -> int:
         return sum(len(p.offsets) for p in self._partitions.values())
 
+    def _room(self) -> int:
+        """Calls the buffer takes now: none once it holds maxBuffered calls or BUFFER_BYTES."""
+        if self._buffered_bytes >= BUFFER_BYTES:
+            return 0
+        return self.config.max_buffered - self._buffered()
+
+    def _unbuffer(self, size: int, _task: asyncio.Task[None]) -> None:
+        self._buffered_bytes -= size  # finished or cancelled: the record is let go either way
+
     def _accept(self, message: Message) -> None:
         if message.error() is not None:
             log.warning("%s: consume error: %s", self.name, message.error().str())
@@ -257,9 +270,12 @@ class ConsumerGroup:
             return
         partition.offsets.track(message.offset())
         self._counters.handleMessage += 1
+        size = len(message.value() or b"")
+        self._buffered_bytes += size
         task = asyncio.create_task(self._handle(message, partition))
         partition.tasks.add(task)
         task.add_done_callback(partition.tasks.discard)
+        task.add_done_callback(partial(self._unbuffer, size))
 
     def _steer(self, stalled: bool) -> None:
         """Pause every partition while the breaker holds calls or the buffer stays full.
@@ -268,7 +284,10 @@ class ConsumerGroup:
         flap between pause and resume on every finished call.
         """
         breaking = self._breaker is not None and self._breaker.update() == BREAK
-        draining = self._states.any_paused and self._buffered() > self.config.max_buffered // 2
+        draining = self._states.any_paused and (
+            self._buffered() > self.config.max_buffered // 2
+            or self._buffered_bytes > BUFFER_BYTES // 2
+        )
         self._states.hold(BREAKER if breaking else BUFFER if stalled or draining else None)
 
     # ------------------------------------------------------------ one call
