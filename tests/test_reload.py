@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +20,10 @@ from tests.support import (
     Bigpipe,
     Downstream,
     Received,
+    answer_200,
     eventually,
     group_stats,
+    own_kafka,
     reload,
     rewrite,
     start_node,
@@ -247,3 +253,157 @@ async def test_each_reloaded_consumer_setting_is_seen_at_the_downstream(
     assert old["1.5 s answer"] == [True], "a 5 s timeout waits for the 1.5 s answer"
     assert new["1.5 s answer"] == [False] * 3, "a 0.5 s timeout cuts off each attempt"
     await downstream.stop()
+
+
+async def test_log_format_and_directory_reload(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    bigpipe, _ = await start_node(kafka, tmp_path, processes)
+    rewrite(bigpipe, **{"log.format": "json"})
+    await reload(bigpipe, http)
+
+    def json_lines(text: str) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+    # The reload's own closing line is written under the new format.
+    await eventually(
+        lambda: any("reloaded" in e["message"] for e in json_lines(bigpipe.log_tail(50))),
+        10,
+        "a JSON log line after the reload",
+    )
+    assert {"time", "level", "logger", "message"} <= json_lines(bigpipe.log_tail(50))[-1].keys()
+
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    rewrite(bigpipe, **{"log.directory": str(directory)})
+    lines_before = len(bigpipe.log_tail(10_000).splitlines())
+    await reload(bigpipe, http)
+
+    def in_directory() -> str:
+        return "".join(f.read_text() for f in directory.glob("bigpipe.*.log"))
+
+    await eventually(lambda: "reloaded" in in_directory(), 10, "log lines in log.directory")
+    [log_file] = directory.glob("bigpipe.*.log")
+    assert re.fullmatch(r"bigpipe\.\d{8}_\d{2}\.log", log_file.name)
+    assert json_lines(in_directory()), "the format holds in the new place"
+    assert len(bigpipe.log_tail(10_000).splitlines()) == lines_before, "stderr is left"
+
+
+async def test_adding_and_removing_a_circuit_breaker_by_reload(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    async def refuse(_request: web.Request, _number: int) -> web.Response:
+        return web.Response(status=503)
+
+    downstream = await Downstream(behaviour=refuse).start()
+    bigpipe, _ = await start_node(kafka, tmp_path, processes, retries=0)
+
+    async def fail_calls(count: int) -> None:
+        sent = (await group_stats(bigpipe, http))["rpcTotal"] + count
+        for _ in range(count):
+            status, _ = await bigpipe.post_call(http, url=downstream.url())
+            assert status == 200
+
+        async def finished() -> bool:
+            return (await group_stats(bigpipe, http))["rpcTotal"] == sent
+
+        await eventually(finished, 30, f"{count} failing calls to finish")
+
+    await fail_calls(10)
+    assert (await group_stats(bigpipe, http))["breakerState"] == 0, "no breaker, no BREAK"
+
+    breaker = {
+        "breakPeriod": 60,
+        "recoverPeriod": 5,
+        "winSize": 5,
+        "minStats": 3,
+        "healthRate": 0.5,
+    }
+    entry = bigpipe.config["kafka.consumer.list"][0]
+    rewrite(bigpipe, **{"kafka.consumer.list": [{**entry, "circuitBreaker": breaker}]})
+    await reload(bigpipe, http)
+    await fail_calls(3)
+
+    async def state_is(state: int) -> bool:
+        return (await group_stats(bigpipe, http))["breakerState"] == state
+
+    await eventually(lambda: state_is(1), 10, "the reloaded breaker to open (BREAK)")
+    held = [await bigpipe.post_call(http, url=downstream.url()) for _ in range(3)]
+    attempts = len(downstream.requests)
+
+    downstream.behaviour = answer_200
+    rewrite(bigpipe, **{"kafka.consumer.list": [entry]})  # no breaker: nothing is held
+    await reload(bigpipe, http)
+    await eventually(lambda: state_is(0), 10, "no breaker, no BREAK")
+    await eventually(
+        lambda: {reply["data"]["id"] for _, reply in held} <= downstream.answered_ids(),
+        30,
+        "the calls the breaker held to go out once it is removed",
+    )
+    assert len(downstream.requests) == attempts + len(held), "held, not tried, while BREAK"
+    await downstream.stop()
+
+
+async def test_kafka_producer_settings_reload_into_a_new_producer(
+    http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """A frozen broker (SIGSTOP) never acknowledges: a write then ends at the producer's
+    ack timeout, and only there, so the reply's delay shows which timeout is in force."""
+    async with own_kafka(tmp_path / "kafka") as (kafka, broker_pid):
+        bigpipe, _ = await start_node(
+            kafka,
+            tmp_path,
+            processes,
+            node={"kafka.producer.ack.timeout": 20_000, "http.server.write.timeout": 30_000},
+        )
+        rewrite(bigpipe, **{"kafka.producer.ack.timeout": 1500, "kafka.producer.retries": 5})
+        await reload(bigpipe, http)
+        status, reply = await bigpipe.post_call(http)
+        assert (status, reply["errno"]) == (200, 0), "the new producer writes"
+        os.kill(broker_pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            status, reply = await bigpipe.post_call(http)
+            took = time.monotonic() - started
+        finally:
+            os.kill(broker_pid, signal.SIGCONT)
+        print(f"\nfrozen broker: answered {status}/{reply['errno']} after {took:.1f} s")
+        assert (status, reply["errno"]) == (503, 1)
+        assert 1.3 < took < 10, "the reloaded 1.5 s ack timeout answers, not the old 20 s"
+        assert await bigpipe.stop() == 0
+
+
+async def test_kafka_client_config_reloads_into_the_consumers(
+    kafka: str,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    bigpipe, _ = await start_node(kafka, tmp_path, processes, partitions=1)
+
+    async def delivery_latency() -> float:
+        """From accepted to arrived, for a call sent as soon as the one before arrived: just
+        when the consumer has sent its next fetch to the broker."""
+        for _ in range(2):
+            sent = time.monotonic()
+            status, reply = await bigpipe.post_call(http, url=downstream.url())
+            assert (status, reply["errno"]) == (200, 0)
+            await eventually(
+                lambda call=reply["data"]["id"]: call in downstream.call_ids(), 30, "the call"
+            )
+        return downstream.requests[-1].at - sent
+
+    before = await delivery_latency()
+    # A fetch the broker holds until 1 MB is there or 3 s have passed: with these
+    # settings, a lone call waits for the broker's deadline.
+    waiting = {"fetch.min.bytes": 1_000_000, "fetch.wait.max.ms": 3000}
+    rewrite(bigpipe, **{"kafka.client.config": waiting})
+    await reload(bigpipe, http)
+    during = await delivery_latency()
+    rewrite(bigpipe, **{"kafka.client.config": {}})
+    await reload(bigpipe, http)
+    after = await delivery_latency()
+    print(f"\ndelivery latency: {before:.2f} s, with {waiting} {during:.2f} s, then {after:.2f} s")
+    assert before < 1 and after < 1
+    assert during > 2, "the consumers run with the reloaded librdkafka settings"
