@@ -125,13 +125,15 @@ class Breaker:
         self._replaced = True
         self._successor = successor
 
-    async def admit(self) -> None:
-        """Wait until an attempt may go out. Held calls are never dropped.
+    async def admit(self, give_up: Callable[[], bool] = lambda: False) -> None:
+        """Wait until an attempt may go out, or `give_up()` says the call need not wait.
 
-        Each check asks the breaker in force now: a reload may replace this one
-        while calls wait, and they must not wait out its break period.
+        Held calls are never dropped. Each check asks the breaker in force now: a reload
+        may replace this one while calls wait, and they must not wait out its break period.
         """
         while (breaker := self._in_force()) is not None and not breaker.allows():
+            if give_up():
+                return
             # Spread the re-checks so held calls do not wake in one herd.
             await asyncio.sleep(self._rng.uniform(0.05, 0.25))
 

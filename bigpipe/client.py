@@ -103,25 +103,41 @@ class DeliveryClient:
         attempt = 0
         while True:
             attempt += 1
-            if self._breaker is not None:
-                await self._breaker.admit()
-            await self._limits.acquire()
-            try:
-                # Judged at each attempt, under the ACL in force now: a reload may have
-                # narrowed it while the call waited. Refused is final, and not an attempt.
-                caller = self._callers(call.caller)
-                if (refused := _refusal(call, caller)) is not None:
-                    failure = AttemptResult(Verdict.FINAL, error=f"destination refused: {refused}")
-                    return Outcome(False, attempt - 1, failure, first_attempt_ms)
-                result = await self._attempt(call, body, attempt, caller)
-            finally:
-                self._limits.release()
+            result = await self._attempt_when_allowed(call, body, attempt)
+            if isinstance(result, str):  # refused is final, and not an attempt
+                failure = AttemptResult(Verdict.FINAL, error=f"destination refused: {result}")
+                return Outcome(False, attempt - 1, failure, first_attempt_ms)
             if self._breaker is not None:
                 self._breaker.record(result.verdict is Verdict.SUCCESS)
             if result.verdict is not Verdict.RETRY or attempt >= max_attempts:
                 return Outcome(result.verdict is Verdict.SUCCESS, attempt, result, first_attempt_ms)
             self._counters.rpcRetries += 1
             await asyncio.sleep(self._retry_delay(attempt, result))
+
+    async def _attempt_when_allowed(
+        self, call: Call, body: bytes, attempt: int
+    ) -> AttemptResult | str:
+        """One attempt once the shields let it out; or why its destination is refused.
+
+        The destination is judged by the caller's ACL entry in force: before the waits,
+        so a refused call does not queue; during the breaker's hold, so a reload that
+        refuses it frees it at once; and after the waits, just before the request.
+        """
+        if (refused := self._refusal(call)) is not None:
+            return refused
+        if self._breaker is not None:
+            await self._breaker.admit(give_up=lambda: self._refusal(call) is not None)
+        await self._limits.acquire()
+        try:
+            caller = self._callers(call.caller)
+            if (refused := _refusal(call, caller)) is not None:
+                return refused
+            return await self._attempt(call, body, attempt, caller)
+        finally:
+            self._limits.release()
+
+    def _refusal(self, call: Call) -> str | None:
+        return _refusal(call, self._callers(call.caller))
 
     def _retry_delay(self, attempt: int, result: AttemptResult) -> float:
         delay = backoff_seconds(attempt, self._config.backoff_base_ms, self._config.backoff_max_ms)

@@ -4,6 +4,7 @@ allow prefixes on the decoded, dot-resolved path; denyPrivate on every literal f
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -206,4 +207,49 @@ async def test_a_reload_that_tightens_the_acl_holds_back_calls_already_queued(
     assert {caller: expected[caller] for caller, _ in reasons} == {
         caller: reason for caller, reason in reasons
     }
+    await downstream.stop()
+
+
+async def test_calls_held_by_an_open_breaker_are_refused_at_once_when_their_caller_goes(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """A refusal does not wait for the breaker: calls it holds (here for its 60 s break
+    period) are dead-lettered as soon as a reload removes their caller."""
+
+    async def failing(_request: web.Request, _number: int) -> web.Response:
+        return web.Response(status=500)
+
+    downstream = await Downstream(behaviour=failing).start()
+    topic = unique("held")
+    breaker = {
+        "breakPeriod": 60,
+        "recoverPeriod": 1,
+        "winSize": 60,
+        "minStats": 3,
+        "healthRate": 0.9,
+    }
+    group = consumer_entry(topic, unique("g"), retries=5, circuitBreaker=breaker)
+    config = base_config(kafka, topic, free_port(), consumers=[group])
+    config["kafka.producer.acl"] = [
+        {"name": "leaving", "secret": SECRET, "topic": topic},
+        {"name": "staying", "secret": SECRET, "topic": topic},
+    ]
+    bigpipe = await Bigpipe(config, tmp_path).start()
+    processes.append(bigpipe)
+    for _ in range(3):
+        assert (await call_as(bigpipe, http, "leaving", downstream.url()))[0] == 200
+
+    async def broken() -> bool:
+        return (await group_stats(bigpipe, http))["circuitIsBreak"] == 1
+
+    await eventually(broken, 30, "three failures to open the breaker")
+    rewrite(bigpipe, **{"kafka.producer.acl": config["kafka.producer.acl"][1:]})
+    await reload(bigpipe, http)
+    reloaded = time.monotonic()
+
+    async def dead_lettered() -> bool:
+        return (await group_stats(bigpipe, http))["deadLetter"] == 3
+
+    await eventually(dead_lettered, 15, "the held calls of the removed caller to be refused")
+    print(f"\nheld calls refused {time.monotonic() - reloaded:.1f} s after their caller went")
     await downstream.stop()
