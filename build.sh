@@ -4,7 +4,10 @@
 #   ./build.sh          set up only: .venv with Bigpipe and its test tools, Kafka's jars
 #   ./build.sh run      start a local Kafka if none answers, then run Bigpipe in the foreground
 #   ./build.sh test     run the test suite against a Kafka of its own (port 19092, or a free one)
-#   ./build.sh faults   run the fault-injection suite (3-broker Kafka, crash loops, overload)
+#   ./build.sh faults   run the fault-injection suite (3-broker Kafka, crash loops, overload,
+#                       network faults through Toxiproxy)
+#   ./build.sh soak [--minutes M]
+#                       30 minutes (or M) of traffic through two nodes under rolling faults
 #   ./build.sh bench    run the benchmarks (bench/), each against a same-run baseline
 #   ./build.sh lint     ruff over the package, the tests and the benchmarks
 #
@@ -19,6 +22,8 @@ readonly LOCAL_KAFKA=$ROOT/deploy/kafka/local-kafka
 readonly CONFIG=${BIGPIPE_CONFIG:-$ROOT/config/bigpipe.json}
 readonly TEST_KAFKA_PORT=19092 # and 20092 for its controller
 readonly TEST_KAFKA_DIR=$ROOT/.local/kafka-test
+readonly TOXIPROXY_VERSION=v2.5.0 # Shopify's TCP fault proxy, for the network fault tests
+readonly TOXIPROXY=$ROOT/.local/bin/toxiproxy-server
 
 say() { printf 'build.sh: %s\n' "$*" >&2; }
 die() { say "$*"; exit 3; }
@@ -89,6 +94,42 @@ ensure_test_tools() {
   say "missing $missing: the tests and benchmarks that need them will be skipped"
 }
 
+# Go builds Toxiproxy. As root, install Debian's golang-go when no Go is found.
+find_go() {
+  local candidate
+  for candidate in "$(command -v go || true)" /usr/local/go/bin/go /usr/lib/go/bin/go; do
+    [[ -n $candidate && -x $candidate ]] && { echo "$candidate"; return; }
+  done
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing Go with apt-get (to build Toxiproxy)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go >/dev/null
+    command -v go && return
+  fi
+  die "go not found; install it (apt-get install -y golang-go) to build Toxiproxy"
+}
+
+# Toxiproxy $TOXIPROXY_VERSION in .local/bin, built from source with `go install` (the module
+# proxy checks its sum). The stamp beside it records the version, since the binary reports
+# none. Its command is cmd/server: installed as `server`, it is renamed toxiproxy-server.
+ensure_toxiproxy() {
+  local stamp=$TOXIPROXY.version gobin
+  [[ -x $TOXIPROXY && -f $stamp && $(cat "$stamp") == "$TOXIPROXY_VERSION" ]] && return
+  say "building Toxiproxy $TOXIPROXY_VERSION with go install (a minute or two the first time)"
+  mkdir -p "$ROOT/.local"
+  gobin=$(mktemp -d "$ROOT/.local/toxiproxy-build.XXXXXX")
+  if ! GOBIN=$gobin "$(find_go)" install \
+    "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION" >"$gobin.log" 2>&1; then
+    cat "$gobin.log" >&2
+    rm -rf "$gobin" "$gobin.log"
+    die "go install of Toxiproxy $TOXIPROXY_VERSION failed (log above)"
+  fi
+  mkdir -p "${TOXIPROXY%/*}"
+  mv "$gobin/server" "$TOXIPROXY"
+  echo "$TOXIPROXY_VERSION" >"$stamp"
+  rm -rf "$gobin" "$gobin.log"
+}
+
 # ------------------------------------------------------------------ set-up
 setup_venv() {
   local stamp=$VENV/.bigpipe-stamp want
@@ -155,6 +196,7 @@ PY
 cmd_test() {
   setup
   ensure_test_tools
+  ensure_toxiproxy
   local status=0 bootstrap
   if "$LOCAL_KAFKA" status --dir "$TEST_KAFKA_DIR" >/dev/null 2>&1; then
     # Already running (say, a bare pytest left it): reuse it on whatever port it has.
@@ -170,7 +212,14 @@ cmd_test() {
 cmd_faults() { # the fault tests start their own brokers: no test broker here
   setup
   ensure_test_tools
+  ensure_toxiproxy
   "$VENV/bin/python" -m pytest tests/faults -m faults "$@"
+}
+
+cmd_soak() { # not in CI: 30 minutes; it starts its own brokers like the fault tests
+  setup
+  ensure_toxiproxy
+  "$VENV/bin/python" -m tests.faults.soak "$@"
 }
 
 cmd_bench() {
@@ -193,10 +242,11 @@ main() {
     run) cmd_run "$@" ;;
     test) cmd_test "$@" ;;
     faults) cmd_faults "$@" ;;
+    soak) cmd_soak "$@" ;;
     bench) cmd_bench "$@" ;;
     lint) cmd_lint ;;
-    -h | --help | help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) say "unknown command '$command'; use one of: run, test, faults, bench, lint"; exit 2 ;;
+    -h | --help | help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) say "unknown command '$command'; use one of: run, test, faults, soak, bench, lint"; exit 2 ;;
   esac
 }
 

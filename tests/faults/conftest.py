@@ -1,4 +1,5 @@
-"""Fixtures for the fault tests: a 3-broker Kafka of their own, and a 1-broker one to stop.
+"""Fixtures for the fault tests: a 3-broker Kafka of their own, a 1-broker one to stop, and
+Toxiproxy between Bigpipe and Kafka (and its downstreams) for the network faults.
 
 The 3-broker cluster (port 19592, or $BIGPIPE_FAULTS_PORT; `.local/kafka-faults`) is
 started once per session and stopped at the end only if this session started it. Before each test
@@ -12,12 +13,13 @@ import asyncio
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.faults.harness import Sink
+from tests.faults.toxiproxy import Link, Proxy, Toxiproxy, ToxiproxyServer
 from tests.support import LOCAL_KAFKA, REPO
 
 # BIGPIPE_FAULTS_PORT moves both brokers' ports, so two checkouts on one machine can run
@@ -30,11 +32,41 @@ LONE_PORT = CLUSTER_PORT + 100
 LONE_DIR = REPO / ".local" / "kafka-faults-lone"
 START_TIMEOUT = 180
 
+# Toxiproxy: its API on TOXIPROXY_PORT ($BIGPIPE_TOXIPROXY_PORT, default 300 above the
+# cluster), then, within 100 ports of it, KAFKA_LINKS independent paths to the brokers
+# (link j: proxies at +10+10j+i, forwarding to the brokers' proxied listeners at
+# +50+10j+i, see local-kafka's --proxied), and proxies to downstreams from +90.
+TOXIPROXY_PORT = int(os.environ.get("BIGPIPE_TOXIPROXY_PORT", str(CLUSTER_PORT + 300)))
+KAFKA_LINKS = 2
+DOWNSTREAM_PROXY_PORT = TOXIPROXY_PORT + 90
+
+
+def link_ports(link: int) -> tuple[int, int]:
+    """(proxy port, proxied listener port) of broker 0 on Kafka link `link`."""
+    return TOXIPROXY_PORT + 10 + 10 * link, TOXIPROXY_PORT + 50 + 10 * link
+
+
+PROXIED = ",".join("{}:{}".format(*link_ports(link)) for link in range(KAFKA_LINKS))
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "faults: slow fault-injection tests on a 3-broker Kafka (tests/faults)"
     )
+    config.addinivalue_line(
+        "markers", "long: a fault test too long for ./build.sh test; run when -m is given"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a -m expression (the plain ./build.sh test), leave out the `long` tests;
+    with one (./build.sh faults passes -m faults), the expression alone decides."""
+    if config.option.markexpr:
+        return
+    keep = [item for item in items if item.get_closest_marker("long") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
 
 
 def _local_kafka(*args: str, timeout: float = START_TIMEOUT) -> subprocess.CompletedProcess[str]:
@@ -74,8 +106,10 @@ class Cluster:
     directory: Path
     port: int
     nodes: int
+    proxied: str = ""  # local-kafka's --proxied: listeners that a proxy stands in front of
 
     def _start_args(self) -> tuple[str, ...]:
+        proxied = ("--proxied", self.proxied) if self.proxied else ()
         return (
             "start",
             "--nodes",
@@ -84,6 +118,7 @@ class Cluster:
             str(self.port),
             "--dir",
             str(self.directory),
+            *proxied,
         )
 
     def start_all(self) -> None:
@@ -116,11 +151,48 @@ def _bootstrap(port: int, nodes: int) -> str:
     return ",".join(f"127.0.0.1:{port + i}" for i in range(nodes))
 
 
+def fault_cluster() -> Cluster:
+    """The 3-broker cluster, with a proxied listener per Kafka link (not started)."""
+    bootstrap = _bootstrap(CLUSTER_PORT, CLUSTER_NODES)
+    return Cluster(bootstrap, CLUSTER_DIR, CLUSTER_PORT, CLUSTER_NODES, PROXIED)
+
+
+@dataclass
+class Network:
+    """Toxiproxy's links: `kafka[j]` is a path to every broker (give each node its own),
+    and `downstream()` puts a proxy in front of a downstream."""
+
+    toxiproxy: Toxiproxy
+    kafka: list[Link]
+    _downstreams: dict[str, Proxy] = field(default_factory=dict)
+
+    @classmethod
+    async def create(cls, toxiproxy: Toxiproxy) -> Network:
+        """Every proxy enabled and free of toxics, and the Kafka links in place."""
+        await toxiproxy.reset()
+        links = []
+        for link in range(KAFKA_LINKS):
+            proxy_port, listener_port = link_ports(link)
+            links.append(
+                Link(
+                    [
+                        await toxiproxy.proxy(f"kafka{link}-{i}", proxy_port + i, listener_port + i)
+                        for i in range(CLUSTER_NODES)
+                    ]
+                )
+            )
+        return cls(toxiproxy, links)
+
+    async def downstream(self, name: str, upstream_port: int) -> Proxy:
+        if name not in self._downstreams:
+            port = DOWNSTREAM_PROXY_PORT + len(self._downstreams)
+            self._downstreams[name] = await self.toxiproxy.proxy(name, port, upstream_port)
+        return self._downstreams[name]
+
+
 @pytest.fixture(scope="session")
 def fault_cluster_session() -> Iterator[Cluster]:
-    cluster = Cluster(
-        _bootstrap(CLUSTER_PORT, CLUSTER_NODES), CLUSTER_DIR, CLUSTER_PORT, CLUSTER_NODES
-    )
+    cluster = fault_cluster()
     started_here = not cluster.running()  # "stopped" or "partial": we (re)start it
     cluster.start_all()
     yield cluster
@@ -133,6 +205,20 @@ def cluster(fault_cluster_session: Cluster) -> Cluster:
     """The 3-broker cluster with every broker up at the start of the test."""
     fault_cluster_session.start_all()
     return fault_cluster_session
+
+
+@pytest.fixture(scope="session")
+def toxiproxy_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Toxiproxy]:
+    log = tmp_path_factory.mktemp("toxiproxy") / "toxiproxy.log"
+    server = ToxiproxyServer(TOXIPROXY_PORT, log).start()
+    yield Toxiproxy(server.api)
+    server.stop()
+
+
+@pytest.fixture
+async def network(toxiproxy_session: Toxiproxy) -> Network:
+    """Toxiproxy with every link healthy at the start of the test."""
+    return await Network.create(toxiproxy_session)
 
 
 @pytest.fixture
