@@ -31,7 +31,7 @@ from bigpipe.metrics import Latencies, Sample, merge_samples
 from bigpipe.producer import Producer
 from bigpipe.reload import ReloadPlan, check_reload, log_reloaded, plan_reload
 from bigpipe.server import Ingest, build_server
-from bigpipe.signals import handle_reloads, notify_ready
+from bigpipe.signals import handle_reloads, notify_ready, take
 from bigpipe.stats import Stats
 from bigpipe.workers import SUPERVISOR_GONE, read_snapshot, share_of
 
@@ -384,7 +384,7 @@ async def serve(
             stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_stop_signal, signum)
+        take(loop, signum, on_stop_signal, signum)
     handle_reloads(loop, on_reload_signal)
     if worker is None:  # a worker's supervisor speaks for the node
         notify_ready()

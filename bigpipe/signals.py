@@ -1,9 +1,9 @@
 """Taking SIGUSR1 safely, and telling systemd when it is safe to send it.
 
 bigpipe/__main__.py blocks SIGUSR1 as its first instruction; the supervisor
-starts workers with it blocked (bigpipe.workers). `handle_reloads` installs the
-handler and only then unblocks the signal, so one sent during start-up is taken
-then instead of killing the process. `notify_ready` sends systemd READY=1
+starts workers with it (and SIGTERM) blocked (bigpipe.workers). `take` installs
+a handler and only then unblocks its signal, so one sent during start-up is
+taken then instead of killing the process. `notify_ready` sends systemd READY=1
 (Type=notify), after which `systemctl reload` may signal at any time.
 """
 
@@ -15,11 +15,19 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from typing import Any
 
 
 def handle_reloads(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> None:
-    loop.add_signal_handler(signal.SIGUSR1, handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    take(loop, signal.SIGUSR1, handler)
+
+
+def take(
+    loop: asyncio.AbstractEventLoop, signum: int, handler: Callable[..., None], *args: Any
+) -> None:
+    """Handle a signal on the loop, then unblock it: one that came while blocked arrives now."""
+    loop.add_signal_handler(signum, handler, *args)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
 
 
 def notify_ready() -> None:

@@ -80,20 +80,25 @@ def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
     process may run on fewer, and a worker per machine CPU would then only contend.
     """
     cpus = len(os.sched_getaffinity(0))
-    quota = cgroup_cpu_quota(cgroup_root)
+    quota = cgroup_cpu_quota(cgroup_root, own_cgroup())
     return max(1, min(cpus, math.ceil(quota))) if quota is not None else cpus
 
 
-def cgroup_cpu_quota(root: Path) -> float | None:
-    """The tightest `cpu.max` quota (in CPUs) of this process's cgroup v2 and its parents."""
+def own_cgroup() -> str | None:
+    """This process's cgroup v2 path ("/system.slice/bigpipe.service"), if it has one."""
     try:
         line = Path("/proc/self/cgroup").read_text().splitlines()[0]
     except (OSError, IndexError):
         return None
-    if not line.startswith("0::"):  # cgroup v1 or none
+    return line[3:].strip() if line.startswith("0::") else None  # else cgroup v1
+
+
+def cgroup_cpu_quota(root: Path, cgroup: str | None) -> float | None:
+    """The tightest `cpu.max` quota, in CPUs, of a cgroup v2 and its parents; None: no limit."""
+    if cgroup is None:
         return None
     quotas = []
-    directory = root / line[3:].strip().lstrip("/")
+    directory = root / cgroup.lstrip("/")
     while True:
         with contextlib.suppress(OSError, ValueError):
             limit, period = (directory / "cpu.max").read_text().split()
@@ -136,7 +141,8 @@ def read_snapshot(path: Path, source: Path) -> tuple[Config, NodeCounters]:
 
 # ---------------------------------------------------------------- worker processes
 class WorkerProcess:
-    """A worker started with SIGUSR1 blocked, waited for and signalled through a pidfd.
+    """A worker started with SIGUSR1 and SIGTERM blocked, waited for and signalled through
+    a pidfd.
 
     asyncio's and uvloop's subprocesses clear the signal mask in the child (libuv does),
     so a reload forwarded while the worker imports its libraries would kill it. A pidfd
@@ -146,7 +152,11 @@ class WorkerProcess:
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which
         # forwards one SIGTERM; a second signal would make the workers skip the drain.
-        self.pid = os.posix_spawn(argv[0], argv, env, setsid=True, setsigmask={signal.SIGUSR1})
+        # SIGTERM too: the supervisor stopping while a worker starts must not kill it
+        # mid-import (exit -15); the worker takes it once it can drain.
+        self.pid = os.posix_spawn(
+            argv[0], argv, env, setsid=True, setsigmask={signal.SIGUSR1, signal.SIGTERM}
+        )
         self._pidfd = os.pidfd_open(self.pid)
         self.returncode: int | None = None
 
@@ -246,6 +256,7 @@ class Supervisor:
             worker.process = WorkerProcess(self._command(worker), self._env)
             worker.started = time.monotonic()
             code = await worker.process.wait()
+            self._mark_not_ready(worker)
             if self._stopping:
                 return code
             if self._was_up(worker):
@@ -267,6 +278,15 @@ class Supervisor:
             await asyncio.sleep(delay)
             if self._stopping:
                 return 0
+
+    def _mark_not_ready(self, worker: _Worker) -> None:
+        """A dead worker's slot keeps its counters for the successor, but not its readiness:
+        /readyz says 503 until the successor is ready."""
+        published = self._board.read(worker.index)
+        if published is not None:
+            snapshot = orjson.loads(published)
+            snapshot["ready"] = False
+            self._board.publish(worker.index, orjson.dumps(snapshot))
 
     def _was_up(self, worker: _Worker) -> bool:
         """Did this worker process get as far as listening? It then published its pid."""
