@@ -26,7 +26,7 @@ from bigpipe.producer import producer_settings
 _QUIET = logging.getLogger("bigpipe.preflight.librdkafka")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
-PROPERTY = re.compile(r'property "([^"]+)"')
+PROPERTY = re.compile(r'property:? "([^"]+)"')
 CONFIGURATION_DOC = "librdkafka's CONFIGURATION.md"
 
 

@@ -1,0 +1,114 @@
+"""librdkafka settings (`kafka.client.config`) and the Kafka address, at --check, at start
+and on reload: one line naming the key, exit 2, and a running node left as it was."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.support import (
+    REPO,
+    Bigpipe,
+    Downstream,
+    base_config,
+    eventually,
+    free_port,
+    reload,
+    rewrite,
+    start_node,
+    unique,
+)
+
+BAD_SETTINGS = [
+    ({"no.such.setting": 1}, "kafka.client.config.no.such.setting: librdkafka has no such"),
+    ({"socket.timeout.ms": "soon"}, "kafka.client.config.socket.timeout.ms: librdkafka refuses"),
+    # Valid alone, but not with the idempotent producer Bigpipe runs.
+    ({"max.in.flight.requests.per.connection": 10}, "librdkafka refuses the settings"),
+    ({"enable.auto.commit": True}, "kafka.client.config.enable.auto.commit: is set by Bigpipe"),
+]
+
+
+def run_bigpipe(config: dict[str, Any], tmp_path: Path, *options: str) -> subprocess.Popen[str]:
+    path = tmp_path / "bigpipe.json"
+    path.write_bytes(orjson.dumps(config))
+    return subprocess.Popen(
+        [sys.executable, "-m", "bigpipe", "-config", str(path), *options],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(("settings", "message"), BAD_SETTINGS)
+@pytest.mark.parametrize("options", [("--check",), ()], ids=["check", "start"])
+def test_bad_client_settings_are_one_line_and_exit_2(
+    kafka: str, tmp_path: Path, settings: dict[str, Any], message: str, options: tuple[str, ...]
+) -> None:
+    config = base_config(
+        kafka, unique("settings"), free_port(), **{"kafka.client.config": settings}
+    )
+    process = run_bigpipe(config, tmp_path, *options)
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 2, err
+    assert out == ""
+    [line] = err.splitlines()
+    assert line.startswith("bigpipe: config error: ") and message in line
+
+
+async def test_a_reload_with_bad_client_settings_is_refused_and_counted(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    bigpipe, _ = await start_node(kafka, tmp_path, processes)
+    rewrite(bigpipe, **{"kafka.client.config": {"no.such.setting": 1}})
+    await reload(bigpipe, http, ok=False)
+    await eventually(
+        lambda: (
+            "reload rejected, old config kept: kafka.client.config.no.such.setting"
+            in bigpipe.log_tail()
+        ),
+        10,
+        "the one-line rejection",
+    )
+    assert "Traceback" not in bigpipe.log_tail() and "never retrieved" not in bigpipe.log_tail()
+    status, reply = await bigpipe.post_call(http)
+    assert (status, reply["errno"]) == (200, 0), "the old settings keep running"
+    assert await bigpipe.stop() == 0
+
+
+async def test_a_reload_to_another_kafka_cluster_is_refused(
+    kafka: str,
+    http: aiohttp.ClientSession,
+    downstream: Downstream,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    bigpipe, _ = await start_node(kafka, tmp_path, processes)
+    rewrite(bigpipe, **{"kafka.bootstrap.servers": f"127.0.0.1:{free_port()}"})
+    await reload(bigpipe, http, ok=False)
+    await eventually(
+        lambda: (
+            "reload rejected, old config kept: kafka.bootstrap.servers: changed from"
+            in bigpipe.log_tail()
+        ),
+        10,
+        "the one-line rejection",
+    )
+    assert "needs a restart" in bigpipe.log_tail()
+    status, reply = await bigpipe.post_call(http, url=downstream.url())
+    assert (status, reply["errno"]) == (200, 0)
+    await eventually(
+        lambda: reply["data"]["id"] in downstream.call_ids(), 30, "delivery from the old cluster"
+    )
+    assert await bigpipe.stop() == 0
