@@ -46,6 +46,11 @@ class RepeatFilter:
     def __call__(self, error: KafkaError) -> str | None:
         """The text to log for this error, or None to stay quiet."""
         text = error.str()
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            # librdkafka's "N/M brokers are down" counts connections (each bootstrap
+            # address, and each broker learned from it) and reads the counts racily: one
+            # lone broker gone was logged as "0/2 brokers are down".
+            text = "no broker reachable: every connection to Kafka is down; retrying"
         held = self._throttle.admit((error.code(), text.split(" ", 1)[0]))  # code and broker
         if held is None:
             return None
