@@ -21,6 +21,7 @@ from tests.support import (
     read_topic,
     start_node,
 )
+from tests.test_metrics import scrape
 
 
 async def send(
@@ -385,8 +386,22 @@ async def test_a_full_buffer_stops_reading_from_kafka_until_calls_finish(
         await asyncio.sleep(0.1)
     print(f"\nmaxBuffered {max_buffered}: read {max(read)} of {calls} while stuck")
     assert max(read) == max_buffered, "the buffer fills, and no further"
+    await eventually(
+        lambda: partitions_in(bigpipe, http, "paused:buffer"), 10, "partitions paused, said why"
+    )
     release.set()
     await eventually(lambda: set(ids) <= downstream.call_ids(), 60, "every call delivered")
+    await eventually(lambda: partitions_in(bigpipe, http, "consuming"), 10, "partitions resumed")
     assert (await group_stats(bigpipe, http))["handleMessage"] == calls
     assert "lost partitions" not in bigpipe.log_tail(1000), "paused, never evicted"
     await downstream.stop()
+
+
+async def partitions_in(bigpipe: Bigpipe, http: aiohttp.ClientSession, state: str) -> bool:
+    """Does /metrics show every partition of the node's group (three) in `state`?"""
+    shown = (await scrape(bigpipe, http)).get("bigpipe_partition_state", {})
+    return {
+        dict(labels)["partition"]
+        for labels, on in shown.items()
+        if on and (("state", state) in labels)
+    } == {"0", "1", "2"}
