@@ -5,9 +5,11 @@
 
 Benchmarks, in order (each module's docstring says what it measures and how):
 
-    ingest         bench/ingest.py         /rpc/call calls/s vs a bare aiohttp handler (wrk)
+    ingest         bench/ingest.py         /rpc/call calls/s vs a bare aiohttp handler served
+                                           as Bigpipe serves (wrk); CPU-s per 10,000 calls
     kafka_ceiling  bench/kafka_ceiling.py  raw confluent-kafka produce rate, same records and acks
-    delivery       bench/delivery.py       Kafka -> nginx deliveries/s vs a bare aiohttp client
+    delivery       bench/delivery.py       Kafka -> nginx deliveries/s vs a bare aiohttp client,
+                                           in as many processes as Bigpipe has workers; CPU-s/10k
     latency        bench/latency.py        ingest p99 at half the peak, reply -> downstream receipt
     memory         bench/memory.py         idle RSS per worker, RSS and refusals under overload
 

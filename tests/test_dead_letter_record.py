@@ -91,6 +91,14 @@ def documented_fields(heading: str) -> set[str]:
     return set(re.findall(r'"(\w+)":', block))
 
 
+def documented_rows(heading: str) -> set[str]:
+    """The names in the first column of the README's table after `heading`."""
+    start = README.index(heading)
+    section = README[start : README.index("\n\n**", start)]
+    rows = re.findall(r"^\| (.+?) \|", section, re.M)
+    return {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+
+
 async def boom(_request: web.Request, _number: int) -> web.Response:
     return web.Response(status=500, text="boom")
 
@@ -162,11 +170,3 @@ async def test_dead_letters_carry_every_documented_field_and_the_call_key(
     assert invalid.value["attempts"] == 0 and invalid.value["lastStatus"] is None
     assert invalid.value["lastError"].startswith("invalid record: not JSON")
     assert invalid.value["source"]["offset"] == raw_call.offset
-
-
-def documented_rows(heading: str) -> set[str]:
-    """The names in the first column of the README's table after `heading`."""
-    start = README.index(heading)
-    section = README[start : README.index("\n\n**", start)]
-    rows = re.findall(r"^\| (.+?) \|", section, re.M)
-    return {name for row in rows for name in re.findall(r"`(\w+)`", row)}
