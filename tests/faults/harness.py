@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -350,6 +351,11 @@ async def readyz_status(node: Bigpipe, http: aiohttp.ClientSession) -> int | Non
             return response.status
     except aiohttp.ClientError:
         return None
+
+
+def assignments(node: Bigpipe) -> int:
+    """How many times the node was assigned partitions (an empty assignment does not count)."""
+    return len(re.findall(r"assigned partitions \[\d", node.log_tail(100_000)))
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

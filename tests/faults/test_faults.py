@@ -20,6 +20,7 @@ from tests.faults.harness import (
     CONN_ERROR,
     Load,
     Sink,
+    assignments,
     dead_letter_topic,
     fault_config,
     outcome_summary,
@@ -120,11 +121,6 @@ async def test_bigpipe_crash_loop(
     assert await current[0].stop() == 0
 
 
-def _assignments(node: Bigpipe) -> int:
-    """How many times the node was assigned partitions (an empty assignment does not count)."""
-    return len(re.findall(r"assigned partitions \[\d", node.log_tail(100_000)))
-
-
 async def test_node_killed_its_partitions_move(
     cluster: Cluster,
     sink: Sink,
@@ -148,14 +144,14 @@ async def test_node_killed_its_partitions_move(
         tally = load.tally
         await eventually(both_deliver, 60, "both nodes to deliver from their partitions")
         await eventually(lambda: len(tally.accepted) >= 300, 30, "load to build up")
-        assignments = _assignments(survivor)
+        assigned_before = assignments(survivor)
         await victim.kill()
         killed_at = time.monotonic()
         alive.remove(victim)  # like a load balancer: callers move to the survivor
         at_kill = (await group_stats(survivor, http))["handleMessage"]
 
         def survivor_took_over() -> bool:
-            return _assignments(survivor) > assignments
+            return assignments(survivor) > assigned_before
 
         await eventually(survivor_took_over, 60, "the survivor to be assigned the victim's share")
         takeover = time.monotonic() - killed_at
