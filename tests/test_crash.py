@@ -35,6 +35,13 @@ async def slow_and_shuffled(_request: web.Request, _number: int) -> web.Response
     return web.Response(status=200)
 
 
+async def slower_and_shuffled(_request: web.Request, _number: int) -> web.Response:
+    # Up to a second: the delivery outlasts a second node's start, and about five calls
+    # per partition are in flight at once, finishing out of order, when it takes over.
+    await asyncio.sleep(random.uniform(0, 1.0))
+    return web.Response(status=200)
+
+
 async def test_kill_9_mid_delivery_loses_nothing(
     kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
@@ -85,7 +92,7 @@ async def test_kill_9_mid_delivery_loses_nothing(
 async def test_a_node_joining_mid_delivery_takes_partitions_and_nothing_is_lost(
     kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
-    downstream = await Downstream(behaviour=slow_and_shuffled).start()
+    downstream = await Downstream(behaviour=slower_and_shuffled).start()
     topic = unique("rebalance")
     group = unique("g")
     config = base_config(
@@ -93,7 +100,7 @@ async def test_a_node_joining_mid_delivery_takes_partitions_and_nothing_is_lost(
         topic,
         free_port(),
         partitions=4,
-        consumers=[consumer_entry(topic, group, concurrency=10)],
+        consumers=[consumer_entry(topic, group, concurrency=20)],
     )
     first = await Bigpipe(config, tmp_path).start()
     processes.append(first)
