@@ -497,6 +497,7 @@ OWNED_KAFKA_SETTINGS = frozenset(
         "partition.assignment.strategy",
         "message.timeout.ms",
         "message.send.max.retries",
+        "message.max.bytes",  # sized from http.server.body.limit (kafka.record_size_limit)
         "isolation.level",
         "transactional.id",
         "group.protocol",

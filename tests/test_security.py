@@ -106,6 +106,18 @@ def test_kafka_client_config_passes_through_but_not_over_owned_keys() -> None:
     ]
 
 
+def test_message_max_bytes_is_bigpipes_to_set() -> None:
+    # The producer sizes its records from http.server.body.limit; a value here was
+    # silently overridden, so it is refused like every other setting Bigpipe owns.
+    raw = copy.deepcopy(EXAMPLE)
+    raw["kafka.client.config"] = {"message.max.bytes": 2000}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert caught.value.problems == [
+        "kafka.client.config.message.max.bytes: is set by Bigpipe itself; remove it"
+    ]
+
+
 def test_tls_needs_both_files(tmp_path: Path) -> None:
     raw = {**EXAMPLE, "http.server.tls.cert": str(tmp_path / "absent.pem")}
     with pytest.raises(ConfigError) as caught:
