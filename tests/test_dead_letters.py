@@ -4,6 +4,7 @@ no single record can stall its partition."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -202,3 +203,30 @@ async def test_a_dead_letter_kafka_refuses_for_good_is_written_bare_or_skipped_n
     assert f'bigpipe_dead_letters_skipped_total{{group="{group}",topic="{topic}"}} 1.0' in metrics
     await downstream.stop()
     await ok.stop()
+
+
+def test_an_invalid_record_over_the_limit_keeps_the_start_of_its_raw_bytes() -> None:
+    value = bytes(range(256)) * 400  # not an envelope: dead-lettered as raw base64
+    letter = orjson.loads(
+        encode_dead_letter(
+            value=value,
+            call=None,
+            topic="calls",
+            partition=0,
+            offset=7,
+            group_id="g",
+            attempts=0,
+            last_status=None,
+            last_error="invalid record: not JSON",
+            first_attempt_ms=None,
+            max_bytes=10_000,
+        )
+    )
+    assert len(orjson.dumps(letter)) <= 10_000
+    kept = base64.b64decode(letter["raw"])
+    assert value.startswith(kept) and len(kept) > 5000
+    assert letter["cut"] == {
+        "field": "raw",
+        "length": len(value),
+        "sha256": hashlib.sha256(value).hexdigest(),
+    }
