@@ -347,7 +347,9 @@ def _read_consumer(item: _Section, topic_names: set[str] | None) -> ConsumerConf
     retries = item.get("retries", int, check=non_negative)
     concurrency = item.get("concurrency", int, check=positive)
     breaker = _read_breaker(item)
-    dead_letter = item.get("deadLetterTopic", str, default=f"{topic}.dlq", check=topic_name)
+    dead_letter = item.get("deadLetterTopic", str, default=None, check=topic_name)
+    if dead_letter is None and "deadLetterTopic" not in item.obj:
+        dead_letter = _default_dead_letter_topic(item, topic, group_id)
     backoff_base = item.get("backoffBase", int, default=200, check=positive)
     backoff_max = item.get("backoffMax", int, default=30_000, check=positive)
     retry_status = item.get(
@@ -390,6 +392,23 @@ def _read_consumer(item: _Section, topic_names: set[str] | None) -> ConsumerConf
         retry_status=frozenset(retry_status),
         max_buffered=max_buffered or max(100, 4 * concurrency),
     )
+
+
+def _default_dead_letter_topic(
+    item: _Section, topic: str | None, group_id: str | None
+) -> str | None:
+    """`<topic>.<groupId>.dlq`: one dead-letter topic per group, so one group's failures
+    never mix with another's (a shared one, set by hand, tells them apart by source.group)."""
+    if topic is None or group_id is None:
+        return None
+    name = f"{topic}.{group_id}.dlq"
+    if topic_name(name) is not None:
+        item.problems.append(
+            f"{item.path}.deadLetterTopic: the default {name!r} is not a valid Kafka topic name "
+            "(groupId has characters other than [A-Za-z0-9._-], or is too long); set it"
+        )
+        return None
+    return name
 
 
 def _status_list(value: list[Any]) -> str | None:

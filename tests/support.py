@@ -462,3 +462,10 @@ def create_topic(bootstrap: str, name: str, partitions: int = 1, **settings: str
     admin = AdminClient({"bootstrap.servers": bootstrap})
     topic = NewTopic(name, num_partitions=partitions, replication_factor=1, config=settings)
     admin.create_topics([topic])[name].result(timeout=30)
+
+
+def dead_letter_topic(bigpipe: Bigpipe, index: int = 0) -> str:
+    """Where the node's group `index` writes dead letters: its deadLetterTopic, or the
+    default, one per group."""
+    entry = bigpipe.config["kafka.consumer.list"][index]
+    return entry.get("deadLetterTopic", f"{entry['topic']}.{entry['groupId']}.dlq")

@@ -11,7 +11,14 @@ import aiohttp
 from aiohttp import web
 
 from bigpipe.limits import Limits
-from tests.support import Bigpipe, Downstream, eventually, start_node, topic_record_count
+from tests.support import (
+    Bigpipe,
+    Downstream,
+    dead_letter_topic,
+    eventually,
+    start_node,
+    topic_record_count,
+)
 
 
 async def test_waiters_cancelled_while_a_slot_frees_leave_the_limits_consistent() -> None:
@@ -38,7 +45,7 @@ async def test_a_drain_deadline_never_dead_letters_calls_waiting_for_a_slot(
 ) -> None:
     """The issue's repro: concurrency 1, 30 calls to a 1 s downstream, SIGTERM after 2 s."""
     downstream = await Downstream(behaviour=one_second).start()
-    first, topic = await start_node(kafka, tmp_path, processes, concurrency=1, partitions=1)
+    first, _topic = await start_node(kafka, tmp_path, processes, concurrency=1, partitions=1)
     ids = []
     for index in range(30):
         status, reply = await first.post_call(http, data=str(index), url=downstream.url())
@@ -50,7 +57,7 @@ async def test_a_drain_deadline_never_dead_letters_calls_waiting_for_a_slot(
     assert await asyncio.wait_for(first.process.wait(), 30) == 0
     by_first = len(downstream.call_ids())
     log = first.log_tail(200)
-    dead = await asyncio.to_thread(topic_record_count, kafka, f"{topic}.dlq")
+    dead = await asyncio.to_thread(topic_record_count, kafka, dead_letter_topic(first))
     print(f"\ncancelled waits: accepted=30 delivered_before_drain={by_first} dead_letters={dead}")
     assert "not in deque" not in log and "failed unexpectedly" not in log, log
     assert dead == 0, "calls cancelled while waiting for a slot were dead-lettered"
@@ -58,5 +65,5 @@ async def test_a_drain_deadline_never_dead_letters_calls_waiting_for_a_slot(
     second = await Bigpipe(first.config, tmp_path).start()
     processes.append(second)
     await eventually(lambda: set(ids) <= downstream.call_ids(), 60, "every call delivered")
-    assert await asyncio.to_thread(topic_record_count, kafka, f"{topic}.dlq") == 0
+    assert await asyncio.to_thread(topic_record_count, kafka, dead_letter_topic(first)) == 0
     await downstream.stop()

@@ -28,7 +28,7 @@ def problems_of(mutate: Any) -> list[str]:
 def test_example_config_is_valid() -> None:
     config = parse_config(EXAMPLE)
     assert [c.group_id for c in config.consumers] == ["G1", "G2"]
-    assert config.consumers[0].dead_letter_topic == "test.dlq"
+    assert config.consumers[0].dead_letter_topic == "test.G1.dlq"
     assert config.consumers[1].breaker is not None
     assert config.body_limit == 1 << 20
 

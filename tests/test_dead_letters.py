@@ -22,6 +22,7 @@ from tests.support import (
     base_config,
     consumer_entry,
     create_topic,
+    dead_letter_topic,
     eventually,
     free_port,
     group_stats,
@@ -129,7 +130,7 @@ async def test_a_dead_letter_larger_than_the_producer_takes_after_body_limit_shr
     finally:
         stats = await group_stats(second, http)
         print(f"\nbig dead letter: deadLetter={stats['deadLetter']} lag={stats['lag']}")
-    [record] = await asyncio.to_thread(read_topic, kafka, f"{topic}.dlq", 1)
+    [record] = await asyncio.to_thread(read_topic, kafka, dead_letter_topic(second), 1)
     letter = orjson.loads(record.value())
     assert letter["call"]["id"] == big_id and record.key() == b"k"
     whole = data.encode()
@@ -140,7 +141,10 @@ async def test_a_dead_letter_larger_than_the_producer_takes_after_body_limit_shr
     }
     assert len(record.value()) <= 100_000 + (1 << 20)
     log = second.log_tail(200)
-    assert f"call {big_id} to 127.0.0.1 dead-lettered to {topic}.dlq: HTTP 500: boom" in log, log
+    assert (
+        f"call {big_id} to 127.0.0.1 dead-lettered to {dead_letter_topic(second)}: HTTP 500: boom"
+        in log
+    ), log
     await downstream.stop()
     await ok.stop()
 
@@ -152,7 +156,9 @@ async def test_a_dead_letter_kafka_refuses_for_good_is_written_bare_or_skipped_n
     downstream = await Downstream(behaviour=failing).start()
     ok = await Downstream().start()
     topic, group = unique("calls"), unique("g")
-    await asyncio.to_thread(create_topic, kafka, f"{topic}.dlq", **{"max.message.bytes": "1500"})
+    await asyncio.to_thread(
+        create_topic, kafka, f"{topic}.{group}.dlq", **{"max.message.bytes": "1500"}
+    )
     config = base_config(
         kafka,
         topic,
@@ -192,7 +198,7 @@ async def test_a_dead_letter_kafka_refuses_for_good_is_written_bare_or_skipped_n
             f"skipped={stats['deadLetterSkipped']} lag={stats['lag']}"
         )
     assert (stats["deadLetter"], stats["deadLetterSkipped"]) == (1, 1)
-    [record] = await asyncio.to_thread(read_topic, kafka, f"{topic}.dlq", 1)
+    [record] = await asyncio.to_thread(read_topic, kafka, dead_letter_topic(bigpipe), 1)
     letter = orjson.loads(record.value())
     assert letter["call"]["id"] == bare_id and letter["call"]["data"] == ""
     assert letter["cut"]["length"] == 5000

@@ -15,6 +15,7 @@ from confluent_kafka import Producer
 from tests.support import (
     Bigpipe,
     Downstream,
+    dead_letter_topic,
     eventually,
     free_port,
     group_stats,
@@ -40,8 +41,8 @@ async def send(
     return ids
 
 
-async def dead_letters(kafka: str, topic: str, count: int) -> list[dict[str, Any]]:
-    records = await asyncio.to_thread(read_topic, kafka, f"{topic}.dlq", count)
+async def dead_letters(kafka: str, bigpipe: Bigpipe, count: int) -> list[dict[str, Any]]:
+    records = await asyncio.to_thread(read_topic, kafka, dead_letter_topic(bigpipe), count)
     return [orjson.loads(r.value()) for r in records]
 
 
@@ -67,7 +68,7 @@ async def test_failing_throughout_is_dead_lettered_after_exactly_retries_plus_on
     downstream = await Downstream(behaviour=status(500)).start()
     bigpipe, topic = await start_node(kafka, tmp_path, processes, retries=3)
     [call_id] = await send(bigpipe, http, downstream.url())
-    [letter] = await dead_letters(kafka, topic, 1)
+    [letter] = await dead_letters(kafka, bigpipe, 1)
     assert [r.attempt for r in downstream.requests] == [1, 2, 3, 4]
     assert letter["call"]["id"] == call_id
     assert (letter["attempts"], letter["lastStatus"]) == (4, 500)
@@ -86,9 +87,9 @@ async def test_slower_than_the_timeout_is_retried_then_dead_lettered(
         return web.Response(status=200)
 
     downstream = await Downstream(behaviour=too_slow).start()
-    bigpipe, topic = await start_node(kafka, tmp_path, processes, timeout=300, retries=1)
+    bigpipe, _topic = await start_node(kafka, tmp_path, processes, timeout=300, retries=1)
     await send(bigpipe, http, downstream.url())
-    [letter] = await dead_letters(kafka, topic, 1)
+    [letter] = await dead_letters(kafka, bigpipe, 1)
     assert letter["attempts"] == 2 and letter["lastStatus"] is None
     assert letter["lastError"] == "timeout after 300 ms"
     assert len(downstream.requests) == 2
@@ -98,9 +99,9 @@ async def test_slower_than_the_timeout_is_retried_then_dead_lettered(
 async def test_refused_connections_are_retried_then_dead_lettered(
     kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
-    bigpipe, topic = await start_node(kafka, tmp_path, processes, retries=2)
+    bigpipe, _topic = await start_node(kafka, tmp_path, processes, retries=2)
     await send(bigpipe, http, f"http://127.0.0.1:{free_port()}/nobody-home")
-    [letter] = await dead_letters(kafka, topic, 1)
+    [letter] = await dead_letters(kafka, bigpipe, 1)
     assert letter["attempts"] == 3
     assert "Connect" in letter["lastError"]
 
@@ -110,10 +111,10 @@ async def test_final_statuses_are_not_retried(
 ) -> None:
     downstream = await Downstream(behaviour=status(404)).start()
     redirect = await Downstream(behaviour=status(302, {"Location": downstream.url()})).start()
-    bigpipe, topic = await start_node(kafka, tmp_path, processes, retries=5)
+    bigpipe, _topic = await start_node(kafka, tmp_path, processes, retries=5)
     await send(bigpipe, http, downstream.url())
     await send(bigpipe, http, redirect.url())
-    letters = await dead_letters(kafka, topic, 2)
+    letters = await dead_letters(kafka, bigpipe, 2)
     assert sorted(letter["lastStatus"] for letter in letters) == [302, 404]
     assert all(letter["attempts"] == 1 for letter in letters)
     assert len(downstream.requests) == 1, "the 302 must not be followed"
@@ -201,7 +202,7 @@ async def test_invalid_record_is_counted_dead_lettered_and_skipped(
     producer.flush(10)
     [call_id] = await send(bigpipe, http, downstream.url())
     await eventually(lambda: call_id in downstream.call_ids(), 30, "the valid call")
-    [letter] = await dead_letters(kafka, topic, 1)
+    [letter] = await dead_letters(kafka, bigpipe, 1)
     assert letter["call"] is None and letter["raw"] == "/25vdCBhbiBlbnZlbG9wZQ=="
     assert letter["lastError"].startswith("invalid record: not JSON")
     stats = await group_stats(bigpipe, http)
@@ -218,7 +219,7 @@ async def test_outage_opens_the_breaker_and_the_backlog_drains_without_loss(
 
     downstream = await Downstream(behaviour=down_then_up).start()
     breaker = {"breakPeriod": 2, "recoverPeriod": 2, "winSize": 3, "minStats": 5, "healthRate": 0.5}
-    bigpipe, topic = await start_node(
+    bigpipe, _topic = await start_node(
         kafka, tmp_path, processes, retries=4, circuitBreaker=breaker, rateLimit=200
     )
     broke = False
@@ -243,7 +244,7 @@ async def test_outage_opens_the_breaker_and_the_backlog_drains_without_loss(
     stats = await group_stats(bigpipe, http)
     delivered = {r.call_id for r in downstream.requests if r.at >= outage_until}
     letters = {
-        letter["call"]["id"] for letter in await dead_letters(kafka, topic, stats["deadLetter"])
+        letter["call"]["id"] for letter in await dead_letters(kafka, bigpipe, stats["deadLetter"])
     }
     lost = set(ids) - delivered - letters
     during_outage = sum(1 for r in downstream.requests if r.at < outage_until)
@@ -303,9 +304,9 @@ async def test_an_error_body_is_cut_and_its_start_goes_into_the_dead_letter(
         return web.Response(status=500, text=huge)
 
     downstream = await Downstream(behaviour=long_error).start()
-    bigpipe, topic = await start_node(kafka, tmp_path, processes, retries=0)
+    bigpipe, _topic = await start_node(kafka, tmp_path, processes, retries=0)
     await send(bigpipe, http, downstream.url())
-    [letter] = await dead_letters(kafka, topic, 1)
+    [letter] = await dead_letters(kafka, bigpipe, 1)
     assert letter["lastStatus"] == 500
     assert letter["lastError"].startswith("HTTP 500: Er")
     assert len(letter["lastError"]) < 1024, "the start of the body, not the body"

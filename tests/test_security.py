@@ -24,6 +24,7 @@ from tests.support import (
     Downstream,
     base_config,
     consumer_entry,
+    dead_letter_topic,
     eventually,
     free_port,
     read_topic,
@@ -204,12 +205,12 @@ async def test_deny_private_checks_resolved_addresses_at_delivery(
     addresses = {info[4][0] for info in socket.getaddrinfo(name, None)}
     if any(is_public(a) for a in addresses):
         pytest.skip(f"{name} resolves to a public address here: {addresses}")
-    bigpipe, topic = guarded
+    bigpipe, _topic = guarded
     status, _ = await call_as(bigpipe, http, "guarded", f"http://{name}:{downstream.port}/x")
     assert status == 200, "a host name passes ingest: only resolution can judge it"
     [letter] = [
         orjson.loads(r.value())
-        for r in await asyncio.to_thread(read_topic, kafka, f"{topic}.dlq", 1)
+        for r in await asyncio.to_thread(read_topic, kafka, dead_letter_topic(bigpipe), 1)
     ]
     assert letter["lastError"].startswith("destination refused:")
     assert letter["attempts"] == 1, "a refused destination is final, not retried"
@@ -235,7 +236,7 @@ async def test_the_secret_never_shows_in_kafka_logs_stats_or_metrics(
     # At DEBUG, the failed call has its own log line: the per-call path is exercised.
     await eventually(lambda: ids[1] in bigpipe.log_tail(10_000), 10, "a DEBUG line for the call")
     records = await asyncio.to_thread(read_topic, kafka, topic, 2)
-    [letter] = await asyncio.to_thread(read_topic, kafka, f"{topic}.dlq", 1)
+    [letter] = await asyncio.to_thread(read_topic, kafka, dead_letter_topic(bigpipe), 1)
     async with http.get(f"{bigpipe.url}/metrics") as response:
         metrics = await response.text()
     stats = orjson.dumps(await bigpipe.stats(http)).decode()

@@ -65,7 +65,7 @@ def fault_config(
 
 def dead_letter_topic(config: dict[str, Any]) -> str:
     entry = config["kafka.consumer.list"][0]
-    return entry.get("deadLetterTopic", f"{entry['topic']}.dlq")
+    return entry.get("deadLetterTopic", f"{entry['topic']}.{entry['groupId']}.dlq")
 
 
 # ---------------------------------------------------------------- downstream
