@@ -406,7 +406,8 @@ class ConsumerGroup:
             if high >= 0:
                 lag[number] = _lag(state, high)
         self._counters.lag = lag
-        self._states.refresh_high_watermarks()
+        if not self._stopping.is_set():  # else close() may serve this, on the leave thread
+            self._states.refresh_high_watermarks()
 
     def _on_error(self, error: KafkaError) -> None:
         if (text := self._repeats(error)) is not None:
