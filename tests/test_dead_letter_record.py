@@ -24,6 +24,7 @@ from tests.support import (
     REPO,
     Bigpipe,
     Downstream,
+    dead_letter_topic,
     eventually,
     group_stats,
     start_node,
@@ -128,7 +129,7 @@ async def test_dead_letters_carry_every_documented_field_and_the_call_key(
     await eventually(all_dead, 60, "three dead letters")
     after_ms = int(time.time() * 1000)
     calls = await asyncio.to_thread(console_consume, kafka, topic, 3)
-    letters = await asyncio.to_thread(console_consume, kafka, f"{topic}.dlq", 3)
+    letters = await asyncio.to_thread(console_consume, kafka, dead_letter_topic(bigpipe), 3)
     await downstream.stop()
 
     envelope_fields = {"v", "id", "url", "data", "caller", "ts", "headers"}

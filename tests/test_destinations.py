@@ -21,6 +21,7 @@ from tests.support import (
     Downstream,
     base_config,
     consumer_entry,
+    dead_letter_topic,
     eventually,
     free_port,
     group_stats,
@@ -188,7 +189,7 @@ async def test_a_reload_that_tightens_the_acl_holds_back_calls_already_queued(
     await eventually(all_finished, 60, "every call to be delivered or dead-lettered")
     letters = [
         orjson.loads(r.value())
-        for r in await asyncio.to_thread(read_topic, kafka, f"{topic}.dlq", 29)
+        for r in await asyncio.to_thread(read_topic, kafka, dead_letter_topic(bigpipe), 29)
     ]
     reasons = Counter((letter["call"]["caller"], letter["lastError"]) for letter in letters)
     print(f"\nafter tightening: {len(downstream.requests)} of 30 queued calls delivered")
