@@ -12,7 +12,7 @@ from aiohttp import web
 
 from tests.support import Bigpipe, Downstream, eventually, group_stats, start_node
 
-BREAKER = {"breakPeriod": 2, "recoverPeriod": 2, "winSize": 2, "minStats": 3, "healthRate": 0.5}
+BREAKER = {"breakPeriod": 3, "recoverPeriod": 2, "winSize": 2, "minStats": 3, "healthRate": 0.5}
 NAMES = {0: "NORMAL", 1: "BREAK", 2: "RECOVER"}
 
 
@@ -65,7 +65,7 @@ async def test_the_breaker_holds_calls_through_an_outage_and_recovers_end_to_end
         held = [await send() for _ in range(20)]
         # The outage outlasts what the retries alone could ride out, by far.
         await eventually(lambda: time.monotonic() > broke_at + 1, 5, "a second of outage")
-        assert states[-1][1] == 1, "still BREAK: the break period is 2 s"
+        assert states[-1][1] == 1, "still BREAK: the break period is 3 s"
         outage.down = False
         outage_ended = time.monotonic()
 
@@ -84,5 +84,5 @@ async def test_the_breaker_holds_calls_through_an_outage_and_recovers_end_to_end
     assert all(a.at > outage_ended for attempts in tries.values() for a in attempts), (
         "a held call is not tried during the outage, so its one attempt is delivered"
     )
-    assert earliest > 1.5, "nothing held goes out before the break period (2 s) is over"
+    assert earliest > 2.5, "nothing held goes out before the break period (3 s) is over"
     await downstream.stop()

@@ -201,11 +201,12 @@ async def test_each_reloaded_consumer_setting_is_seen_at_the_downstream(
     sent: list[str] = []
 
     async def send(path: str, count: int = 1) -> list[str]:
-        ids = []
-        for _ in range(count):
-            status, reply = await bigpipe.post_call(http, url=downstream.url(path))
-            assert (status, reply["errno"]) == (200, 0)
-            ids.append(reply["data"]["id"])
+        """`count` calls at once: what reaches the downstream is paced by Bigpipe alone."""
+        replies = await asyncio.gather(
+            *(bigpipe.post_call(http, url=downstream.url(path)) for _ in range(count))
+        )
+        assert {(status, reply["errno"]) for status, reply in replies} == {(200, 0)}
+        ids = [reply["data"]["id"] for _, reply in replies]
         sent.extend(ids)
         return ids
 

@@ -196,7 +196,7 @@ def exit_code(pid: int) -> int:
 
 
 async def slowly(_request: web.Request, _number: int) -> web.Response:
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)  # 60 calls at 8 at once: about 4 s of delivery to cut into
     return web.Response(status=200)
 
 
@@ -215,11 +215,11 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
     )
     bigpipe = await Bigpipe(config, tmp_path).start()  # ready: both workers own partitions
     processes.append(bigpipe)
-    accepted = set()
-    for _ in range(60):
-        status, reply = await bigpipe.post_call(http, url=downstream.url())
-        assert (status, reply["errno"]) == (200, 0)
-        accepted.add(reply["data"]["id"])
+    replies = await asyncio.gather(
+        *(bigpipe.post_call(http, url=downstream.url()) for _ in range(60))
+    )
+    assert {(status, reply["errno"]) for status, reply in replies} == {(200, 0)}
+    accepted = {reply["data"]["id"] for _, reply in replies}
 
     async def consumed_and_in_flight() -> bool:
         stats = await group_stats(bigpipe, http)
