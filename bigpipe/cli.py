@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers",
         type=int,
         default=None,
-        help="worker processes, overriding http.server.workers (0: one per core)",
+        help="worker processes, overriding http.server.workers (0: one per usable CPU)",
     )
     parser.add_argument("--version", action="version", version=f"bigpipe {__version__}")
     # Set by the supervisor on the workers it starts: BOARD_PATH:INDEX:COUNT, and the

@@ -104,7 +104,7 @@ class Config:
     shutdown_timeout_ms: int
     tls_cert: str
     tls_key: str
-    workers: int  # worker processes; 0 means one per core
+    workers: int  # worker processes; 0 means one per usable CPU (bigpipe.workers)
     kafka_client_config: dict[str, str | int | float | bool]
     source: Path | None = field(default=None, compare=False)
 
