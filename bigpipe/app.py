@@ -139,10 +139,10 @@ class Node:
             self.worker.board.publish(self.worker.index, self._snapshot())
             await asyncio.sleep(PUBLISH_SECONDS)
 
-    def caller(self, name: str) -> AclEntry | None:
+    def caller(self, name: str, topic: str) -> AclEntry | None:
         """The caller's ACL entry in force now: a reload replaces self.acl, and delivery
         judges each attempt by the entry of that moment."""
-        return self.acl.entry(name)
+        return self.acl.entry(name, topic)
 
     def _local(self, consumer: ConsumerConfig) -> ConsumerConfig:
         """This process's share of a group's node-wide limits."""

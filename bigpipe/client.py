@@ -13,6 +13,7 @@ from prometheus_client import Histogram
 from yarl import URL
 
 from bigpipe.breaker import Breaker
+from bigpipe.compat import GO_CALLER
 from bigpipe.config import AclEntry, ConsumerConfig
 from bigpipe.destinations import DestinationRefused, PublicOnlyResolver, refusal
 from bigpipe.envelope import Call
@@ -39,8 +40,9 @@ class AttemptResult:
     retry_after: float | None = None  # seconds the downstream asked us to wait
 
 
-# The caller's ACL entry by name, from the config in force now (None: no such caller).
-CallerLookup = Callable[[str], AclEntry | None]
+# The caller's ACL entry by name and call topic, from the config in force now (None: no
+# such caller). The topic places calls that name no caller: those the Go original wrote.
+CallerLookup = Callable[[str, str], AclEntry | None]
 
 
 @dataclass(slots=True)
@@ -129,7 +131,7 @@ class DeliveryClient:
             await self._breaker.admit(give_up=lambda: self._refusal(call) is not None)
         await self._limits.acquire()
         try:
-            caller = self._callers(call.caller)
+            caller = self._callers(call.caller, self._config.topic)
             if (refused := _refusal(call, caller)) is not None:
                 return refused
             return await self._attempt(call, body, attempt, caller)
@@ -137,7 +139,7 @@ class DeliveryClient:
             self._limits.release()
 
     def _refusal(self, call: Call) -> str | None:
-        return _refusal(call, self._callers(call.caller))
+        return _refusal(call, self._callers(call.caller, self._config.topic))
 
     def _retry_delay(self, attempt: int, result: AttemptResult) -> float:
         delay = backoff_seconds(attempt, self._config.backoff_base_ms, self._config.backoff_max_ms)
@@ -208,6 +210,8 @@ def _refusal(call: Call, caller: AclEntry | None) -> str | None:
 
     A caller removed from the ACL has lost every right it had: its calls are refused.
     """
+    if caller is None and call.caller == GO_CALLER:
+        return "a call of the Go original, and no caller in kafka.producer.acl writes its topic"
     if caller is None:
         return f"caller {call.caller!r} is no longer in kafka.producer.acl"
     if not caller.allow and not caller.deny_private:

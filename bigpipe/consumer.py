@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from bigpipe.breaker import BREAK, STATE_NUMBERS, Breaker
 from bigpipe.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
+from bigpipe.compat import decode_go_record, is_go_record
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.dead_letters import DeadLetterWriter, dead_letter_limit
 from bigpipe.envelope import Call, InvalidRecord, decode_call
@@ -294,7 +295,11 @@ class ConsumerGroup:
     async def _handle(self, message: Message, partition: _Partition) -> None:
         value = message.value()
         try:
-            call = decode_call(value)
+            call = (
+                decode_go_record(value, message.topic(), message.partition(), message.offset())
+                if is_go_record(value)
+                else decode_call(value)
+            )
         except InvalidRecord as exc:
             self._counters.invalidMessage += 1
             log.warning(

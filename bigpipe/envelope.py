@@ -67,8 +67,8 @@ def new_call(url: str, data: str, caller: str, headers: dict[str, str]) -> Call:
     return Call(new_call_id(), url, data, caller, int(time.time() * 1000), headers)
 
 
-def encode_call(call: Call) -> bytes:
-    envelope = {
+def envelope_of(call: Call) -> dict[str, Any]:
+    return {
         "v": ENVELOPE_VERSION,
         "id": call.id,
         "url": call.url,
@@ -77,7 +77,10 @@ def encode_call(call: Call) -> bytes:
         "ts": call.created_ms,
         "headers": call.headers,
     }
-    return orjson.dumps(envelope)
+
+
+def encode_call(call: Call) -> bytes:
+    return orjson.dumps(envelope_of(call))
 
 
 def decode_call(value: bytes | None) -> Call:
@@ -174,6 +177,8 @@ def encode_dead_letter(
     so, with the original's length and SHA-256; every other field is kept whole.
     """
     envelope = orjson.loads(value) if call is not None and value else None
+    if call is not None and envelope.get("v") != ENVELOPE_VERSION:  # type: ignore[union-attr]
+        envelope = envelope_of(call)  # a record of the Go original: kept in our format
     record: dict[str, Any] = {
         "v": ENVELOPE_VERSION,
         "call": envelope,

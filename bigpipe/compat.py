@@ -1,0 +1,105 @@
+"""Compatibility with the Go original (owenliang/bigpipe), for a switch-over without loss.
+
+Records: the original wrote Go's `json.Marshal` of its CallMessage struct,
+`{"Headers":{"Name":["v",...]},"Url":"…","Data":"…","Topic":"…","Partition":0,"CreateTime":ms}`.
+Go marshals struct fields in declaration order, so such a record always starts
+with `{"Headers":`, and ours with `{"v":`: one prefix test tells them apart, and
+our own hot path parses nothing twice.
+
+A Go record has neither a call id nor a caller. Its id is derived from where it
+sits in Kafka (topic, partition, offset), so a redelivery carries the same id.
+Its caller is `GO_CALLER` (empty): delivery judges it by the rules of the callers
+that write its topic (see `go_caller_entry`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import orjson
+
+from bigpipe.config import AclEntry
+from bigpipe.envelope import Call, InvalidRecord, forwardable_headers
+
+GO_RECORD_PREFIX = b'{"Headers":'
+GO_CALLER = ""  # a Go record names no caller; see go_caller_entry
+GO_CALLER_NAME = "(Go original)"
+
+
+def is_go_record(value: bytes | None) -> bool:
+    return bool(value) and value.startswith(GO_RECORD_PREFIX)  # type: ignore[union-attr]
+
+
+def go_call_id(topic: str, partition: int, offset: int) -> str:
+    """32 hex digits that name the record's place in Kafka: the same on every redelivery."""
+    return hashlib.sha256(f"{topic}/{partition}/{offset}".encode()).hexdigest()[:32]
+
+
+def decode_go_record(value: bytes, topic: str, partition: int, offset: int) -> Call:
+    """A record written by the Go original, as a call; InvalidRecord names what is wrong.
+
+    Every field is required, with the types the original's decoder demanded.
+    """
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRecord(f"Go record, not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise InvalidRecord("Go record, not a JSON object")
+    for name, kinds in _GO_FIELDS.items():
+        if not isinstance(obj.get(name), kinds) or isinstance(obj.get(name), bool):
+            raise InvalidRecord(f"Go record, field {name!r} missing or of the wrong type")
+    headers = obj["Headers"]
+    if not all(
+        isinstance(values, list) and all(isinstance(v, str) for v in values)
+        for values in headers.values()
+    ):
+        raise InvalidRecord("Go record, field 'Headers' must map names to lists of strings")
+    return Call(
+        go_call_id(topic, partition, offset),
+        obj["Url"],
+        obj["Data"],
+        GO_CALLER,
+        int(obj["CreateTime"]),
+        # The same filter as a call of ours: credentials and hop-by-hop headers stay behind.
+        forwardable_headers(_header_lines(headers), secret=""),
+    )
+
+
+_GO_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "Headers": dict,
+    "Url": str,
+    "Data": str,
+    "Topic": str,
+    "Partition": (int, float),
+    "CreateTime": (int, float),
+}
+
+
+def _header_lines(headers: dict[str, list[str]]) -> Iterator[tuple[str, str]]:
+    for name, values in headers.items():
+        for value in values:
+            yield name, value
+
+
+def go_caller_entry(entries: tuple[AclEntry, ...], topic: str) -> AclEntry | None:
+    """The ACL rules a Go record of `topic` is delivered under: those of its topic's callers.
+
+    It may go wherever at least one of them may call: no rules if one of them has none,
+    else the union of their `allow` lists, with `denyPrivate` only if all of them have it.
+    None when no caller writes the topic any more: its calls are refused, as a removed
+    caller's are.
+    """
+    writers = [entry for entry in entries if entry.topic == topic]
+    if not writers:
+        return None
+    unrestricted = any(not entry.allow for entry in writers)
+    allow = () if unrestricted else tuple(rule for entry in writers for rule in entry.allow)
+    return AclEntry(
+        name=GO_CALLER_NAME,
+        secret_sha256=b"",
+        topic=topic,
+        allow=allow,
+        deny_private=all(entry.deny_private for entry in writers),
+    )
