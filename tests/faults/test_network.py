@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -30,6 +28,12 @@ from tests.faults.harness import (
     percentile,
     readyz_status,
     settle_and_account,
+)
+from tests.faults.toxiproxy import (
+    DOWNSTREAM_FAULTS,
+    KAFKA_LATENCY,
+    KAFKA_LATENCY_FLOOR,
+    ProxiedSink,
 )
 from tests.support import Bigpipe, eventually, free_port, group_stats
 
@@ -55,7 +59,7 @@ def caught_up_after(sink: Sink, owed: set[str], since: float) -> float:
     return max((sink.first_ok_at[i] for i in owed & sink.delivered()), default=since) - since
 
 
-LATENCY_MS, JITTER_MS, LATENCY_SECONDS = 500, 100, 20
+LATENCY_SECONDS = 20
 
 
 async def test_kafka_latency(
@@ -78,12 +82,12 @@ async def test_kafka_latency(
     async with Load(lambda: [node], sink, senders=4, pause=0.01, tag="latency") as load:
         tally = load.tally
         await eventually(lambda: len(sink.ok) >= 200, 30, "deliveries before the latency")
-        toxic = await link.add_toxic("latency", latency=LATENCY_MS, jitter=JITTER_MS)
         slow_at = time.monotonic()
-        while time.monotonic() < slow_at + LATENCY_SECONDS:
+
+        async def probe() -> None:
             readiness.append(await readyz_status(node, http))
-            await asyncio.sleep(0.5)
-        await link.remove_toxic(toxic)
+
+        await KAFKA_LATENCY.hold(link, LATENCY_SECONDS, probe)
         healed_at = time.monotonic()
         owed = set(tally.accepted)
         backlog = len(owed - sink.delivered())
@@ -109,7 +113,7 @@ async def test_kafka_latency(
     assert set(tally.outcomes) <= {(200, 0), (503, 1)}, tally.outcomes
     assert accounting.lost == 0, (accounting.lost_ids, node.log_tail())
     # The latency was really in the path: a write waits for at least one round trip.
-    assert percentile(slow, 0.5) >= (LATENCY_MS - JITTER_MS) / 1000, slow[:20]
+    assert percentile(slow, 0.5) >= KAFKA_LATENCY_FLOOR, slow[:20]
     # Still bounded by the write timeout, as documented.
     assert max(slow) < WRITE_TIMEOUT + ANSWER_SLACK, max(slow)
     # Kafka is reachable, only slow: the node stays ready.
@@ -276,44 +280,9 @@ async def test_node_cut_off_from_kafka(
     assert await other.stop() == 0
 
 
-class ProxiedSink(Sink):
-    """The Sink, called through a Toxiproxy proxy in front of it."""
-
-    proxy_port: int = 0
-
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.proxy_port}/hook"
-
-
 BREAKER = {"breakPeriod": 3, "recoverPeriod": 3, "winSize": 5, "minStats": 10, "healthRate": 0.5}
 DOWNSTREAM_TIMEOUT_MS, CONCURRENCY = 3000, 8
 DOWNSTREAM_FAULT_SECONDS = 15
-
-
-@dataclass(frozen=True)
-class DownstreamFault:
-    toxic: str
-    stream: str  # "upstream" holds requests back from the downstream; "downstream", answers
-    toxicity: float  # the share of connections it hits, drawn when it is added
-    attributes: dict[str, int]
-    # Add it afresh every second: Toxiproxy draws each open connection's fate only when a
-    # toxic is added, and a kept-alive connection that was spared would be spared for good.
-    redraw: bool = False
-
-    def toxic_args(self) -> dict[str, Any]:
-        return {
-            "kind": self.toxic,
-            "stream": self.stream,
-            "toxicity": self.toxicity,
-            **self.attributes,
-        }
-
-
-DOWNSTREAM_FAULTS = {
-    "stalls": DownstreamFault("timeout", "upstream", 1.0, {"timeout": 0}),  # never answers
-    "resets-half": DownstreamFault("reset_peer", "downstream", 0.5, {"timeout": 0}, redraw=True),
-    "latency-2s": DownstreamFault("latency", "downstream", 1.0, {"latency": 2000}),
-}
 
 
 @pytest.mark.long
@@ -350,17 +319,13 @@ async def test_downstream_link(
         async with Load(lambda: [node], sink, senders=4, pause=0.02, tag=fault) as load:
             tally = load.tally
             await eventually(lambda: len(sink.ok) >= 100, 30, "deliveries before the fault")
-            fault_at = time.monotonic()
             delivered_at_fault = len(sink.ok)
-            toxic, drawn_at = await proxy.add_toxic(**spec.toxic_args()), fault_at
-            while time.monotonic() < fault_at + DOWNSTREAM_FAULT_SECONDS:
+
+            async def sample() -> None:
                 samples.append(await group_stats(node, http))
-                await asyncio.sleep(0.2)
-                if spec.redraw and time.monotonic() > drawn_at + 1:
-                    await proxy.remove_toxic(toxic)
-                    toxic, drawn_at = await proxy.add_toxic(**spec.toxic_args()), time.monotonic()
+
+            await spec.hold(proxy, DOWNSTREAM_FAULT_SECONDS, sample)
             delivered_in_fault = len(sink.ok) - delivered_at_fault
-            await proxy.remove_toxic(toxic)
             healed_at = time.monotonic()
             owed = set(tally.accepted)
             mark = len(tally.accepted)

@@ -8,17 +8,20 @@ resets) or by disabling the proxy, which closes its open connections and refuses
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from tests.faults.harness import Sink
 from tests.support import REPO
 
 TOXIPROXY_SERVER = REPO / ".local" / "bin" / "toxiproxy-server"
@@ -167,10 +170,70 @@ class Link:
         for proxy in self.proxies:
             await proxy.restore()
 
-    async def add_toxic(self, kind: str, stream: str = "downstream", **attributes: Any) -> str:
-        names = {await proxy.add_toxic(kind, stream, **attributes) for proxy in self.proxies}
+    async def add_toxic(
+        self, kind: str, stream: str = "downstream", toxicity: float = 1.0, **attributes: Any
+    ) -> str:
+        names = {
+            await proxy.add_toxic(kind, stream, toxicity, **attributes) for proxy in self.proxies
+        }
         return names.pop()
 
     async def remove_toxic(self, name: str) -> None:
         for proxy in self.proxies:
             await proxy.remove_toxic(name)
+
+
+class ProxiedSink(Sink):
+    """The fault tests' Sink, called through a proxy in front of it (set `proxy_port`)."""
+
+    proxy_port: int = 0
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}/hook"
+
+
+@dataclass(frozen=True)
+class LinkFault:
+    """A toxic to hold on a Proxy or a Link for a while (see `hold`)."""
+
+    toxic: str
+    stream: str  # "upstream" holds back what the client sends; "downstream", the answers
+    toxicity: float  # the share of connections it hits, drawn when it is added
+    attributes: dict[str, int]
+    # Add it afresh every second: Toxiproxy draws each open connection's fate only when a
+    # toxic is added, and a kept-alive connection that was spared would be spared for good.
+    redraw: bool = False
+
+    async def hold(
+        self,
+        target: Proxy | Link,
+        seconds: float,
+        tick: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Apply the toxic for `seconds`, calling `tick` about five times a second."""
+        until = time.monotonic() + seconds
+        toxic, drawn_at = await self._add(target), time.monotonic()
+        try:
+            while time.monotonic() < until:
+                if tick is not None:
+                    await tick()
+                await asyncio.sleep(0.2)
+                if self.redraw and time.monotonic() > drawn_at + 1:
+                    await target.remove_toxic(toxic)
+                    toxic, drawn_at = await self._add(target), time.monotonic()
+        finally:
+            await target.remove_toxic(toxic)
+
+    async def _add(self, target: Proxy | Link) -> str:
+        return await target.add_toxic(self.toxic, self.stream, self.toxicity, **self.attributes)
+
+
+DOWNSTREAM_FAULTS = {
+    "stalls": LinkFault("timeout", "upstream", 1.0, {"timeout": 0}),  # accepts, never answers
+    "resets-half": LinkFault("reset_peer", "downstream", 0.5, {"timeout": 0}, redraw=True),
+    "latency-2s": LinkFault("latency", "downstream", 1.0, {"latency": 2000}),
+}
+
+# 500 ms (+-100 ms) on everything Kafka sends back: a write waits at least the floor.
+KAFKA_LATENCY = LinkFault("latency", "downstream", 1.0, {"latency": 500, "jitter": 100})
+KAFKA_LATENCY_FLOOR = 0.4
