@@ -103,3 +103,56 @@ def go_caller_entry(entries: tuple[AclEntry, ...], topic: str) -> AclEntry | Non
         allow=allow,
         deny_private=all(entry.deny_private for entry in writers),
     )
+
+
+# ---------------------------------------------------------------- /rpc/call replies
+# The original's msg strings (server/handler.go), for clients that match on them.
+GO_ACCEPTED = "发送成功"
+GO_BAD_JSON = "JSON无效"
+GO_BAD_URL = "url无效"
+GO_BAD_DATA = "data无效"
+GO_BAD_PARTITION_KEY = "partition_key无效"
+GO_BAD_ACL = "acl无效"
+GO_BAD_ACL_NAME = "acl.name"  # sic: the original's messages for these two name the field only
+GO_BAD_ACL_SECRET = "acl.secret"
+GO_REFUSED = "权限错误"
+GO_OVERLOADED = "超过负载"
+GO_INTERNAL = "内部错误"
+# The original set no Content-Type; Go's net/http then sniffs one from the body's start.
+GO_CONTENT_TYPE = "text/plain; charset=utf-8"
+
+
+def go_reply_body(errno: int, msg: str) -> bytes:
+    """Go's json.Marshal of map{errno, msg, data: ""}: keys sorted, UTF-8 as is."""
+    return orjson.dumps({"data": "", "errno": errno, "msg": msg})
+
+
+def go_field_problem(body: bytes) -> str | None:
+    """The original's message for the first field it would refuse, in its order, or None.
+
+    Its order differs from ours (url, data and partition_key before acl), and it
+    requires partition_key, so a request with several faults gets the same message.
+    """
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return GO_BAD_JSON
+    if payload is None:  # Go decodes null into an empty map: every field is missing
+        payload = {}
+    if not isinstance(payload, dict):
+        return GO_BAD_JSON
+    for field, problem in (
+        ("url", GO_BAD_URL),
+        ("data", GO_BAD_DATA),
+        ("partition_key", GO_BAD_PARTITION_KEY),
+    ):
+        if not isinstance(payload.get(field), str):
+            return problem
+    acl = payload.get("acl")
+    if not isinstance(acl, dict):
+        return GO_BAD_ACL
+    if not isinstance(acl.get("name"), str):
+        return GO_BAD_ACL_NAME
+    if not isinstance(acl.get("secret"), str):
+        return GO_BAD_ACL_SECRET
+    return None

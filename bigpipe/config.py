@@ -104,6 +104,7 @@ class Config:
     shutdown_timeout_ms: int
     tls_cert: str
     tls_key: str
+    compat_replies: bool  # /rpc/call answers as the Go original did (bigpipe.compat)
     workers: int  # worker processes; 0 means one per usable CPU (bigpipe.workers)
     kafka_client_config: dict[str, str | int | float | bool]
     source: Path | None = field(default=None, compare=False)
@@ -465,6 +466,7 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
         ),
     )
     values["workers"] = root.get("http.server.workers", int, default=0, check=non_negative)
+    values["compat_replies"] = root.get("http.server.compat.replies", bool, default=False)
     values["tls_cert"], values["tls_key"] = _read_tls(root)
     values["kafka_client_config"] = _read_client_config(root)
     root.reject_unknown()

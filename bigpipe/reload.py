@@ -35,6 +35,7 @@ HTTP_FIELDS = {
     "tls_cert": "http.server.tls.cert",
     "tls_key": "http.server.tls.key",
     "workers": "http.server.workers",
+    "compat_replies": "http.server.compat.replies",
 }
 PRODUCER_FIELDS = (
     "bootstrap_servers",

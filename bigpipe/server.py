@@ -21,6 +21,17 @@ import orjson
 from aiohttp import HttpVersion11, web
 from yarl import URL
 
+from bigpipe.compat import (
+    GO_ACCEPTED,
+    GO_BAD_DATA,
+    GO_BAD_URL,
+    GO_CONTENT_TYPE,
+    GO_INTERNAL,
+    GO_OVERLOADED,
+    GO_REFUSED,
+    go_field_problem,
+    go_reply_body,
+)
 from bigpipe.config import AclEntry, Config
 from bigpipe.destinations import refusal
 from bigpipe.envelope import encode_call, forwardable_headers, new_call
@@ -44,11 +55,47 @@ OPENAPI_JSON = (resources.files("bigpipe") / "openapi.json").read_bytes()
 class Reject(Exception):
     """A call refused before it reaches Kafka: nothing is written."""
 
-    def __init__(self, status: int, msg: str, errno: int = CALLER_ERROR) -> None:
+    def __init__(
+        self,
+        status: int,
+        msg: str,
+        errno: int = CALLER_ERROR,
+        go: tuple[int, str] | None = None,
+    ) -> None:
         super().__init__(msg)
         self.status = status
         self.errno = errno
         self.msg = msg
+        self.go = go  # the original's (errno, msg), for http.server.compat.replies
+
+
+GO_UNREADABLE = (INTERNAL_ERROR, GO_INTERNAL)  # the original's answer to a body it cannot read
+
+
+def go_reply(errno: int, msg: str) -> web.Response:
+    """A reply as the Go original gave it: HTTP 200 whatever happened, data ""."""
+    body = go_reply_body(errno, msg)
+    return web.Response(body=body, status=200, headers={"Content-Type": GO_CONTENT_TYPE})
+
+
+def go_refusal(exc: Reject) -> web.Response:
+    """A refusal in the original's words; the errno stays ours, so errno 1 still means
+    "retry later" and -1 "retrying cannot help"."""
+    if exc.go is not None:
+        return go_reply(*exc.go)
+    if exc.errno == INTERNAL_ERROR:
+        msg = GO_INTERNAL
+    elif exc.status == 403:
+        msg = GO_REFUSED
+    elif exc.status == 503:
+        msg = GO_OVERLOADED
+    elif exc.status == 413:
+        msg = GO_BAD_DATA
+    elif exc.status == 400:  # past the original's field checks, only the url can be wrong
+        msg = GO_BAD_URL
+    else:
+        msg = GO_INTERNAL
+    return go_reply(exc.errno, msg)
 
 
 @dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 µs more per call
@@ -145,8 +192,12 @@ class Ingest:
         try:
             call_id = await self._accept(request)
         except Reject as exc:
+            if self._node.config.compat_replies:
+                return go_refusal(exc)
             return reply(exc.status, exc.errno, exc.msg)
         stats.server.acceptedCall += 1
+        if self._node.config.compat_replies:
+            return go_reply(OK, GO_ACCEPTED)
         return reply(200, OK, "success", {"id": call_id})
 
     async def _accept(self, request: web.BaseRequest) -> str:
@@ -154,6 +205,8 @@ class Ingest:
         node = self._node
         config = node.config
         body = await _read_body(request, config)
+        if config.compat_replies and (problem := go_field_problem(body)) is not None:
+            raise Reject(400, problem, go=(CALLER_ERROR, problem))
         call_request = parse_call_request(body)
         entry = node.acl.authenticate(call_request.name, call_request.secret)
         if entry is None:
@@ -212,9 +265,11 @@ async def _read_body(request: web.BaseRequest, config: Config) -> bytes:
             413, f"body over the limit of {config.body_limit} bytes (http.server.body.limit)"
         ) from None
     except TimeoutError:
-        raise Reject(408, "body not received within http.server.read.timeout") from None
+        raise Reject(
+            408, "body not received within http.server.read.timeout", go=GO_UNREADABLE
+        ) from None
     except web.RequestPayloadError as exc:
-        raise Reject(400, f"body could not be read: {exc}") from None
+        raise Reject(400, f"body could not be read: {exc}", go=GO_UNREADABLE) from None
 
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -314,7 +369,8 @@ def build_server(node: Node, **http_settings: Any) -> web.Server:
             return reply(503, INTERNAL_ERROR, "another worker of this node is not ready yet")
         return reply(200, OK, "ready")
 
-    routes.add("POST", "/rpc/call", node.ingest.rpc_call)
+    # The original took /rpc/call with any method (a GET has no JSON body: "JSON无效").
+    routes.add("*" if node.config.compat_replies else "POST", "/rpc/call", node.ingest.rpc_call)
     routes.add("GET", "/stats", stats)
     routes.add("*", "/rpc/server/mock", mock)
     routes.add("GET", "/healthz", healthz)
