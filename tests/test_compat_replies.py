@@ -21,7 +21,7 @@ ACL = {"name": ACL_NAME, "secret": ACL_SECRET}
 
 
 def go_body(errno: int, msg: str) -> bytes:
-    return ('{"data":"","errno":%d,"msg":"%s"}' % (errno, msg)).encode()
+    return f'{{"data":"","errno":{errno},"msg":"{msg}"}}'.encode()
 
 
 def call(**fields: object) -> bytes:
