@@ -145,7 +145,7 @@ class Node:
         return self.acl.entry(name, topic)
 
     def _local(self, consumer: ConsumerConfig) -> ConsumerConfig:
-        """This process's share of a group's node-wide limits."""
+        """This process's part of a group's node-wide maxBuffered (see share_of)."""
         return share_of(consumer, self.worker.board.slots if self.worker else 1)
 
     @property

@@ -74,6 +74,12 @@ class DeliveryClient:
         self._session = _new_session()
         self._guarded_session: aiohttp.ClientSession | None = None  # for denyPrivate calls
 
+    @property
+    def limits(self) -> Limits:
+        """The group's rate limit and concurrency cap, which bigpipe.budget sets to this
+        member's share of the group's budget."""
+        return self._limits
+
     def update(self, config: ConsumerConfig, breaker: Breaker | None) -> None:
         """Apply a reloaded config; attempts already under way finish under the old one."""
         if self._breaker is not None and self._breaker is not breaker:

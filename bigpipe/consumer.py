@@ -29,6 +29,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from bigpipe.breaker import BREAK, STATE_NUMBERS, Breaker
+from bigpipe.budget import GroupBudget
 from bigpipe.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
 from bigpipe.compat import decode_go_record, is_go_record
 from bigpipe.config import Config, ConsumerConfig
@@ -121,6 +122,8 @@ class ConsumerGroup:
         self._partitions: dict[int, _Partition] = {}
         self._buffered_bytes = 0  # record bytes of the calls read and not yet finished
         self._states = PartitionStates(self._kafka, consumer.topic, counters.partitions)
+        # rateLimit and concurrency are the whole group's: this member gets its share.
+        self._budget = GroupBudget(config, consumer, self._kafka.memberid, self._client.limits)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -147,6 +150,7 @@ class ConsumerGroup:
             self._counters.circuitIsBreak = self._counters.breakerState = 0
         self.config = consumer
         self._client.update(consumer, self._breaker)
+        self._budget.update(consumer)  # the limits just set were the group's, not this share
         log.info("%s: applied new settings", self.name)
 
     def start(self, on_poll_death: Callable[[], None]) -> None:
@@ -159,6 +163,7 @@ class ConsumerGroup:
             on_lost=self._on_lost,
         )
         self._task = asyncio.create_task(self._poll_forever(), name=f"poll {self.name}")
+        self._budget.start()
         self._task.add_done_callback(partial(self._poll_ended, on_poll_death))
 
     def _poll_ended(self, on_poll_death: Callable[[], None], task: asyncio.Task[None]) -> None:
@@ -180,6 +185,7 @@ class ConsumerGroup:
         self._stopping.set()
         if self._task is not None:  # a loop that died was reported by _poll_ended
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._budget.stop()  # the share in force stays for the calls still in flight
         tasks = [t for p in self._partitions.values() for t in p.tasks]
         if tasks:
             _, unfinished = await asyncio.wait(tasks, timeout=max(0.0, timeout - LEAVE_SECONDS))
@@ -369,6 +375,7 @@ class ConsumerGroup:
             self._partitions[tp.partition] = _Partition()
         consumer.incremental_assign(partitions)
         self._states.assigned([tp.partition for tp in partitions])
+        self._budget.assignment_changed()
         if partitions:  # a cooperative rebalance often assigns nothing new to this member
             log.info("%s: assigned partitions %s", self.name, [tp.partition for tp in partitions])
 
@@ -399,6 +406,7 @@ class ConsumerGroup:
             self._partitions.pop(tp.partition, None)
             self._counters.lag.pop(str(tp.partition), None)  # its new owner reports it
         self._states.removed([tp.partition for tp in partitions])
+        self._budget.assignment_changed()
         consumer.incremental_unassign(partitions)
 
     def _on_statistics(self, raw: str) -> None:

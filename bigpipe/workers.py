@@ -15,8 +15,9 @@ signals the workers, which apply the snapshot. A worker restarted later starts
 from the snapshot too, so an edited but unreloaded file, or a broken one, never
 reaches one worker and not the others.
 
-`rateLimit` and `concurrency` stay node-wide: each worker takes its share
-(see `share_of`), so N workers together never exceed the configured limits.
+`rateLimit` and `concurrency` are the whole consumer group's, across workers and
+nodes (bigpipe.budget). `maxBuffered` bounds a node's memory: each worker takes its
+part (see `share_of`).
 """
 
 from __future__ import annotations
@@ -57,20 +58,14 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def share_of(consumer: ConsumerConfig, workers: int) -> ConsumerConfig:
-    """One worker's part of a group's node-wide limits.
+    """One worker's part of a group's node-wide `maxBuffered`.
 
-    The rate divides exactly. Concurrency rounds up, so each worker keeps at least
-    one slot; with more workers than `concurrency`, the node may then run up to
-    one call per worker at once.
+    Only that one is split here: `rateLimit` and `concurrency` are shared across the
+    whole group by bigpipe.budget, by where the backlog is.
     """
     if workers == 1:
         return consumer
-    return dataclasses.replace(
-        consumer,
-        rate_limit=consumer.rate_limit / workers,
-        concurrency=math.ceil(consumer.concurrency / workers),
-        max_buffered=math.ceil(consumer.max_buffered / workers),
-    )
+    return dataclasses.replace(consumer, max_buffered=math.ceil(consumer.max_buffered / workers))
 
 
 def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
