@@ -27,6 +27,7 @@ from tests.support import (
     consumer_entry,
     eventually,
     free_port,
+    group_stats,
     key_for,
     unique,
 )
@@ -227,9 +228,16 @@ async def test_a_node_joining_mid_backlog_keeps_the_budget(budgeted: Budgeted) -
     await eventually(lambda: len(budgeted.downstream.requests) >= 80, 30, "delivery under way")
     await budgeted.add_node()
     await budgeted.wait_members()
+    rebalanced_at = len(budgeted.downstream.requests)
     await budgeted.wait_delivered()
+    async with aiohttp.ClientSession() as http:
+        joined = await group_stats(budgeted.nodes[1], http)
     measured = budgeted.figures()
-    print(f"\nbudget, a node joins mid-backlog: {measured}")
+    print(
+        f"\nbudget, a node joins mid-backlog: {measured}; stable with 4 members after "
+        f"{rebalanced_at} requests; the new node delivered {joined['rpcSuccess']}"
+    )
+    assert joined["rpcSuccess"] > 0, "the new node took partitions while backlog remained"
     assert measured["busiest second"] <= RATE * 1.2, measured
     assert measured["peak in flight"] <= 2 * CONCURRENCY, measured
     assert measured["seconds over the cap"] < 1.0, measured
