@@ -163,6 +163,8 @@ class DeliveryClient:
             "X-Bigpipe-Call-Id": call.id,
             "X-Bigpipe-Attempt": str(attempt),
         }
+        if caller.signer is not None:
+            headers.update(caller.signer.headers(call.id, int(time.time()), body))
         self._counters.inFlight += 1
         self._counters.attempts += 1
         started = time.perf_counter()

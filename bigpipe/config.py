@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from bigpipe.calls.signing import Signer, key_of
 from bigpipe.destinations import AllowRule, parse_rule
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -53,6 +54,7 @@ class AclEntry:
     topic: str
     allow: tuple[AllowRule, ...] = ()  # destinations this caller may call; empty: any
     deny_private: bool = False  # refuse loopback, private and link-local destinations
+    signer: Signer | None = None  # signs its deliveries and callbacks (Standard Webhooks)
 
 
 @dataclass(frozen=True)
@@ -274,6 +276,7 @@ def _read_acl(root: _Section, topic_names: set[str] | None) -> tuple[AclEntry, .
         digest = _read_secret(item)
         allow = _read_allow(item)
         deny_private = item.get("denyPrivate", bool, default=False)
+        signer = _read_signing(item)
         item.reject_unknown()
         if topic is not None and topic_names is not None and topic not in topic_names:
             root.problems.append(
@@ -283,9 +286,31 @@ def _read_acl(root: _Section, topic_names: set[str] | None) -> tuple[AclEntry, .
             root.problems.append(
                 f"{item.path}.name: duplicate ACL name {name!r}; names must be unique"
             )
-        elif None not in (name, topic, digest, allow, deny_private):
-            entries.append(AclEntry(name, digest, topic, allow, deny_private))
+        elif None not in (name, topic, digest, allow, deny_private) and signer is not False:
+            entries.append(AclEntry(name, digest, topic, allow, deny_private, signer))
     return tuple(entries)
+
+
+def _read_signing(item: _Section) -> Signer | bool | None:
+    """`signing: {"secrets": ["whsec_…", …]}`: None when absent, False when invalid."""
+    section = item.section("signing")
+    if section is None:
+        return False if "signing" in item.obj else None
+    secrets = section.get("secrets", list, hint=', a list of "whsec_…" secrets')
+    section.reject_unknown()
+    if secrets is None:
+        return False
+    if not secrets:
+        item.problems.append(f"{section.where('secrets')}: is empty; list at least one secret")
+        return False
+    keys = []
+    for index, secret in enumerate(secrets):
+        key = key_of(secret) if isinstance(secret, str) else "must be a string"
+        if isinstance(key, str):
+            item.problems.append(f"{section.where('secrets')}[{index}]: {key}")
+            return False
+        keys.append(key)
+    return Signer(tuple(keys))
 
 
 def _read_allow(item: _Section) -> tuple[AllowRule, ...] | None:

@@ -38,6 +38,10 @@ _NOT_FORWARDED = frozenset(
         "expect",
         "authorization",
         "cookie",
+        # Standard Webhooks' headers are Bigpipe's to set when it signs (bigpipe.calls.signing)
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
     }
 )
 _OWN_PREFIX = "x-bigpipe-"  # set by Bigpipe at delivery; a caller must not forge them

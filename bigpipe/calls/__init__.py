@@ -1,0 +1,1 @@
+"""What happens to a call after it is accepted, seen from outside: signed deliveries."""
