@@ -32,6 +32,8 @@ from bigpipe.workers import (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# First words that make `bigpipe` an operator's command (bigpipe.commands), not a node.
+OPERATOR_COMMANDS = ("dlq", "replay")
 PROCESS_NAME = OWNER_NAME.encode()
 
 log = logging.getLogger("bigpipe")
@@ -118,6 +120,11 @@ def tune_gc() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in OPERATOR_COMMANDS:
+        from bigpipe.commands import main as operate  # a node never loads them
+
+        return operate(argv)
     args = parse_args(argv)
     try:
         if args.worker_of is not None:

@@ -165,6 +165,10 @@ class DeliveryClient:
         }
         if caller.signer is not None:
             headers.update(caller.signer.headers(call.id, int(time.time()), body))
+        if call.redrive:  # sent again by an operator: the downstream may want to know
+            headers["X-Bigpipe-Redrive"] = str(call.redrive)
+        if call.replay:
+            headers["X-Bigpipe-Replay"] = "1"
         self._counters.inFlight += 1
         self._counters.attempts += 1
         started = time.perf_counter()

@@ -107,6 +107,7 @@ class Config:
     tls_cert: str
     tls_key: str
     compat_replies: bool  # /rpc/call answers as the Go original did (bigpipe.compat)
+    admin_token: str  # bearer token of the /admin/* endpoints; "" turns them off
     workers: int  # worker processes; 0 means one per usable CPU (bigpipe.workers)
     kafka_client_config: dict[str, str | int | float | bool]
     source: Path | None = field(default=None, compare=False)
@@ -492,6 +493,7 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
     )
     values["workers"] = root.get("http.server.workers", int, default=0, check=non_negative)
     values["compat_replies"] = root.get("http.server.compat.replies", bool, default=False)
+    values["admin_token"] = root.get("http.admin.token", str, default="", check=_admin_token)
     values["tls_cert"], values["tls_key"] = _read_tls(root)
     values["kafka_client_config"] = _read_client_config(root)
     root.reject_unknown()
@@ -511,6 +513,22 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
         source=source,
         **values,
     )
+
+
+ADMIN_TOKEN_MIN = 24
+
+
+def _admin_token(value: str) -> str | None:
+    """A bearer token: long enough not to be guessed, and sendable in a header.
+    The message never repeats the value: it is a secret."""
+    if value == "":
+        return None
+    if len(value) < ADMIN_TOKEN_MIN or not all("!" <= c <= "~" for c in value):
+        return (
+            f'must be "" (admin endpoints off) or at least {ADMIN_TOKEN_MIN} printable ASCII '
+            "characters without spaces; make one with `openssl rand -hex 32`"
+        )
+    return None
 
 
 def _read_tls(root: _Section) -> tuple[str, str]:

@@ -317,9 +317,13 @@ class ConsumerGroup:
             )
             await self._dead_letter(message, None, None, f"invalid record: {exc}")
         else:
-            await self._deliver(message, call)
-            # Delivered or dead-lettered: the call's whole stay, on the accepting node's clock.
-            self._latencies.end_to_end.observe(max(0.0, time.time() - call.created_ms / 1000))
+            # A call sent again for another group of this topic (bigpipe.redrive) is not ours.
+            if call.group is None or call.group == self.config.group_id:
+                await self._deliver(message, call)
+            if call.group is None:
+                # Delivered or dead-lettered: the call's whole stay, on the accepting node's
+                # clock. A call sent again would count its days in a dead-letter topic.
+                self._latencies.end_to_end.observe(max(0.0, time.time() - call.created_ms / 1000))
         partition.offsets.finish(message.offset())
 
     async def _deliver(self, message: Message, call: Call) -> None:

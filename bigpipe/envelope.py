@@ -59,6 +59,10 @@ class Call:
     caller: str
     created_ms: int
     headers: dict[str, str]
+    # Set on calls an operator sent again (bigpipe.redrive): only this group delivers it.
+    group: str | None = None
+    redrive: int = 0  # how many times a dead letter of this call was redriven
+    replay: bool = False  # sent again from the log by `bigpipe replay`
 
 
 def new_call_id() -> str:
@@ -72,7 +76,7 @@ def new_call(url: str, data: str, caller: str, headers: dict[str, str]) -> Call:
 
 
 def envelope_of(call: Call) -> dict[str, Any]:
-    return {
+    envelope: dict[str, Any] = {
         "v": ENVELOPE_VERSION,
         "id": call.id,
         "url": call.url,
@@ -81,6 +85,14 @@ def envelope_of(call: Call) -> dict[str, Any]:
         "ts": call.created_ms,
         "headers": call.headers,
     }
+    # Only on calls sent again, so a call as accepted keeps its small, stable shape.
+    if call.group is not None:
+        envelope["group"] = call.group
+    if call.redrive:
+        envelope["redrive"] = call.redrive
+    if call.replay:
+        envelope["replay"] = True
+    return envelope
 
 
 def encode_call(call: Call) -> bytes:
@@ -106,8 +118,21 @@ def decode_call(value: bytes | None) -> Call:
     headers = obj["headers"]
     if not all(isinstance(v, str) for v in headers.values()):
         raise InvalidRecord("field 'headers' has a non-string value")
+    group, redrive, replay = obj.get("group"), obj.get("redrive", 0), obj.get("replay", False)
+    if not (group is None or isinstance(group, str)) or type(redrive) is not int:
+        raise InvalidRecord("field 'group' or 'redrive' of the wrong type")
     # An older Bigpipe also wrote "denyPrivate"; delivery now reads it from the ACL in force.
-    return Call(obj["id"], obj["url"], obj["data"], obj["caller"], obj["ts"], headers)
+    return Call(
+        obj["id"],
+        obj["url"],
+        obj["data"],
+        obj["caller"],
+        obj["ts"],
+        headers,
+        group,
+        redrive,
+        replay is True,
+    )
 
 
 def forwardable_headers(headers: Iterable[tuple[str, str]], secret: str) -> dict[str, str]:

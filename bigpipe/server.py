@@ -378,4 +378,8 @@ def build_server(node: Node, **http_settings: Any) -> web.Server:
     routes.add("GET", "/metrics", metrics)
     routes.add("GET", "/openapi.json", openapi)
     routes.add("GET", "/readyz", readyz)
+    from bigpipe.admin import admin_routes  # it builds on this module's replies
+
+    for method, path, handler in admin_routes(node):
+        routes.add(method, path, handler)
     return web.Server(routes.dispatch, request_factory=make_request, **http_settings)

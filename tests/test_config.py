@@ -239,3 +239,24 @@ def test_cli_check_accepts_the_example() -> None:
         timeout=60,
     )
     assert (result.returncode, result.stdout) == (0, "config ok\n")
+
+
+@pytest.mark.parametrize(
+    "token", ["short-0123", "has a space in it 0123456789", "tøken-0123456789abcdefghijk"]
+)
+def test_admin_token_too_short_or_unsendable_is_refused_without_echoing_it(token: str) -> None:
+    def set_token(raw: dict[str, Any]) -> None:
+        raw["http.admin.token"] = token
+
+    [problem] = problems_of(set_token)
+    assert problem.startswith("http.admin.token: must be")
+    assert token not in problem, "the token is a secret: never repeated"
+
+
+def test_compat_replies_must_be_a_bool() -> None:
+    def set_compat(raw: dict[str, Any]) -> None:
+        raw["http.server.compat.replies"] = "yes"
+
+    assert problems_of(set_compat) == [
+        "http.server.compat.replies: must be true or false, got a string"
+    ]
