@@ -84,8 +84,10 @@ def _matching(
         if written_ms < filters.since_ms:
             continue
         call = _decode(message)
-        if call is None or (call.group is not None and call.group != group.group_id):
-            continue  # not a call, or a call sent again for another group
+        if call is None or call.group is not None:
+            # Not a call, or a copy an operator sent again (redrive, replay): the call
+            # itself is in the log at its own time, so replaying copies would repeat it.
+            continue
         if filters.matches_call({"url": call.url, "caller": call.caller}):
             yield message, call
 
