@@ -1,0 +1,102 @@
+"""Pure units of the operator's tools and the Go compatibility: no Kafka, no processes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import orjson
+import pytest
+
+from bigpipe.compat import GO_CALLER, decode_go_record, go_caller_entry, go_field_problem
+from bigpipe.config import AclEntry
+from bigpipe.destinations import AllowRule
+from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_call
+from bigpipe.selection import Filters, SelectionError, parse_filters, parse_time
+
+NOW = 1_800_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-12-04T08:00:00Z", 1796371200000),
+        ("2026-12-04", 1796342400000),
+        ("1796371200000", 1796371200000),
+        ("90s", NOW - 90_000),
+        ("2h", NOW - 7_200_000),
+        ("7d", NOW - 7 * 86_400_000),
+    ],
+)
+def test_times_an_operator_may_write(text: str, expected: int) -> None:
+    assert parse_time(text, "--since", NOW) == expected
+
+
+def test_a_time_that_is_not_one_names_the_option() -> None:
+    with pytest.raises(SelectionError, match="--until: 'tomorrow' is not a time"):
+        parse_time("tomorrow", "--until", NOW)
+    with pytest.raises(SelectionError, match="--until: must be later than --since"):
+        parse_filters({"since": "1000", "until": "1000"})
+    with pytest.raises(SelectionError, match="--status"):
+        parse_filters({"status": "abc"})
+
+
+def test_url_host_and_caller_filters() -> None:
+    call = {"url": "https://API.example.com/hooks/1", "caller": "shop"}
+    assert Filters(url_prefix="https://API.example.com/hooks/").matches_call(call)
+    assert Filters(host="api.example.com").matches_call(call)
+    assert not Filters(host="example.com").matches_call(call)
+    assert not Filters(caller="other").matches_call(call)
+
+
+def test_a_call_sent_again_keeps_its_fields_through_the_envelope() -> None:
+    call = Call("ab" * 16, "http://x/y", "d", "c", 1, {"A": "b"}, "G2", 2, True)
+    assert decode_call(encode_call(call)) == call
+    plain = Call("cd" * 16, "http://x/y", "d", "c", 1, {})
+    assert b"group" not in encode_call(plain), "a call as accepted keeps its small shape"
+    with pytest.raises(InvalidRecord):
+        decode_call(encode_call(call).replace(b'"redrive":2', b'"redrive":"2"'))
+
+
+def test_a_go_record_keeps_its_data_and_loses_its_credentials() -> None:
+    value = orjson.dumps(
+        {
+            "Headers": {"Authorization": ["Bearer x"], "X-Trace": ["a", "b"]},
+            "Url": "http://svc/hook",
+            "Data": "héllo",
+            "Topic": "test",
+            "Partition": 1,
+            "CreateTime": 1712000000000,
+        }
+    )
+    call = decode_go_record(value, "test", 1, 7)
+    assert (call.data, call.url, call.caller) == ("héllo", "http://svc/hook", GO_CALLER)
+    assert call.headers == {"X-Trace": "a, b"}
+    assert call.id == hashlib.sha256(b"test/1/7").hexdigest()[:32]
+    with pytest.raises(InvalidRecord, match="'Partition'"):
+        decode_go_record(value.replace(b'"Partition":1', b'"Partition":"1"'), "test", 1, 7)
+
+
+def test_a_go_record_goes_where_one_of_its_topics_callers_may_call() -> None:
+    rule = AllowRule("api.example.com", "api.example.com")
+    open_caller = AclEntry("a", b"", "t")
+    narrow = AclEntry("b", b"", "t", allow=(rule,), deny_private=True)
+    elsewhere = AclEntry("c", b"", "u", deny_private=True)
+    assert go_caller_entry((open_caller, narrow), "t").allow == ()
+    only_narrow = go_caller_entry((narrow, elsewhere), "t")
+    assert (only_narrow.allow, only_narrow.deny_private) == ((rule,), True)
+    assert go_caller_entry((elsewhere,), "t") is None
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"null", "url无效"),
+        (b'{"url": "u", "data": "d", "partition_key": "k", "acl": {"name": "n"}}', "acl.secret"),
+        (
+            b'{"url": "u", "data": "d", "partition_key": "k", "acl": {"name": "n", "secret": "s"}}',
+            None,
+        ),
+    ],
+)
+def test_the_originals_field_order(body: bytes, problem: str | None) -> None:
+    assert go_field_problem(body) == problem
