@@ -38,6 +38,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.kafka import client_settings
 from bigpipe.limits import Limits
+from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +176,16 @@ class GroupBudget:
         consumer: ConsumerConfig,
         member_id: Callable[[], str | None],
         limits: Limits,
+        counters: GroupCounters,
     ) -> None:
         self._consumer = consumer
         self._member_id = member_id  # this member's id in the group; None until it joined
         self._limits = limits
+        self._counters = counters  # shows the share in /stats and /metrics
         self._admin = AdminClient(client_settings(config))
         self._computed: dict[str, Share] = {}  # every member's share, as last worked out
         self.share = NOTHING  # this member's share in force
-        self._limits.update(self.share.rate, self.share.concurrency)
+        self._enforce(NOTHING)
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -202,13 +205,14 @@ class GroupBudget:
         """A reload changed the group's settings: apply this member's share of the new
         budget at once, and work the shares out afresh."""
         old, self._consumer = self._consumer, consumer
-        self.share = Share(
-            max(NO_RATE, self.share.rate * consumer.rate_limit / old.rate_limit),
-            self.share.concurrency * consumer.concurrency // old.concurrency,
+        self._enforce(
+            Share(
+                max(NO_RATE, self.share.rate * consumer.rate_limit / old.rate_limit),
+                self.share.concurrency * consumer.concurrency // old.concurrency,
+            )
         )  # the same part of the new budget until the next reckoning, never more
         self._computed = {}
         self.assignment_changed()
-        self._limits.update(self.share.rate, self.share.concurrency)
 
     def assignment_changed(self) -> None:
         """Partitions came or went: refresh now rather than at the next tick."""
@@ -249,8 +253,13 @@ class GroupBudget:
         self._computed = computed
         if share != self.share:
             log.debug("%s: share %s -> %s", self._name, self.share, share)
-            self.share = share
-            self._limits.update(share.rate, share.concurrency)
+            self._enforce(share)
+
+    def _enforce(self, share: Share) -> None:
+        self.share = share
+        self._limits.update(share.rate, share.concurrency)
+        self._counters.budgetRate = share.rate if share.concurrency else 0.0
+        self._counters.budgetConcurrency = share.concurrency
 
     def _others_cut(self, computed: Mapping[str, Share], me: str | None) -> bool:
         """May another member lose slots now? Unknown at a first reckoning (a member that

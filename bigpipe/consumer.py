@@ -123,7 +123,9 @@ class ConsumerGroup:
         self._buffered_bytes = 0  # record bytes of the calls read and not yet finished
         self._states = PartitionStates(self._kafka, consumer.topic, counters.partitions)
         # rateLimit and concurrency are the whole group's: this member gets its share.
-        self._budget = GroupBudget(config, consumer, self._kafka.memberid, self._client.limits)
+        self._budget = GroupBudget(
+            config, consumer, self._kafka.memberid, self._client.limits, counters
+        )
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 

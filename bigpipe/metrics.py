@@ -208,6 +208,14 @@ class _StatsCollector(Collector):
         breaker = GaugeMetricFamily(
             "bigpipe_breaker_state", "Circuit breaker: 0 NORMAL, 1 BREAK, 2 RECOVER", labels=labels
         )
+        budget = {
+            limit: GaugeMetricFamily(
+                f"bigpipe_budget_{limit}",
+                f"This node's share of the group's {key} (the group's budget)",
+                labels=labels,
+            )
+            for limit, key in (("rate", "rateLimit"), ("concurrency", "concurrency"))
+        }
         lag = GaugeMetricFamily(
             "bigpipe_consumer_lag",
             "Calls in Kafka not yet committed",
@@ -227,9 +235,11 @@ class _StatsCollector(Collector):
             finished.add_metric([*key, "fail"], group.rpcFail)
             in_flight.add_metric(key, group.inFlight)
             breaker.add_metric(key, group.breakerState)
+            budget["rate"].add_metric(key, group.budgetRate)
+            budget["concurrency"].add_metric(key, group.budgetConcurrency)
             for partition, value in sorted(group.lag.items(), key=lambda item: int(item[0])):
                 lag.add_metric([*key, partition], value)
             for partition, state in group.partitions.items():
                 states.add_metric([*key, partition, state], 1)
         yield from counters.values()
-        yield from (finished, in_flight, breaker, lag, states)
+        yield from (finished, in_flight, breaker, *budget.values(), lag, states)

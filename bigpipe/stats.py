@@ -42,6 +42,9 @@ class GroupCounters:
     inFlight: int = 0  # a gauge: requests open to the downstream now
     circuitIsBreak: int = 0  # a gauge: 1 while the breaker holds calls
     breakerState: int = 0  # a gauge: 0 NORMAL, 1 BREAK, 2 RECOVER
+    # Gauges: this member's share of the group's rateLimit and concurrency (bigpipe.budget)
+    budgetRate: float = 0.0
+    budgetConcurrency: int = 0
     lag: dict[str, int] = field(default_factory=dict)  # partition -> calls not yet committed
     # partition -> "consuming" or "paused:<reason>", for every partition assigned here
     partitions: dict[str, str] = field(default_factory=dict)
@@ -109,6 +112,7 @@ class Stats:
             counters = GroupCounters(**values)
             if counters_only:
                 counters.inFlight = counters.circuitIsBreak = counters.breakerState = 0
+                counters.budgetRate = counters.budgetConcurrency = 0
                 counters.lag = {}
                 counters.partitions = {}
             stats._groups[(topic, group_id)] = counters

@@ -34,6 +34,7 @@ from tests.support import (
 
 RATE, CONCURRENCY = 40, 4
 BACKLOG = (40, 120, 280)  # calls per partition: uneven, so members run dry one by one
+EVEN_BACKLOG = (160, 160, 160)  # 12 s at 40/s
 DOWNSTREAM_SECONDS = 0.05  # each call's time at the downstream: 2 in flight at 40/s
 
 
@@ -117,6 +118,7 @@ class Budgeted:
         self.kafka, self.workdir, self.workers = kafka, workdir, workers
         self.topic, self.group = unique("calls"), unique("g")
         self.nodes: list[Bigpipe] = []
+        self.backlog = BACKLOG
         self.in_flight: list[tuple[float, int]] = []  # (when, requests open from then on)
         self.downstream = Downstream(self._slow)
         self._admin = AdminClient({"bootstrap.servers": kafka})
@@ -149,13 +151,23 @@ class Budgeted:
 
         await eventually(all_in, 60, f"{members} members in a stable group")
 
-    async def load_backlog(self) -> None:
+    async def shares_add_up(self) -> bool:
+        """Do the nodes' shares in /stats add up to the budget? With no backlog, the
+        budget is split over the members holding partitions: no floor, no rounding."""
+        async with aiohttp.ClientSession() as http:
+            shown = [await group_stats(node, http) for node in self.nodes]
+        rate = sum(s["budgetRate"] for s in shown)
+        slots = sum(s["budgetConcurrency"] for s in shown)
+        return math.isclose(rate, RATE) and slots == CONCURRENCY
+
+    async def load_backlog(self, backlog: tuple[int, ...] = BACKLOG) -> None:
+        self.backlog = backlog
         async with aiohttp.ClientSession() as http:
             calls = [
                 self.nodes[n % len(self.nodes)].post_call(
                     http, url=self.downstream.url(), partition_key=key_for(partition, 3)
                 )
-                for partition, count in enumerate(BACKLOG)
+                for partition, count in enumerate(backlog)
                 for n in range(count)
             ]
             answers = await asyncio.gather(*calls)
@@ -163,7 +175,9 @@ class Budgeted:
 
     async def wait_delivered(self) -> None:
         await eventually(
-            lambda: len(self.downstream.answered_ids()) == sum(BACKLOG), 60, "every call delivered"
+            lambda: len(self.downstream.answered_ids()) == sum(self.backlog),
+            60,
+            "every call delivered",
         )
 
     async def stop(self) -> None:
@@ -207,7 +221,7 @@ async def test_the_group_keeps_its_budget(budgeted: Budgeted, nodes: int) -> Non
     for _ in range(nodes):
         await budgeted.add_node()
     await budgeted.wait_members()
-    await asyncio.sleep(1.0)  # a few budget refreshes: every member knows the group
+    await eventually(budgeted.shares_add_up, 10, "the nodes' shares to make the budget")
     await budgeted.load_backlog()
     await budgeted.wait_delivered()
     measured = budgeted.figures()
@@ -224,8 +238,7 @@ async def test_a_node_joining_mid_backlog_keeps_the_budget(budgeted: Budgeted) -
     the shares follow. What the downstream sees meanwhile is measured and bounded."""
     await budgeted.add_node()
     await budgeted.wait_members()
-    await budgeted.load_backlog()
-    await eventually(lambda: len(budgeted.downstream.requests) >= 80, 30, "delivery under way")
+    await budgeted.load_backlog(EVEN_BACKLOG)  # the partitions that move still hold calls
     await budgeted.add_node()
     await budgeted.wait_members()
     rebalanced_at = len(budgeted.downstream.requests)
