@@ -1,18 +1,17 @@
-"""The original bigpipe's circuit breaker, one per consumer group.
+"""The original bigpipe's circuit breaker, one per destination of a consumer group.
 
 Health is judged over a sliding window of `winSize` one-second buckets. The
 states map onto pybreaker's, whose state machine and listeners carry the
 transitions (and so the logging and `circuitIsBreak`):
 
     NORMAL  (closed)     every call goes through
-    BREAK   (open)       every call is held; partitions are paused
+    BREAK   (open)       every call is held (see bigpipe.shields)
     RECOVER (half-open)  a call goes through with a probability that ramps
                          from 0 to 1 over breakPeriod + recoverPeriod
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
@@ -72,8 +71,6 @@ class Breaker:
         self._window = HealthWindow(config.win_size, config.min_stats, config.health_rate)
         self._machine = pybreaker.CircuitBreaker(name=name, listeners=[_Transitions(on_change)])
         self._break_time = 0.0
-        self._replaced = False
-        self._successor: Breaker | None = None
 
     @property
     def state(self) -> str:
@@ -119,29 +116,6 @@ class Breaker:
             return False
         ramp = (self._clock() - self._break_time) / self._ramp_seconds
         return self._rng.random() < ramp
-
-    def hand_over(self, successor: Breaker | None) -> None:
-        """A reload replaced this breaker: calls it holds wait on `successor` (None: none)."""
-        self._replaced = True
-        self._successor = successor
-
-    async def admit(self, give_up: Callable[[], bool] = lambda: False) -> None:
-        """Wait until an attempt may go out, or `give_up()` says the call need not wait.
-
-        Held calls are never dropped. Each check asks the breaker in force now: a reload
-        may replace this one while calls wait, and they must not wait out its break period.
-        """
-        while (breaker := self._in_force()) is not None and not breaker.allows():
-            if give_up():
-                return
-            # Spread the re-checks so held calls do not wake in one herd.
-            await asyncio.sleep(self._rng.uniform(0.05, 0.25))
-
-    def _in_force(self) -> Breaker | None:
-        breaker: Breaker | None = self
-        while breaker is not None and breaker._replaced:
-            breaker = breaker._successor
-        return breaker
 
     @property
     def _ramp_seconds(self) -> float:

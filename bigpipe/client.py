@@ -1,4 +1,6 @@
-"""Deliver one call to its URL: attempts, retries with backoff, and the group's shields."""
+"""Deliver one call to its URL: attempts, retries with backoff, and the group's shields:
+its destination's (breaker, Retry-After pause, caps; see bigpipe.shields), then the group's
+rate limit and concurrency."""
 
 from __future__ import annotations
 
@@ -12,13 +14,13 @@ import aiohttp
 from prometheus_client import Histogram
 from yarl import URL
 
-from bigpipe.breaker import Breaker
 from bigpipe.compat import GO_CALLER
 from bigpipe.config import AclEntry, ConsumerConfig
 from bigpipe.destinations import DestinationRefused, PublicOnlyResolver, refusal
 from bigpipe.envelope import Call
 from bigpipe.limits import Limits
 from bigpipe.retry import Verdict, backoff_seconds, classify, retry_after_seconds
+from bigpipe.shields import Destination, DestinationShields
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
@@ -55,22 +57,23 @@ class Outcome:
 
 class DeliveryClient:
     """One per consumer group: a keep-alive pool (and a second, guarded one for denyPrivate
-    calls), one rate limit, one breaker, and the callers' destination rules."""
+    calls), the group's rate limit and concurrency, its destinations' shields, and the
+    callers' destination rules."""
 
     def __init__(
         self,
         config: ConsumerConfig,
         counters: GroupCounters,
-        breaker: Breaker | None,
+        shields: DestinationShields,
         callers: CallerLookup,
         attempt_seconds: Histogram,
     ) -> None:
         self._counters = counters
+        self._shields = shields
         self._callers = callers
         self._attempt_seconds = attempt_seconds
         self._limits = Limits(config.rate_limit, config.concurrency)
-        self._breaker: Breaker | None = None
-        self.update(config, breaker)
+        self.update(config)
         self._session = _new_session()
         self._guarded_session: aiohttp.ClientSession | None = None  # for denyPrivate calls
 
@@ -80,12 +83,9 @@ class DeliveryClient:
         member's share of the group's budget."""
         return self._limits
 
-    def update(self, config: ConsumerConfig, breaker: Breaker | None) -> None:
+    def update(self, config: ConsumerConfig) -> None:
         """Apply a reloaded config; attempts already under way finish under the old one."""
-        if self._breaker is not None and self._breaker is not breaker:
-            self._breaker.hand_over(breaker)  # the calls it holds now wait on the new one
         self._config = config
-        self._breaker = breaker
         self._limits.update(config.rate_limit, config.concurrency)
         # The attempt's deadline covers connect, send and the status line: the verdict.
         # The body then gets a deadline of its own, which cannot change that verdict.
@@ -115,8 +115,6 @@ class DeliveryClient:
             if isinstance(result, str):  # refused is final, and not an attempt
                 failure = AttemptResult(Verdict.FINAL, error=f"destination refused: {result}")
                 return Outcome(False, attempt - 1, failure, first_attempt_ms)
-            if self._breaker is not None:
-                self._breaker.record(result.verdict is Verdict.SUCCESS)
             if result.verdict is not Verdict.RETRY or attempt >= max_attempts:
                 return Outcome(result.verdict is Verdict.SUCCESS, attempt, result, first_attempt_ms)
             self._counters.rpcRetries += 1
@@ -128,21 +126,32 @@ class DeliveryClient:
         """One attempt once the shields let it out; or why its destination is refused.
 
         The destination is judged by the caller's ACL entry in force: before the waits,
-        so a refused call does not queue; during the breaker's hold, so a reload that
+        so a refused call does not queue; while its destination holds it, so a reload that
         refuses it frees it at once; and after the waits, just before the request.
+        The destination's own caps come before the group's, so that calls waiting for a
+        slow destination's slot never sit on the group's slots.
         """
         if (refused := self._refusal(call)) is not None:
             return refused
-        if self._breaker is not None:
-            await self._breaker.admit(give_up=lambda: self._refusal(call) is not None)
-        await self._limits.acquire()
+        destination = self._shields.get(call.url)
+        await destination.admit(give_up=lambda: self._refusal(call) is not None)
+        await destination.acquire()
         try:
-            caller = self._callers(call.caller, self._config.topic)
-            if (refused := _refusal(call, caller)) is not None:
-                return refused
-            return await self._attempt(call, body, attempt, caller)
+            await self._limits.acquire()
+            try:
+                caller = self._callers(call.caller, self._config.topic)
+                if (refused := _refusal(call, caller)) is not None:
+                    return refused
+                result = await self._attempt(call, body, attempt, caller, destination)
+            finally:
+                self._limits.release()
         finally:
-            self._limits.release()
+            destination.release()
+        most = self._config.backoff_max_ms / 1000
+        destination.record(
+            result.verdict is Verdict.SUCCESS, result.status, result.retry_after, most
+        )
+        return result
 
     def _refusal(self, call: Call) -> str | None:
         return _refusal(call, self._callers(call.caller, self._config.topic))
@@ -155,7 +164,7 @@ class DeliveryClient:
         return delay
 
     async def _attempt(
-        self, call: Call, body: bytes, attempt: int, caller: AclEntry
+        self, call: Call, body: bytes, attempt: int, caller: AclEntry, destination: Destination
     ) -> AttemptResult:
         headers = {
             **call.headers,
@@ -170,6 +179,7 @@ class DeliveryClient:
         if call.replay:
             headers["X-Bigpipe-Replay"] = "1"
         self._counters.inFlight += 1
+        destination.in_flight += 1
         self._counters.attempts += 1
         started = time.perf_counter()
         try:
@@ -194,7 +204,9 @@ class DeliveryClient:
             finally:
                 # The attempt is over at its status line or its failure; the body read is not
                 # part of the verdict, so not of the attempt's latency either.
-                self._attempt_seconds.observe(time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self._attempt_seconds.observe(seconds)
+                destination.usage.observe(seconds)
             try:
                 excerpt = await self._read_body(response)
             finally:
@@ -202,6 +214,7 @@ class DeliveryClient:
             return _result_of(response, excerpt, self._config.retry_status)
         finally:
             self._counters.inFlight -= 1
+            destination.in_flight -= 1
 
     async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
         """The start of the reply, within its own `timeout`; b"" when it does not come.

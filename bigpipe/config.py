@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from yarl import URL
 
 from bigpipe.calls.signing import Signer, key_of
 from bigpipe.destinations import AllowRule, parse_rule
@@ -67,6 +69,55 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True)
+class DestinationCaps:
+    """A destination's own caps, under its group's; None: only the group's applies."""
+
+    concurrency: int | None = None
+    rate_limit: float | None = None  # calls per second
+
+    def share(self, workers: int) -> DestinationCaps:
+        return DestinationCaps(
+            self.concurrency and math.ceil(self.concurrency / workers),
+            self.rate_limit and self.rate_limit / workers,
+        )
+
+
+@dataclass(frozen=True)
+class DestinationOverride:
+    rule: AllowRule  # a host pattern, or an origin (scheme://host[:port]) with no path
+    caps: DestinationCaps
+
+
+# Calls a group holds in memory for destinations that may not be called yet (open
+# breaker, Retry-After, their own caps), per node; past it the group pauses its partitions.
+DEFAULT_MAX_HELD = 1000
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """The per-destination shields of one group (`destination` in the config)."""
+
+    caps: DestinationCaps = DestinationCaps()
+    max_held: int = DEFAULT_MAX_HELD
+    overrides: tuple[DestinationOverride, ...] = ()
+
+    def share(self, workers: int) -> DestinationConfig:
+        """One of `workers` workers' part, split as the group's own caps are."""
+        return DestinationConfig(
+            self.caps.share(workers),
+            math.ceil(self.max_held / workers),
+            tuple(DestinationOverride(o.rule, o.caps.share(workers)) for o in self.overrides),
+        )
+
+    def caps_for(self, url: URL) -> DestinationCaps:
+        """The first override matching the destination of `url`, else the default caps."""
+        for override in self.overrides:
+            if override.rule.matches(url):
+                return override.caps
+        return self.caps
+
+
+@dataclass(frozen=True)
 class ConsumerConfig:
     topic: str
     group_id: str
@@ -80,6 +131,7 @@ class ConsumerConfig:
     backoff_max_ms: int
     retry_status: frozenset[int]  # 4xx statuses that are retried; 5xx always are
     max_buffered: int
+    destination: DestinationConfig = DestinationConfig()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -383,8 +435,11 @@ def _read_consumer(item: _Section, topic_names: set[str] | None) -> ConsumerConf
         "retryStatus", list, default=list(DEFAULT_RETRY_STATUS), check=_status_list
     )
     max_buffered = item.get("maxBuffered", int, default=None, check=positive)
+    destination = _read_destination(item, rate_limit, concurrency)
     item.reject_unknown()
     if "circuitBreaker" in item.obj and breaker is None:
+        return None
+    if destination is None:
         return None
     if None in (
         topic,
@@ -418,6 +473,7 @@ def _read_consumer(item: _Section, topic_names: set[str] | None) -> ConsumerConf
         backoff_max_ms=backoff_max,
         retry_status=frozenset(retry_status),
         max_buffered=max_buffered or max(100, 4 * concurrency),
+        destination=destination,
     )
 
 
@@ -436,6 +492,75 @@ def _default_dead_letter_topic(
         )
         return None
     return name
+
+
+def _read_destination(
+    item: _Section, rate_limit: float | None, concurrency: int | None
+) -> DestinationConfig | None:
+    """The `destination` object: default caps, `maxHeld`, and `overrides` by host or origin."""
+    section = item.section("destination")
+    if section is None:
+        return None if "destination" in item.obj else DestinationConfig()
+    problems_before = len(section.problems)
+    caps = _read_caps(section, rate_limit, concurrency)
+    max_held = section.get("maxHeld", int, default=DEFAULT_MAX_HELD, check=positive)
+    overrides: dict[str, DestinationOverride] = {}
+    for entry in section.objects("overrides", default=[]):
+        rule = _read_match(entry)
+        entry_caps = _read_caps(entry, rate_limit, concurrency)
+        entry.reject_unknown()
+        if rule is not None and rule.text in overrides:
+            entry.problems.append(f"{entry.path}.match: {rule.text!r} is listed twice; keep one")
+        elif rule is not None:
+            overrides[rule.text] = DestinationOverride(rule, entry_caps)
+    section.reject_unknown()
+    if len(section.problems) > problems_before:
+        return None
+    return DestinationConfig(caps, max_held, tuple(overrides.values()))
+
+
+def _read_caps(
+    section: _Section, rate_limit: float | None, concurrency: int | None
+) -> DestinationCaps:
+    """`concurrency` and `rateLimit` of one destination: each at most the group's."""
+    return DestinationCaps(
+        section.get("concurrency", int, default=None, check=at_most(concurrency, "concurrency")),
+        section.get("rateLimit", float, default=None, check=at_most(rate_limit, "rateLimit")),
+    )
+
+
+def at_most(limit: float | None, group_key: str) -> Check:
+    """Positive and no more than the group's own value (a destination shares its budget)."""
+
+    def check(value: float) -> str | None:
+        if value <= 0:
+            return positive(value)
+        if limit is not None and value > limit:
+            return (
+                f"must be <= the group's {group_key} ({limit:g}), got {value:g}; "
+                "a destination's calls share the group's budget"
+            )
+        return None
+
+    return check
+
+
+def _read_match(entry: _Section) -> AllowRule | None:
+    """A host pattern (`api.example.com`, `*.example.com`) or an origin (`https://host:8443`)."""
+    text = entry.get("match", str)
+    if text is None:
+        return None
+    rule = parse_rule(text)
+    if isinstance(rule, str):
+        entry.problems.append(f"{entry.where('match')}: {rule}")
+        return None
+    if rule.scheme is not None and rule.path not in ("", "/"):
+        entry.problems.append(
+            f"{entry.where('match')}: {text!r} has a path; a destination is scheme, host and "
+            "port, so give an origin like https://api.example.com:8443 or a host pattern"
+        )
+        return None
+    return rule
 
 
 def _status_list(value: list[Any]) -> str | None:

@@ -5,9 +5,10 @@ At-least-once rests on three rules:
   (delivered, or written to the dead-letter topic);
 - a revoked partition commits what has finished and drops the rest, which its
   next owner delivers again; a lost partition commits nothing;
-- waiting (for a token, a slot or the breaker) pauses partitions, and a full buffer
-  skips consume() for a moment and then pauses them too; polling never stops for
-  long, so the broker does not evict the consumer.
+- a full buffer skips consume() for a moment and then pauses the partitions; so do
+  too many calls held for destinations that may not be called yet (an open breaker,
+  a Retry-After), which otherwise leave the buffer's room to the other destinations;
+  polling never stops for long, so the broker does not evict the consumer.
 
 librdkafka fetches in its own threads; `consume(timeout=0)` only takes what it
 already has, so the poll loop runs on the event loop without blocking it, and the
@@ -28,7 +29,6 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from bigpipe.breaker import BREAK, STATE_NUMBERS, Breaker
 from bigpipe.budget import GroupBudget
 from bigpipe.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
 from bigpipe.compat import decode_go_record, is_go_record
@@ -38,9 +38,10 @@ from bigpipe.envelope import Call, InvalidRecord, decode_call
 from bigpipe.kafka import RepeatFilter, client_settings
 from bigpipe.metrics import GroupLatencies
 from bigpipe.offsets import PartitionOffsets
-from bigpipe.partitions import BREAKER, BUFFER, PartitionStates
+from bigpipe.partitions import BUFFER, HELD, PartitionStates
 from bigpipe.producer import Producer
 from bigpipe.retry import Verdict
+from bigpipe.shields import DestinationShields
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ class ConsumerGroup:
         self._dead_letters = DeadLetterWriter(
             self.name, dead_letter_limit(config), producer, counters
         )
-        self._breaker = _make_breaker(consumer, counters)
-        self._client = DeliveryClient(consumer, counters, self._breaker, callers, latencies.attempt)
+        self._shields = DestinationShields(self.name, consumer, counters)
+        self._client = DeliveryClient(consumer, counters, self._shields, callers, latencies.attempt)
         self._repeats = RepeatFilter()  # a Kafka outage repeats one error many times a second
         self._kafka = Consumer(
             {
@@ -147,11 +148,9 @@ class ConsumerGroup:
 
         The key (topic, groupId) never changes here; a new key is a new group.
         """
-        if consumer.breaker != self.config.breaker:
-            self._breaker = _make_breaker(consumer, self._counters)
-            self._counters.circuitIsBreak = self._counters.breakerState = 0
         self.config = consumer
-        self._client.update(consumer, self._breaker)
+        self._shields.update(consumer)
+        self._client.update(consumer)
         self._budget.update(consumer)  # the limits just set were the group's, not this share
         log.info("%s: applied new settings", self.name)
 
@@ -255,17 +254,23 @@ class ConsumerGroup:
             self._steer(stalled=full_since is not None and now - full_since >= STALL_SECONDS)
             if now >= next_commit:
                 self._commit(asynchronous=True)
+                self._shields.publish()
                 next_commit = now + COMMIT_INTERVAL_SECONDS
             await asyncio.sleep(0 if messages else IDLE_POLL_SECONDS)
 
     def _buffered(self) -> int:
         return sum(len(p.offsets) for p in self._partitions.values())
 
+    def _working(self) -> int:
+        """Calls buffered and not held for their destination: they count against maxBuffered."""
+        return self._buffered() - self._counters.held
+
     def _room(self) -> int:
-        """Calls the buffer takes now: none once it holds maxBuffered calls or BUFFER_BYTES."""
+        """Calls the buffer takes now: none once it holds maxBuffered working calls or
+        BUFFER_BYTES of calls, held ones included."""
         if self._buffered_bytes >= BUFFER_BYTES:
             return 0
-        return self.config.max_buffered - self._buffered()
+        return self.config.max_buffered - self._working()
 
     def _unbuffer(self, size: int, _task: asyncio.Task[None]) -> None:
         self._buffered_bytes -= size  # finished or cancelled: the record is let go either way
@@ -287,17 +292,20 @@ class ConsumerGroup:
         task.add_done_callback(partial(self._unbuffer, size))
 
     def _steer(self, stalled: bool) -> None:
-        """Pause every partition while the breaker holds calls or the buffer stays full.
+        """Pause every partition while destinations hold maxHeld calls or the buffer stays full.
 
-        Resuming waits until the buffer is half empty, so a slow group does not
-        flap between pause and resume on every finished call.
+        Resuming waits until both are half empty, so a slow group does not flap
+        between pause and resume on every finished call.
         """
-        breaking = self._breaker is not None and self._breaker.update() == BREAK
+        self._shields.tick()
+        max_held = self.config.destination.max_held
+        holding = self._counters.held >= max_held
         draining = self._states.any_paused and (
-            self._buffered() > self.config.max_buffered // 2
+            self._working() > self.config.max_buffered // 2
             or self._buffered_bytes > BUFFER_BYTES // 2
+            or self._counters.held > max_held // 2
         )
-        self._states.hold(BREAKER if breaking else BUFFER if stalled or draining else None)
+        self._states.hold(HELD if holding else BUFFER if stalled or draining else None)
 
     # ------------------------------------------------------------ one call
     async def _handle(self, message: Message, partition: _Partition) -> None:
@@ -468,14 +476,3 @@ def _lag(partition: dict[str, Any], high: int) -> int:
     committed = partition["committed_offset"]
     start = committed if committed >= 0 else max(partition["lo_offset"], 0)
     return max(0, high - start)
-
-
-def _make_breaker(consumer: ConsumerConfig, counters: GroupCounters) -> Breaker | None:
-    if consumer.breaker is None:
-        return None
-
-    def show_state(state: str) -> None:
-        counters.circuitIsBreak = int(state == BREAK)
-        counters.breakerState = STATE_NUMBERS[state]
-
-    return Breaker(consumer.breaker, f"{consumer.topic}/{consumer.group_id}", show_state)

@@ -7,6 +7,7 @@ exported as plain samples so that workers' histograms can be added up.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,12 @@ GROUP_COUNTERS = (
         "Failed calls whose dead letter Kafka refused for good, even without its data",
         "deadLetterSkipped",
     ),
+)
+# (GroupCounters.destinations field, metric name, help) for the per-destination gauges.
+DESTINATION_GAUGES = (
+    ("breakerState", "bigpipe_destination_breaker_state", "0 NORMAL, 1 BREAK, 2 RECOVER"),
+    ("inFlight", "bigpipe_destination_in_flight", "Requests open to this destination"),
+    ("held", "bigpipe_destination_held", "Calls held until this destination may be called"),
 )
 # A histogram sample: [name with _bucket/_sum/_count, labels, value].
 Sample = list[Any]
@@ -205,8 +212,15 @@ class _StatsCollector(Collector):
         in_flight = GaugeMetricFamily(
             "bigpipe_in_flight", "Requests open to downstreams", labels=labels
         )
+        held = GaugeMetricFamily(
+            "bigpipe_held",
+            "Calls held in memory until their destination may be called",
+            labels=labels,
+        )
         breaker = GaugeMetricFamily(
-            "bigpipe_breaker_state", "Circuit breaker: 0 NORMAL, 1 BREAK, 2 RECOVER", labels=labels
+            "bigpipe_breaker_state",
+            "The worst destination's breaker: 0 NORMAL, 1 BREAK, 2 RECOVER",
+            labels=labels,
         )
         budget = {
             limit: GaugeMetricFamily(
@@ -223,7 +237,7 @@ class _StatsCollector(Collector):
         )
         states = GaugeMetricFamily(
             "bigpipe_partition_state",
-            "1 for each assigned partition's state: consuming, paused:breaker, paused:buffer",
+            "1 for each assigned partition's state: consuming, paused:held, paused:buffer",
             labels=[*labels, "partition", "state"],
         )
         for consumer in self._config.consumers:
@@ -234,6 +248,7 @@ class _StatsCollector(Collector):
             finished.add_metric([*key, "success"], group.rpcSuccess)
             finished.add_metric([*key, "fail"], group.rpcFail)
             in_flight.add_metric(key, group.inFlight)
+            held.add_metric(key, group.held)
             breaker.add_metric(key, group.breakerState)
             budget["rate"].add_metric(key, group.budgetRate)
             budget["concurrency"].add_metric(key, group.budgetConcurrency)
@@ -242,4 +257,33 @@ class _StatsCollector(Collector):
             for partition, state in group.partitions.items():
                 states.add_metric([*key, partition, state], 1)
         yield from counters.values()
-        yield from (finished, in_flight, breaker, *budget.values(), lag, states)
+        yield from (finished, in_flight, held, breaker, *budget.values(), lag, states)
+        yield from self._destinations()
+
+    def _destinations(self) -> Iterator[Metric]:
+        """Per destination: the busiest DESTINATIONS_SHOWN by name, the rest as `other`."""
+        labels = ["topic", "group", "destination"]
+        gauges = {
+            key: GaugeMetricFamily(name, help_text, labels=labels)
+            for key, name, help_text in DESTINATION_GAUGES
+        }
+        latency = HistogramMetricFamily(
+            "bigpipe_destination_attempt_seconds",
+            "One HTTP attempt to this destination, as bigpipe_attempt_seconds",
+            labels=labels,
+        )
+        for consumer in self._config.consumers:
+            group = self._stats.group(consumer.topic, consumer.group_id)
+            for name, numbers in group.destinations.items():
+                key = [consumer.topic, consumer.group_id, name]
+                for field, family in gauges.items():
+                    family.add_metric(key, numbers[field])
+                latency.add_metric(key, _cumulative(numbers["latency"]), numbers["latencySum"])
+        yield from gauges.values()
+        yield latency
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts (LATENCY_BUCKETS, then +Inf) as Prometheus' cumulative buckets."""
+    bounds = [*(str(b) for b in LATENCY_BUCKETS), "+Inf"]
+    return list(zip(bounds, itertools.accumulate(counts), strict=True))

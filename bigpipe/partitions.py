@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 WATERMARK_TIMEOUT = 2.0  # seconds per partition; the query runs in a thread
 
 CONSUMING = "consuming"
-BREAKER = "breaker"  # the circuit breaker holds every call
+HELD = "held"  # destinations hold destination.maxHeld calls (open breakers, Retry-After)
 BUFFER = "buffer"  # maxBuffered calls are waiting in this process
 
 

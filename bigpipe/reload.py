@@ -149,6 +149,7 @@ CONSUMER_KEYS = {
     "backoff_max_ms": "backoffMax",
     "retry_status": "retryStatus",
     "max_buffered": "maxBuffered",
+    "destination": "destination",
 }
 
 

@@ -8,10 +8,16 @@ node-wide view is their merge (`merged`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from bigpipe.config import Config
+
+OTHER_DESTINATIONS = "other"  # the destinations /stats and /metrics do not name
+# Destinations /stats and /metrics name, the busiest by attempts; the rest are `other`.
+DESTINATIONS_SHOWN = 10
+DESTINATION_GAUGES = ("breakerState", "inFlight", "held")
 
 
 @dataclass(slots=True)
@@ -40,24 +46,61 @@ class GroupCounters:
     deadLetter: int = 0
     deadLetterSkipped: int = 0  # calls whose dead letter Kafka refused for good (logged)
     inFlight: int = 0  # a gauge: requests open to the downstream now
-    circuitIsBreak: int = 0  # a gauge: 1 while the breaker holds calls
-    breakerState: int = 0  # a gauge: 0 NORMAL, 1 BREAK, 2 RECOVER
+    held: int = 0  # a gauge: calls held for destinations that may not be called yet
+    circuitIsBreak: int = 0  # a gauge: 1 while any destination's breaker is in BREAK
+    breakerState: int = 0  # a gauge: the worst destination's, 0 NORMAL, 1 BREAK, 2 RECOVER
     # Gauges: this member's share of the group's rateLimit and concurrency (bigpipe.budget)
     budgetRate: float = 0.0
     budgetConcurrency: int = 0
     lag: dict[str, int] = field(default_factory=dict)  # partition -> calls not yet committed
     # partition -> "consuming" or "paused:<reason>", for every partition assigned here
     partitions: dict[str, str] = field(default_factory=dict)
+    # The busiest destinations by attempts, the rest as "other": breakerState, inFlight,
+    # held, attempts, latency (counts per LATENCY_BUCKETS bucket, +Inf last), latencySum.
+    destinations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def absorb(self, other: GroupCounters) -> None:
         """Add another worker's view of the same group."""
         for name in _SUMMED:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.circuitIsBreak = max(self.circuitIsBreak, other.circuitIsBreak)
-        self.breakerState = max(self.breakerState, other.breakerState)
+        self.breakerState = worst_state(self.breakerState, other.breakerState)
+        for name, numbers in other.destinations.items():
+            mine = self.destinations.get(name)
+            self.destinations[name] = numbers if mine is None else _add_destination(mine, numbers)
         for partition, lag in other.lag.items():  # one owner per partition, bar a rebalance
             self.lag[partition] = max(lag, self.lag.get(partition, 0))
         self.partitions.update(other.partitions)
+
+
+def worst_state(a: int, b: int) -> int:
+    """Of two breaker states (0 NORMAL, 1 BREAK, 2 RECOVER), the one holding more calls."""
+    return 1 if 1 in (a, b) else max(a, b)
+
+
+def _add_destination(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two workers' numbers for one destination: states take the worst, the rest add up."""
+    return {
+        "breakerState": worst_state(a["breakerState"], b["breakerState"]),
+        "inFlight": a["inFlight"] + b["inFlight"],
+        "held": a["held"] + b["held"],
+        "attempts": a["attempts"] + b["attempts"],
+        "latency": [x + y for x, y in zip(a["latency"], b["latency"], strict=True)],
+        "latencySum": a["latencySum"] + b["latencySum"],
+    }
+
+
+def busiest_destinations(destinations: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The DESTINATIONS_SHOWN busiest by attempts by name; the rest added up as `other`."""
+    named = [name for name in destinations if name != OTHER_DESTINATIONS]
+    named.sort(key=lambda name: destinations[name]["attempts"], reverse=True)
+    shown = {name: destinations[name] for name in named[:DESTINATIONS_SHOWN]}
+    rest = [destinations[name] for name in named[DESTINATIONS_SHOWN:]]
+    if OTHER_DESTINATIONS in destinations:
+        rest.append(destinations[OTHER_DESTINATIONS])
+    if rest:
+        shown[OTHER_DESTINATIONS] = functools.reduce(_add_destination, rest)
+    return shown
 
 
 _CLIENT_KEYS = ("rpcTotal", "rpcSuccess", "rpcFail", "rpcRetries")
@@ -65,7 +108,7 @@ _CLIENT_KEYS = ("rpcTotal", "rpcSuccess", "rpcFail", "rpcRetries")
 _SUMMED = tuple(
     f.name
     for f in fields(GroupCounters)
-    if f.name not in ("circuitIsBreak", "breakerState", "lag", "partitions")
+    if f.name not in ("circuitIsBreak", "breakerState", "lag", "partitions", "destinations")
 )
 
 
@@ -111,10 +154,13 @@ class Stats:
             topic, group_id = key.split("\t")
             counters = GroupCounters(**values)
             if counters_only:
-                counters.inFlight = counters.circuitIsBreak = counters.breakerState = 0
+                counters.inFlight = counters.held = 0
+                counters.circuitIsBreak = counters.breakerState = 0
                 counters.budgetRate = counters.budgetConcurrency = 0
                 counters.lag = {}
                 counters.partitions = {}
+                for numbers in counters.destinations.values():
+                    numbers.update(dict.fromkeys(DESTINATION_GAUGES, 0))
             stats._groups[(topic, group_id)] = counters
         return stats
 
@@ -136,6 +182,8 @@ class Stats:
                 mine.deliveryFail += counters.deliveryFail
             for (topic, group_id), counters in part._groups.items():
                 total.group(topic, group_id).absorb(counters)
+        for counters in total._groups.values():
+            counters.destinations = busiest_destinations(counters.destinations)
         return total
 
     def snapshot(self, config: Config) -> dict[str, Any]:

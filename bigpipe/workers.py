@@ -65,7 +65,11 @@ def share_of(consumer: ConsumerConfig, workers: int) -> ConsumerConfig:
     """
     if workers == 1:
         return consumer
-    return dataclasses.replace(consumer, max_buffered=math.ceil(consumer.max_buffered / workers))
+    return dataclasses.replace(
+        consumer,
+        max_buffered=math.ceil(consumer.max_buffered / workers),
+        destination=consumer.destination.share(workers),
+    )
 
 
 def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 from bigpipe.breaker import BREAK, NORMAL, RECOVER, Breaker, HealthWindow
@@ -85,15 +84,3 @@ def test_an_unhealthy_window_keeps_break_past_the_break_period() -> None:
     assert breaker.update() == BREAK, "break period over but window still unhealthy"
     clock.now += 2
     assert breaker.update() == RECOVER
-
-
-async def test_admit_holds_calls_while_broken_and_releases_them_later() -> None:
-    breaker, clock, _ = make()
-    fail(breaker, 4)
-    breaker.update()
-    waiter = asyncio.create_task(breaker.admit())
-    done, _ = await asyncio.wait({waiter}, timeout=0.4)
-    assert not done, "a held call must wait, not be dropped or let through"
-    clock.now += 100  # long after the ramp: NORMAL
-    await asyncio.wait_for(waiter, timeout=2)
-    assert breaker.state == NORMAL

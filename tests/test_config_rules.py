@@ -106,6 +106,46 @@ RULES: list[tuple[str, Callable[[Raw], None], str]] = [
         "circuitBreaker.winSize",
     ),
     (
+        "destination.concurrency <= the group's concurrency",
+        consumer(0, destination={"concurrency": 6}),
+        "kafka.consumer.list[0].destination.concurrency",
+    ),
+    (
+        "destination.rateLimit > 0",
+        consumer(0, destination={"rateLimit": 0}),
+        "kafka.consumer.list[0].destination.rateLimit",
+    ),
+    (
+        "destination.maxHeld an integer > 0",
+        consumer(0, destination={"maxHeld": 0}),
+        "kafka.consumer.list[0].destination.maxHeld",
+    ),
+    (
+        "destination: no unknown keys",
+        consumer(0, destination={"concurency": 2}),
+        "kafka.consumer.list[0].destination.concurency",
+    ),
+    (
+        "destination.overrides[].match: a host pattern or an origin without a path",
+        consumer(0, destination={"overrides": [{"match": "https://a.example.com/hooks"}]}),
+        "kafka.consumer.list[0].destination.overrides[0].match",
+    ),
+    (
+        "destination.overrides[].match is required",
+        consumer(0, destination={"overrides": [{"concurrency": 1}]}),
+        "kafka.consumer.list[0].destination.overrides[0].match",
+    ),
+    (
+        "destination.overrides[].match listed once",
+        consumer(0, destination={"overrides": [{"match": "a.example.com"}] * 2}),
+        "kafka.consumer.list[0].destination.overrides[1].match",
+    ),
+    (
+        "destination.overrides[].rateLimit <= the group's rateLimit",
+        consumer(0, destination={"overrides": [{"match": "*.example.com", "rateLimit": 101}]}),
+        "kafka.consumer.list[0].destination.overrides[0].rateLimit",
+    ),
+    (
         "http.server.read.timeout > 0",
         top(**{"http.server.read.timeout": 0}),
         "http.server.read.timeout",

@@ -120,6 +120,7 @@ async def test_dashboard_follows_calls_through_a_live_node(
     bigpipe, topic = await start_node(kafka, tmp_path, processes)
     group_id = bigpipe.config["kafka.consumer.list"][0]["groupId"]
     prefix = f"group-{topic}-{group_id}"
+    destination = f"destination-{topic}-{group_id}-http://127.0.0.1:{downstream.port}"
     page = Page(browser)
 
     async with http.get(f"{bigpipe.url}/dashboard") as response:
@@ -157,13 +158,19 @@ async def test_dashboard_follows_calls_through_a_live_node(
         f"{prefix}-failed": 0,
         f"{prefix}-dead-letter": 0,
         f"{prefix}-in-flight": 0,
+        f"{destination}-attempts": CALLS,
+        f"{destination}-in-flight": 0,
+        f"{destination}-held": 0,
         "overloaded-total": 0,
     }
     await eventually(lambda: page.shows(expected), 60, f"the dashboard to count {CALLS} more calls")
     assert len(downstream.call_ids()) == CALLS
 
-    header = await page.figures("ready-state", f"{prefix}-breaker", "last-update")
+    header = await page.figures(
+        "ready-state", f"{prefix}-breaker", "last-update", f"{destination}-breaker"
+    )
     assert header["ready-state"] == {"value": "1", "text": "READY"}
+    assert header[f"{destination}-breaker"] == {"value": "NORMAL", "text": "NORMAL"}
     breaker, updated = header[f"{prefix}-breaker"], header["last-update"]
     assert breaker is not None and breaker["text"] == "NORMAL"
     assert updated is not None and updated["value"]
@@ -178,7 +185,13 @@ async def test_dashboard_follows_calls_through_a_live_node(
     # /metrics is served from the start: a page that shows it failing is a failure, and the
     # page's own parser must find the latency histograms in it.
     assert (await page.figures("metrics-state"))["metrics-state"] == {"value": "1", "text": "OK"}
-    latencies = (f"{prefix}-p50", f"{prefix}-p99", f"topic-{topic}-ingest-p99")
+    latencies = (
+        f"{prefix}-p50",
+        f"{prefix}-p99",
+        f"topic-{topic}-ingest-p99",
+        f"{destination}-p50",
+        f"{destination}-p99",
+    )
 
     async def latencies_shown() -> bool:
         figures = await page.figures(*latencies)

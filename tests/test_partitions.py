@@ -77,6 +77,7 @@ async def test_a_partition_paused_when_revoked_is_resumed_when_it_comes_back(
         backoffBase=50,
         backoffMax=100,
         circuitBreaker=BREAKER,
+        destination={"maxHeld": 5},  # past 5 calls held by the open breaker: pause
     )
     group = bigpipe.config["kafka.consumer.list"][0]["groupId"]
 
@@ -100,11 +101,11 @@ async def test_a_partition_paused_when_revoked_is_resumed_when_it_comes_back(
     async def partitions() -> dict[str, str]:
         return (await group_stats(bigpipe, http))["partitions"]
 
-    async def all_paused_by_breaker() -> bool:
+    async def all_paused_by_held_calls() -> bool:
         states = await partitions()
-        return len(states) == 4 and set(states.values()) == {"paused:breaker"}
+        return len(states) == 4 and set(states.values()) == {"paused:held"}
 
-    await eventually(all_paused_by_breaker, 10, "/stats to show every partition paused")
+    await eventually(all_paused_by_held_calls, 10, "/stats to show every partition paused")
     ids += await send(8)  # calls that arrive while their partitions are paused
 
     async def lag_counts_them() -> bool:

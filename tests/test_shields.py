@@ -10,7 +10,6 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bigpipe.breaker import BREAK, Breaker
 from bigpipe.limits import RateLimit
 from tests.support import (
     Bigpipe,
@@ -21,7 +20,6 @@ from tests.support import (
     rewrite,
     start_node,
 )
-from tests.test_breaker import CONFIG, fail
 
 RATES = (20, 10)  # rateLimit alternates between these, one reload after another
 RELOADS = 24
@@ -92,21 +90,6 @@ async def test_reloading_rate_limit_never_bursts_past_it(
     )
     assert busiest <= max(RATES) * 1.1
     await downstream.stop()
-
-
-async def test_a_replaced_breaker_hands_its_held_calls_to_its_successor() -> None:
-    old, new = Breaker(CONFIG, "t/g"), Breaker(CONFIG, "t/g")
-    fail(old, 10)
-    assert old.update() == BREAK
-    held = asyncio.create_task(old.admit())
-    done, _ = await asyncio.wait({held}, timeout=0.3)
-    assert not done
-    fail(new, 10)
-    old.hand_over(new)  # the successor is broken too: still held
-    done, _ = await asyncio.wait({held}, timeout=0.3)
-    assert not done
-    new.hand_over(None)  # the next reload removed the breaker: the call goes
-    await asyncio.wait_for(held, timeout=1)
 
 
 async def test_calls_held_by_the_breaker_follow_it_through_a_reload(

@@ -1,0 +1,280 @@
+"""Per-destination shields inside a consumer group: one bad destination holds back only itself.
+
+A destination is the scheme, host and port of a call's url. Each has its own
+circuit breaker (the group's `circuitBreaker` parameters), its own pause on a
+429 or 503 with `Retry-After`, and optionally its own caps (`destination` in the
+group's config), all under the group's `rateLimit` and `concurrency`.
+
+A call whose destination may not be called yet is *held*: it waits in memory,
+is neither dropped nor dead-lettered, and does not count against `maxBuffered`,
+so the calls to other destinations keep flowing. Held calls are bounded by
+`destination.maxHeld`; at the bound the consumer pauses its partitions (see
+ConsumerGroup._steer). Holding in memory pins the partition's commit point; the
+one place a call is held is Destination.admit, where a call due to wait long can
+instead be parked in Kafka (issue 11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import functools
+import heapq
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+from urllib.parse import urlsplit
+
+from yarl import URL
+
+from bigpipe.breaker import BREAK, NORMAL, RECOVER, STATE_NUMBERS, Breaker
+from bigpipe.config import ConsumerConfig, DestinationCaps
+from bigpipe.limits import Limits
+from bigpipe.metrics import LATENCY_BUCKETS
+from bigpipe.stats import DESTINATIONS_SHOWN, OTHER_DESTINATIONS, GroupCounters
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+# Destinations kept with their state; past this, idle ones (nothing held or in flight,
+# breaker NORMAL, no pause) are forgotten, their counts folded into `other`.
+MAX_DESTINATIONS = 10_000
+RECHECK_SECONDS = (0.05, 0.25)  # held calls re-check at random in this range: no herd
+
+
+@functools.lru_cache(maxsize=4096)
+def destination_of(url: str) -> str:
+    """`scheme://host:port` of a url, the port made explicit."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    try:
+        port = parts.port or DEFAULT_PORTS.get(scheme)
+    except ValueError:  # a port out of range: the attempt fails on it as an invalid url
+        port = None
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}" if port else f"{scheme}://{host}"
+
+
+@dataclass(slots=True)
+class Usage:
+    """Attempts to a destination and their latency, as histogram buckets (LATENCY_BUCKETS)."""
+
+    attempts: int = 0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    seconds: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.attempts += 1
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds += seconds
+
+    def add(self, other: Usage) -> None:
+        self.attempts += other.attempts
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        self.seconds += other.seconds
+
+
+class Destination:
+    """One destination's breaker, Retry-After pause, caps, and numbers."""
+
+    def __init__(
+        self,
+        name: str,
+        caps: DestinationCaps,
+        counters: GroupCounters,
+    ) -> None:
+        self.name = name
+        self.breaker: Breaker | None = None
+        self.limits: Limits | None = None
+        self.paused_until = 0.0  # time.monotonic() before which no attempt goes out
+        self.in_flight = 0
+        self.held = 0
+        self.usage = Usage()
+        self._counters = counters  # the group's: its `held` bounds what the group holds
+        self.set_caps(caps)
+
+    @property
+    def state(self) -> str:
+        return NORMAL if self.breaker is None else self.breaker.state
+
+    @property
+    def idle(self) -> bool:
+        return (
+            not self.in_flight
+            and not self.held
+            and self.state == NORMAL
+            and self.paused_until <= time.monotonic()
+        )
+
+    def set_caps(self, caps: DestinationCaps) -> None:
+        """Apply caps in place: calls waiting on the old ones go on under the new ones."""
+        rate = caps.rate_limit or math.inf
+        concurrency = caps.concurrency or math.inf
+        if self.limits is not None:
+            self.limits.update(rate, concurrency)
+        elif caps != DestinationCaps():  # no caps of its own: the group's alone apply
+            self.limits = Limits(rate, concurrency)
+
+    def _may_go(self) -> bool:
+        return self.paused_until <= time.monotonic() and (
+            self.breaker is None or self.breaker.allows()
+        )
+
+    async def admit(self, give_up: Callable[[], bool]) -> None:
+        """Wait until an attempt may go out, or `give_up()` says the call need not wait.
+
+        Each check asks the breaker in force now: a reload may replace it while calls wait.
+        """
+        if self._may_go():
+            return
+        self._hold(1)
+        try:
+            while not self._may_go() and not give_up():
+                pause = max(0.0, self.paused_until - time.monotonic())
+                await asyncio.sleep(pause + random.uniform(*RECHECK_SECONDS))
+        finally:
+            self._hold(-1)
+
+    async def acquire(self) -> None:
+        """A slot and a token under the destination's own caps; waiting for them is held."""
+        if self.limits is None:
+            return
+        self._hold(1)
+        try:
+            await self.limits.acquire()
+        finally:
+            self._hold(-1)
+
+    def release(self) -> None:
+        if self.limits is not None:
+            self.limits.release()
+
+    def record(
+        self, success: bool, status: int | None, retry_after: float | None, most: float
+    ) -> None:
+        """One attempt's outcome: to the breaker, and a 429/503's Retry-After (up to `most` s)."""
+        if self.breaker is not None:
+            self.breaker.record(success)
+            if not success:  # trip now, not at the next call: /stats must show it
+                self.breaker.update()
+        if retry_after is not None and status in (429, 503):
+            until = time.monotonic() + min(retry_after, most)
+            self.paused_until = max(self.paused_until, until)
+
+    def _hold(self, change: int) -> None:
+        self.held += change
+        self._counters.held += change
+
+
+class DestinationShields:
+    """A group's destinations, made on first use and kept while they are busy."""
+
+    def __init__(self, group: str, config: ConsumerConfig, counters: GroupCounters) -> None:
+        self._group = group
+        self._config = config
+        self._counters = counters
+        self._destinations: dict[str, Destination] = {}
+        # Destinations whose breaker is not NORMAL, with its state: ticked, and counted.
+        # (A breaker reports a new state before its `state` shows it.)
+        self._unsettled: dict[Destination, str] = {}
+        self._forgotten = Usage()  # the usage of destinations forgotten while idle
+
+    def get(self, url: str) -> Destination:
+        name = destination_of(url)
+        destination = self._destinations.get(name)
+        if destination is None:
+            destination = self._destinations[name] = self._new(name)
+            if len(self._destinations) > MAX_DESTINATIONS:
+                self._forget_idle()
+        return destination
+
+    def _new(self, name: str) -> Destination:
+        destination = Destination(name, self._caps(name), self._counters)
+        destination.breaker = self._breaker(destination)
+        return destination
+
+    def _caps(self, name: str) -> DestinationCaps:
+        try:
+            return self._config.destination.caps_for(URL(name))
+        except ValueError:  # not a URL: its attempt fails on it as an invalid url
+            return self._config.destination.caps
+
+    def _breaker(self, destination: Destination) -> Breaker | None:
+        config = self._config.breaker
+        if config is None:
+            return None
+        name = f"{self._group} {destination.name}"
+        return Breaker(config, name, partial(self._changed, destination))
+
+    def _changed(self, destination: Destination, state: str) -> None:
+        if state == NORMAL:
+            self._unsettled.pop(destination, None)
+        else:
+            self._unsettled[destination] = state
+        self._show_state()
+
+    def _show_state(self) -> None:
+        """circuitIsBreak is 1 while any destination is in BREAK, as /stats always said."""
+        states = set(self._unsettled.values())
+        worst = BREAK if BREAK in states else RECOVER if RECOVER in states else NORMAL
+        self._counters.circuitIsBreak = int(worst == BREAK)
+        self._counters.breakerState = STATE_NUMBERS[worst]
+
+    def update(self, config: ConsumerConfig) -> None:
+        """A reload: new caps in place; a changed breaker starts anew (NORMAL, empty window)."""
+        new_breaker = config.breaker != self._config.breaker
+        self._config = config
+        for destination in self._destinations.values():
+            destination.set_caps(self._caps(destination.name))
+            if new_breaker:
+                destination.breaker = self._breaker(destination)
+        if new_breaker:
+            self._unsettled.clear()
+            self._show_state()
+
+    def tick(self) -> None:
+        """Move unsettled breakers along, so a destination nobody calls leaves BREAK too."""
+        for destination in list(self._unsettled):
+            if destination.breaker is not None:
+                destination.breaker.update()
+
+    def publish(self) -> None:
+        """The DESTINATIONS_SHOWN busiest destinations by attempts, the rest as `other`."""
+        destinations = self._destinations.values()
+        top = heapq.nlargest(DESTINATIONS_SHOWN, destinations, key=lambda d: d.usage.attempts)
+        shown = {d.name: _numbers(d) for d in top}
+        rest = [d for d in destinations if d.name not in shown]
+        if rest or self._forgotten.attempts:
+            usage = Usage()
+            usage.add(self._forgotten)
+            for destination in rest:
+                usage.add(destination.usage)
+            shown[OTHER_DESTINATIONS] = {
+                "breakerState": max((STATE_NUMBERS[d.state] for d in rest), default=0),
+                "inFlight": sum(d.in_flight for d in rest),
+                "held": sum(d.held for d in rest),
+                **_usage_numbers(usage),
+            }
+        self._counters.destinations = shown
+
+    def _forget_idle(self) -> None:
+        for name, destination in list(self._destinations.items()):
+            if destination.idle:
+                self._forgotten.add(destination.usage)
+                del self._destinations[name]
+
+
+def _numbers(destination: Destination) -> dict[str, Any]:
+    return {
+        "breakerState": STATE_NUMBERS[destination.state],
+        "inFlight": destination.in_flight,
+        "held": destination.held,
+        **_usage_numbers(destination.usage),
+    }
+
+
+def _usage_numbers(usage: Usage) -> dict[str, Any]:
+    return {"attempts": usage.attempts, "latency": list(usage.buckets), "latencySum": usage.seconds}
