@@ -16,6 +16,7 @@ from yarl import URL
 
 from bigpipe.compat import GO_CALLER
 from bigpipe.config import AclEntry, ConsumerConfig
+from bigpipe.delivery.waits import Expiry
 from bigpipe.destinations import DestinationRefused, PublicOnlyResolver, refusal
 from bigpipe.envelope import Call
 from bigpipe.limits import Limits
@@ -108,31 +109,37 @@ class DeliveryClient:
         body = call.data.encode()
         first_attempt_ms = int(time.time() * 1000)
         max_attempts = self._config.retries + 1
-        attempt = 0
+        expiry = Expiry(call, self._config.ttl_ms)
+        attempt = call.attempts  # made before the call last waited in Kafka
         while True:
             attempt += 1
-            result = await self._attempt_when_allowed(call, body, attempt)
+            result = await self._attempt_when_allowed(call, body, attempt, expiry)
             if isinstance(result, str):  # refused is final, and not an attempt
                 failure = AttemptResult(Verdict.FINAL, error=f"destination refused: {result}")
                 return Outcome(False, attempt - 1, failure, first_attempt_ms)
+            if result.verdict is Verdict.EXPIRED:  # not an attempt either
+                return Outcome(False, attempt - 1, result, first_attempt_ms)
             if result.verdict is not Verdict.RETRY or attempt >= max_attempts:
                 return Outcome(result.verdict is Verdict.SUCCESS, attempt, result, first_attempt_ms)
             self._counters.rpcRetries += 1
-            await asyncio.sleep(self._retry_delay(attempt, result))
+            await asyncio.sleep(expiry.cap(self._retry_delay(attempt, result)))
 
     async def _attempt_when_allowed(
-        self, call: Call, body: bytes, attempt: int
+        self, call: Call, body: bytes, attempt: int, expiry: Expiry
     ) -> AttemptResult | str:
         """One attempt once the shields let it out; or why its destination is refused.
 
         The destination is judged by the caller's ACL entry in force: before the waits,
         so a refused call does not queue; while its destination holds it, so a reload that
         refuses it frees it at once; and after the waits, just before the request.
+        Its expiry is judged before and after the waits too: past it, no attempt.
         The destination's own caps come before the group's, so that calls waiting for a
         slow destination's slot never sit on the group's slots.
         """
         if (refused := self._refusal(call)) is not None:
             return refused
+        if expiry.passed():
+            return AttemptResult(Verdict.EXPIRED, error=expiry.reason())
         destination = self._shields.get(call.url)
         await destination.admit(give_up=lambda: self._refusal(call) is not None)
         await destination.acquire()
@@ -142,6 +149,8 @@ class DeliveryClient:
                 caller = self._callers(call.caller, self._config.topic)
                 if (refused := _refusal(call, caller)) is not None:
                     return refused
+                if expiry.passed():  # not an attempt: the destination records nothing
+                    return AttemptResult(Verdict.EXPIRED, error=expiry.reason())
                 result = await self._attempt(call, body, attempt, caller, destination)
             finally:
                 self._limits.release()

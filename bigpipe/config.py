@@ -25,6 +25,7 @@ from bigpipe.destinations import AllowRule, parse_rule
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 DEFAULT_RETRY_STATUS = (408, 429)
+DEFAULT_MAX_DELAY_MS = 7 * 24 * 3600 * 1000  # 7 days
 
 
 def one_line(text: str) -> str:
@@ -132,6 +133,7 @@ class ConsumerConfig:
     retry_status: frozenset[int]  # 4xx statuses that are retried; 5xx always are
     max_buffered: int
     destination: DestinationConfig = DestinationConfig()
+    ttl_ms: int | None = None  # a call not delivered by then is dead-lettered `expired`
 
     @property
     def key(self) -> tuple[str, str]:
@@ -162,6 +164,7 @@ class Config:
     admin_token: str  # bearer token of the /admin/* endpoints; "" turns them off
     workers: int  # worker processes; 0 means one per usable CPU (bigpipe.workers)
     kafka_client_config: dict[str, str | int | float | bool]
+    max_delay_ms: int = DEFAULT_MAX_DELAY_MS  # the largest delay_ms /rpc/call takes
     source: Path | None = field(default=None, compare=False)
 
 
@@ -436,6 +439,7 @@ def _read_consumer(item: _Section, topic_names: set[str] | None) -> ConsumerConf
     )
     max_buffered = item.get("maxBuffered", int, default=None, check=positive)
     destination = _read_destination(item, rate_limit, concurrency)
+    ttl = item.get("ttl", int, default=None, check=positive)
     item.reject_unknown()
     if "circuitBreaker" in item.obj and breaker is None:
         return None
@@ -474,6 +478,7 @@ def _read_consumer(item: _Section, topic_names: set[str] | None) -> ConsumerConf
         retry_status=frozenset(retry_status),
         max_buffered=max_buffered or max(100, 4 * concurrency),
         destination=destination,
+        ttl_ms=ttl,
     )
 
 
@@ -621,6 +626,9 @@ def parse_config(raw: Any, source: Path | None = None) -> Config:
     values["admin_token"] = root.get("http.admin.token", str, default="", check=_admin_token)
     values["tls_cert"], values["tls_key"] = _read_tls(root)
     values["kafka_client_config"] = _read_client_config(root)
+    values["max_delay_ms"] = root.get(
+        "kafka.delay.max", int, default=DEFAULT_MAX_DELAY_MS, check=positive
+    )
     root.reject_unknown()
     _check_topic_roles(topics, consumers, problems)
     if problems:

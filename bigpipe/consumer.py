@@ -34,6 +34,7 @@ from bigpipe.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
 from bigpipe.compat import decode_go_record, is_go_record
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.dead_letters import DeadLetterWriter, dead_letter_limit
+from bigpipe.delivery.waits import Due
 from bigpipe.envelope import Call, InvalidRecord, decode_call
 from bigpipe.kafka import RepeatFilter, client_settings
 from bigpipe.metrics import GroupLatencies
@@ -337,6 +338,7 @@ class ConsumerGroup:
         partition.offsets.finish(message.offset())
 
     async def _deliver(self, message: Message, call: Call) -> None:
+        await Due.wait(call)
         try:
             outcome = await self._client.deliver(call)
         except Exception as exc:

@@ -26,7 +26,7 @@ from bigpipe.config import Config
 from bigpipe.envelope import Call, encode_dead_letter
 from bigpipe.kafka import Throttle
 from bigpipe.producer import ProduceFailed, Producer
-from bigpipe.retry import backoff_seconds
+from bigpipe.retry import Verdict, backoff_seconds
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class DeadLetterWriter:
                 last_status=outcome.last.status if outcome else None,
                 last_error=reason,
                 first_attempt_ms=outcome.first_attempt_ms if outcome else None,
+                reason=_reason(call, outcome),
                 max_bytes=max_bytes,
             )
 
@@ -124,6 +125,15 @@ class DeadLetterWriter:
         if held is not None:
             suffix = f" (and {held} more like it since)" if held else ""
             log.log(level, "%s: %s%s", self._name, text, suffix)
+
+
+def _reason(call: Call | None, outcome: Outcome | None) -> str:
+    """The dead letter's `reason`: one word a tool can branch on."""
+    if call is None:
+        return "invalid"
+    if outcome is not None and outcome.last.verdict is Verdict.EXPIRED:
+        return "expired"
+    return "failed"
 
 
 def _describe(message: Message, call: Call | None) -> str:

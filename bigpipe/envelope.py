@@ -16,7 +16,11 @@ from typing import Any
 
 import orjson
 
-ENVELOPE_VERSION = 1
+# Version 2 adds the optional wait fields `due`, `ttl` and `attempts`. A call without
+# them is still written as version 1, so that a node of an older release delivers it
+# during a rolling upgrade; every version here is read.
+ENVELOPE_VERSION = 2
+READ_VERSIONS = frozenset({1, 2})
 
 # Headers that describe one HTTP hop, or Bigpipe's own request, not the call.
 _NOT_FORWARDED = frozenset(
@@ -63,6 +67,9 @@ class Call:
     group: str | None = None
     redrive: int = 0  # how many times a dead letter of this call was redriven
     replay: bool = False  # sent again from the log by `bigpipe replay`
+    due_ms: int = 0  # Unix ms before which it is not attempted (0: at once)
+    ttl_ms: int | None = None  # not attempted after created_ms + ttl_ms; None: the group's
+    attempts: int = 0  # attempts already made, before it last waited in a delay topic
 
 
 def new_call_id() -> str:
@@ -71,13 +78,22 @@ def new_call_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-def new_call(url: str, data: str, caller: str, headers: dict[str, str]) -> Call:
-    return Call(new_call_id(), url, data, caller, int(time.time() * 1000), headers)
+def new_call(
+    url: str,
+    data: str,
+    caller: str,
+    headers: dict[str, str],
+    delay_ms: int = 0,
+    ttl_ms: int | None = None,
+) -> Call:
+    now = int(time.time() * 1000)
+    due = now + delay_ms if delay_ms else 0
+    return Call(new_call_id(), url, data, caller, now, headers, due_ms=due, ttl_ms=ttl_ms)
 
 
 def envelope_of(call: Call) -> dict[str, Any]:
     envelope: dict[str, Any] = {
-        "v": ENVELOPE_VERSION,
+        "v": 1,
         "id": call.id,
         "url": call.url,
         "data": call.data,
@@ -92,6 +108,10 @@ def envelope_of(call: Call) -> dict[str, Any]:
         envelope["redrive"] = call.redrive
     if call.replay:
         envelope["replay"] = True
+    if call.due_ms or call.ttl_ms is not None or call.attempts:
+        envelope.update(
+            v=ENVELOPE_VERSION, due=call.due_ms, ttl=call.ttl_ms, attempts=call.attempts
+        )
     return envelope
 
 
@@ -109,8 +129,9 @@ def decode_call(value: bytes | None) -> Call:
         raise InvalidRecord(f"not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise InvalidRecord("not a JSON object")
-    if obj.get("v") != ENVELOPE_VERSION:
-        raise InvalidRecord(f"unsupported envelope version {obj.get('v')!r}")
+    version = obj.get("v")
+    if version not in READ_VERSIONS or isinstance(version, bool):
+        raise InvalidRecord(f"unsupported envelope version {version!r}")
     fields = {"id": str, "url": str, "data": str, "caller": str, "ts": int, "headers": dict}
     for name, kind in fields.items():
         if not isinstance(obj.get(name), kind):
@@ -122,7 +143,7 @@ def decode_call(value: bytes | None) -> Call:
     if not (group is None or isinstance(group, str)) or type(redrive) is not int:
         raise InvalidRecord("field 'group' or 'redrive' of the wrong type")
     # An older Bigpipe also wrote "denyPrivate"; delivery now reads it from the ACL in force.
-    return Call(
+    call = Call(
         obj["id"],
         obj["url"],
         obj["data"],
@@ -133,6 +154,21 @@ def decode_call(value: bytes | None) -> Call:
         redrive,
         replay is True,
     )
+    if version == 2:
+        call.due_ms = _whole(obj, "due", 0)
+        call.ttl_ms = _whole(obj, "ttl", None)
+        call.attempts = _whole(obj, "attempts", 0)
+    return call
+
+
+def _whole(obj: dict[str, Any], name: str, absent: int | None) -> int | None:
+    """A version-2 field: a non-negative integer, or null/absent for `absent`."""
+    value = obj.get(name)
+    if value is None:
+        return absent
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidRecord(f"field {name!r} not a non-negative integer")
+    return value
 
 
 def forwardable_headers(headers: Iterable[tuple[str, str]], secret: str) -> dict[str, str]:
@@ -198,6 +234,7 @@ def encode_dead_letter(
     last_status: int | None,
     last_error: str,
     first_attempt_ms: int | None,
+    reason: str = "failed",
     max_bytes: int | None = None,
 ) -> bytes:
     """A dead letter keeps the original envelope (or raw bytes) plus why delivery gave up.
@@ -205,11 +242,12 @@ def encode_dead_letter(
     Past `max_bytes`, the call's `data` (or `raw`) is cut to what fits, and `cut` says
     so, with the original's length and SHA-256; every other field is kept whole.
     """
-    envelope = orjson.loads(value) if call is not None and value else None
-    if call is not None and envelope.get("v") != ENVELOPE_VERSION:  # type: ignore[union-attr]
-        envelope = envelope_of(call)  # a record of the Go original: kept in our format
+    # The call as it was when it gave up (a call that waited in a delay topic carries its
+    # attempts); a record of the Go original is kept in our format.
+    envelope = envelope_of(call) if call is not None else None
     record: dict[str, Any] = {
-        "v": ENVELOPE_VERSION,
+        "v": 1,
+        "reason": reason,
         "call": envelope,
         "raw": None if call is not None else base64.b64encode(value or b"").decode(),
         "source": {"topic": topic, "partition": partition, "offset": offset, "group": group_id},

@@ -11,6 +11,7 @@ class Verdict(Enum):
     SUCCESS = "success"
     RETRY = "retry"
     FINAL = "final"  # a failure that another attempt will not fix
+    EXPIRED = "expired"  # the call's ttl ran out: it is not attempted again
 
 
 def classify(status: int, retry_status: frozenset[int]) -> Verdict:

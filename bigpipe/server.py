@@ -106,6 +106,8 @@ class CallRequest:
     target: URL
     data: str
     partition_key: str | None
+    delay_ms: int = 0
+    ttl_ms: int | None = None
 
 
 def reply(status: int, errno: int, msg: str, data: Any = None) -> web.Response:
@@ -113,7 +115,7 @@ def reply(status: int, errno: int, msg: str, data: Any = None) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
 
 
-def parse_call_request(body: bytes) -> CallRequest:
+def parse_call_request(body: bytes, max_delay_ms: int) -> CallRequest:
     """Decode and check a /rpc/call body; raise Reject naming the first bad field."""
     try:
         payload = orjson.loads(body)
@@ -131,7 +133,25 @@ def parse_call_request(body: bytes) -> CallRequest:
     partition_key = payload.get("partition_key")
     if partition_key is not None and not isinstance(partition_key, str):
         raise Reject(400, "field partition_key: must be a string when given")
-    return CallRequest(name, secret, url, _parse_url(url), data, partition_key)
+    delay_ms = _whole_ms(payload, "delay_ms", 0, max_delay_ms, "kafka.delay.max") or 0
+    ttl_ms = _whole_ms(payload, "ttl_ms", 1, None, "")
+    return CallRequest(name, secret, url, _parse_url(url), data, partition_key, delay_ms, ttl_ms)
+
+
+def _whole_ms(
+    obj: dict[str, Any], key: str, low: int, high: int | None, high_key: str
+) -> int | None:
+    """An optional integer field of milliseconds in [low, high]; None when absent or null."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Reject(400, f"field {key}: must be an integer number of milliseconds")
+    if value < low:
+        raise Reject(400, f"field {key}: must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise Reject(400, f"field {key}: must be <= {high} ({high_key}), got {value}")
+    return value
 
 
 def _string(obj: dict[str, Any], key: str, path: str) -> str:
@@ -207,7 +227,7 @@ class Ingest:
         body = await _read_body(request, config)
         if config.compat_replies and (problem := go_field_problem(body)) is not None:
             raise Reject(400, problem, go=(CALLER_ERROR, problem))
-        call_request = parse_call_request(body)
+        call_request = parse_call_request(body, config.max_delay_ms)
         entry = node.acl.authenticate(call_request.name, call_request.secret)
         if entry is None:
             raise Reject(403, "acl refused: unknown name or wrong secret")
@@ -218,7 +238,14 @@ class Ingest:
             node.stats.server.overloadCall += 1
             raise Reject(503, "overloaded: too many calls waiting for Kafka; retry later")
         headers = forwardable_headers(request.headers.items(), call_request.secret)
-        call = new_call(call_request.url, call_request.data, call_request.name, headers)
+        call = new_call(
+            call_request.url,
+            call_request.data,
+            call_request.name,
+            headers,
+            call_request.delay_ms,
+            call_request.ttl_ms,
+        )
         key = call_request.partition_key.encode() if call_request.partition_key else None
         counters = node.stats.producer(entry.topic)
         latency = node.latencies.ingest_child(entry.topic)

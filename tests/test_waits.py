@@ -1,0 +1,184 @@
+"""Calls that wait: `delay_ms` and `ttl_ms` on /rpc/call, envelope version 2, and the
+`expired` dead letter, on a real broker and real HTTP servers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from bigpipe.config import DEFAULT_MAX_DELAY_MS
+from bigpipe.envelope import decode_call, encode_call, new_call
+from bigpipe.server import Reject, parse_call_request
+from tests.support import (
+    Bigpipe,
+    Downstream,
+    dead_letter_topic,
+    eventually,
+    read_topic,
+    start_node,
+)
+
+
+# ---------------------------------------------------------------- units
+def request_body(**fields: object) -> bytes:
+    payload = {"acl": {"name": "a", "secret": "s"}, "url": "http://svc/h", "data": "", **fields}
+    return orjson.dumps(payload)
+
+
+def test_delay_and_ttl_are_optional_and_read_when_given() -> None:
+    plain = parse_call_request(request_body(), DEFAULT_MAX_DELAY_MS)
+    assert (plain.delay_ms, plain.ttl_ms) == (0, None)
+    waiting = parse_call_request(request_body(delay_ms=1500, ttl_ms=60_000), DEFAULT_MAX_DELAY_MS)
+    assert (waiting.delay_ms, waiting.ttl_ms) == (1500, 60_000)
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"delay_ms": -1}, "delay_ms"),
+        ({"delay_ms": 1.5}, "delay_ms"),
+        ({"delay_ms": True}, "delay_ms"),
+        ({"delay_ms": "10"}, "delay_ms"),
+        ({"delay_ms": 7 * 24 * 3600 * 1000 + 1}, "delay_ms"),
+        ({"ttl_ms": 0}, "ttl_ms"),
+        ({"ttl_ms": "1"}, "ttl_ms"),
+    ],
+)
+def test_bad_delay_or_ttl_is_a_400_naming_the_field(fields: dict[str, object], named: str) -> None:
+    with pytest.raises(Reject) as refused:
+        parse_call_request(request_body(**fields), DEFAULT_MAX_DELAY_MS)
+    assert refused.value.status == 400
+    assert refused.value.msg.startswith(f"field {named}:")
+
+
+def test_delay_past_the_maximum_names_the_config_key() -> None:
+    with pytest.raises(Reject, match=r"field delay_ms: must be <= 1000 \(kafka.delay.max\)"):
+        parse_call_request(request_body(delay_ms=1001), 1000)
+
+
+def test_a_call_that_waits_is_envelope_version_2_and_round_trips() -> None:
+    call = new_call("http://svc/h", "x", "c", {}, delay_ms=5000, ttl_ms=9000)
+    call.attempts = 3
+    value = orjson.loads(encode_call(call))
+    assert value["v"] == 2
+    assert (value["due"], value["ttl"], value["attempts"]) == (call.created_ms + 5000, 9000, 3)
+    assert decode_call(encode_call(call)) == call
+
+
+def test_a_call_that_does_not_wait_stays_version_1_for_older_nodes() -> None:
+    call = new_call("http://svc/h", "x", "c", {})
+    assert orjson.loads(encode_call(call))["v"] == 1
+    old = b'{"v":1,"id":"a","url":"u","data":"","caller":"c","ts":5,"headers":{}}'
+    assert (decode_call(old).due_ms, decode_call(old).ttl_ms, decode_call(old).attempts) == (
+        0,
+        None,
+        0,
+    )
+
+
+# ---------------------------------------------------------------- end to end
+async def test_delayed_calls_arrive_between_due_and_due_plus_a_second(
+    kafka: str,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    bigpipe, _ = await start_node(kafka, tmp_path, processes)
+    # The call is accepted between the post and its reply: its due time lies in between.
+    due: dict[str, tuple[float, float]] = {}
+
+    async def send(delay_ms: int) -> None:
+        posted = time.monotonic()
+        status, reply = await bigpipe.post_call(http, url=downstream.url(), delay_ms=delay_ms)
+        assert (status, reply["errno"]) == (200, 0), reply
+        due[reply["data"]["id"]] = (posted + delay_ms / 1000, time.monotonic() + delay_ms / 1000)
+
+    rng = random.Random(11)
+    await asyncio.gather(*(send(rng.randrange(0, 3000)) for _ in range(60)))
+    await eventually(lambda: set(due) <= downstream.call_ids(), 30, "every delayed call")
+    for request in downstream.requests:
+        earliest, latest = due[request.call_id]
+        # 10 ms for the wall clock Bigpipe keeps due times on, read in whole milliseconds
+        assert request.at >= earliest - 0.01, "delivered before its due time"
+        assert request.at <= latest + 1.5, "delivered over 1.5 s late"
+
+
+async def test_calls_past_their_ttl_are_dead_lettered_expired_and_others_delivered(
+    kafka: str,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    down = True
+
+    async def broken_for_a_while(_request: web.Request, _number: int) -> web.StreamResponse:
+        return web.Response(status=503 if down else 200)
+
+    downstream = await Downstream(broken_for_a_while).start()
+    try:
+        bigpipe, _ = await start_node(
+            kafka, tmp_path, processes, retries=1000, backoffBase=50, backoffMax=100
+        )
+        expiring, lasting = set(), set()
+        for index in range(20):
+            ttl = {"ttl_ms": 1500} if index % 2 else {}
+            status, reply = await bigpipe.post_call(http, url=downstream.url(), **ttl)
+            assert (status, reply["errno"]) == (200, 0), reply
+            (expiring if ttl else lasting).add(reply["data"]["id"])
+        letters = await asyncio.to_thread(
+            read_topic, kafka, dead_letter_topic(bigpipe), len(expiring), 60
+        )
+        records = [orjson.loads(letter.value()) for letter in letters]
+        assert {record["call"]["id"] for record in records} == expiring
+        assert {record["reason"] for record in records} == {"expired"}
+        assert all(record["lastError"].startswith("expired") for record in records)
+        assert all(record["attempts"] >= 1 for record in records)
+        down, recovered = False, time.monotonic()
+        await eventually(
+            lambda: lasting <= downstream.answered_ids(), 30, "calls with no ttl after recovery"
+        )
+        late = [r for r in downstream.requests if r.call_id in expiring and r.at >= recovered]
+        assert not late, "an expired call was attempted after recovery"
+    finally:
+        await downstream.stop()
+
+
+async def test_a_groups_ttl_applies_to_calls_without_their_own(
+    kafka: str,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    async def always_503(_request: web.Request, _number: int) -> web.StreamResponse:
+        return web.Response(status=503)
+
+    downstream = await Downstream(always_503).start()
+    try:
+        bigpipe, _ = await start_node(
+            kafka, tmp_path, processes, retries=1000, backoffBase=50, backoffMax=100, ttl=1000
+        )
+        status, reply = await bigpipe.post_call(http, url=downstream.url())
+        assert (status, reply["errno"]) == (200, 0), reply
+        [letter] = await asyncio.to_thread(read_topic, kafka, dead_letter_topic(bigpipe), 1, 30)
+        record = orjson.loads(letter.value())
+        assert (record["call"]["id"], record["reason"]) == (reply["data"]["id"], "expired")
+        assert "ttl of 1000 ms" in record["lastError"]
+    finally:
+        await downstream.stop()
+
+
+async def test_delay_over_the_maximum_is_refused_with_400(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    bigpipe, _ = await start_node(kafka, tmp_path, processes, node={"kafka.delay.max": 60_000})
+    status, reply = await bigpipe.post_call(http, delay_ms=60_001)
+    assert (status, reply["errno"]) == (400, -1)
+    assert reply["msg"] == "field delay_ms: must be <= 60000 (kafka.delay.max), got 60001"
