@@ -22,8 +22,10 @@ from confluent_kafka import KafkaException
 
 from bigpipe.acl import Acl
 from bigpipe.board import Board
+from bigpipe.calls.dedup import IdempotencyIndex
 from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig, read_config_file
 from bigpipe.consumer import ConsumerGroup
+from bigpipe.envelope import Call
 from bigpipe.kafka import ensure_topics
 from bigpipe.listener import HTTP_LIMITS, GuardedSite
 from bigpipe.logs import Logging
@@ -161,6 +163,7 @@ class Node:
     async def start(self) -> None:
         """Listen first, so the node answers (503) even while Kafka is away."""
         self.producer = Producer(self.config)
+        self.index = IdempotencyIndex(self.config)
         keepalive = self.config.read_timeout_ms / 1000
         server = build_server(self, access_log=None, keepalive_timeout=keepalive, **HTTP_LIMITS)
         self._runner = web.ServerRunner(
@@ -176,6 +179,7 @@ class Node:
 
     async def _join_kafka(self) -> None:
         await self._ensure_topics(self.config)
+        self.index.start()
         self._start_groups(self.config.consumers)
         self._joined = True
         log.info("ready: %d consumer groups", len(self.groups))
@@ -232,10 +236,20 @@ class Node:
             counters = self.stats.group(consumer.topic, consumer.group_id)
             latencies = self.latencies.group(consumer.topic, consumer.group_id)
             group = ConsumerGroup(
-                self.config, self._local(consumer), self.producer, counters, latencies, self.caller
+                self.config,
+                self._local(consumer),
+                self.producer,
+                counters,
+                latencies,
+                self.caller,
+                self._is_first,
             )
             group.start(self._group_died)
             self.groups[consumer.key] = group
+
+    async def _is_first(self, call: Call) -> bool:
+        # A keyed call's index record is written within the ack timeout of the call's own.
+        return await self.index.is_first(call, self.config.producer_ack_timeout_ms / 1000 + 1)
 
     async def reload(self) -> bool:
         """Apply a new config; a bad file changes nothing.
@@ -341,6 +355,7 @@ class Node:
         await asyncio.gather(*(group.stop(left()) for group in self.groups.values()))
         if self.producer is not None:
             await self.producer.close(left())
+        await self.index.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._publisher is not None:

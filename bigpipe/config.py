@@ -26,6 +26,8 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 DEFAULT_RETRY_STATUS = (408, 429)
 DEFAULT_MAX_DELAY_MS = 7 * 24 * 3600 * 1000  # 7 days
+DAY_MS = 86_400_000
+MAX_IDEMPOTENCY_WINDOW_MS = 7 * DAY_MS
 
 
 def one_line(text: str) -> str:
@@ -58,6 +60,7 @@ class AclEntry:
     allow: tuple[AllowRule, ...] = ()  # destinations this caller may call; empty: any
     deny_private: bool = False  # refuse loopback, private and link-local destinations
     signer: Signer | None = None  # signs its deliveries and callbacks (Standard Webhooks)
+    idempotency_window_ms: int = DAY_MS  # how long an idempotency key holds
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,7 @@ def _read_acl(root: _Section, topic_names: set[str] | None) -> tuple[AclEntry, .
         allow = _read_allow(item)
         deny_private = item.get("denyPrivate", bool, default=False)
         signer = _read_signing(item)
+        window = item.get("idempotencyWindow", int, default=DAY_MS, check=_window)
         item.reject_unknown()
         if topic is not None and topic_names is not None and topic not in topic_names:
             root.problems.append(
@@ -342,9 +346,15 @@ def _read_acl(root: _Section, topic_names: set[str] | None) -> tuple[AclEntry, .
             root.problems.append(
                 f"{item.path}.name: duplicate ACL name {name!r}; names must be unique"
             )
-        elif None not in (name, topic, digest, allow, deny_private) and signer is not False:
-            entries.append(AclEntry(name, digest, topic, allow, deny_private, signer))
+        elif None not in (name, topic, digest, allow, deny_private, window) and signer is not False:
+            entries.append(AclEntry(name, digest, topic, allow, deny_private, signer, window))
     return tuple(entries)
+
+
+def _window(value: int) -> str | None:
+    if 1000 <= value <= MAX_IDEMPOTENCY_WINDOW_MS:
+        return None
+    return f"must be 1000 to {MAX_IDEMPOTENCY_WINDOW_MS} ms (1 s to 7 days), got {value}"
 
 
 def _read_signing(item: _Section) -> Signer | bool | None:

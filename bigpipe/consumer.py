@@ -21,7 +21,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -61,6 +61,10 @@ LEAVE_SECONDS = 1.0  # the least time given to the final commit and group leave
 # maxBuffered calls: with large calls, a count alone let a worker hold hundreds of MiB.
 BUFFER_BYTES = 32 << 20
 DRAIN_POLL_MARGIN_MS = 30_000  # max.poll.interval.ms beyond the shutdown timeout
+
+
+# Is this keyed call the first of its key's window, so that it is to be delivered?
+IsFirst = Callable[[Call], Awaitable[bool]]
 
 
 def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any]:
@@ -103,8 +107,10 @@ class ConsumerGroup:
         counters: GroupCounters,
         latencies: GroupLatencies,
         callers: CallerLookup,
+        is_first: IsFirst,
     ) -> None:
         self.config = consumer
+        self._is_first = is_first
         self._counters = counters
         self._latencies = latencies
         self._dead_letters = DeadLetterWriter(
@@ -329,7 +335,11 @@ class ConsumerGroup:
             await self._dead_letter(message, None, None, f"invalid record: {exc}")
         else:
             # A call sent again for another group of this topic (bigpipe.redrive) is not ours.
-            if call.group is None or call.group == self.config.group_id:
+            if call.group is not None and call.group != self.config.group_id:
+                pass
+            elif call.idempotency_key is not None and not await self._is_first(call):
+                self._counters.duplicateSkipped += 1  # a copy of a keyed call: bigpipe.calls.dedup
+            else:
                 await self._deliver(message, call)
             if call.group is None:
                 # Delivered or dead-lettered: the call's whole stay, on the accepting node's

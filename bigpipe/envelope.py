@@ -70,6 +70,7 @@ class Call:
     due_ms: int = 0  # Unix ms before which it is not attempted (0: at once)
     ttl_ms: int | None = None  # not attempted after created_ms + ttl_ms; None: the group's
     attempts: int = 0  # attempts already made, before it last waited in a delay topic
+    idempotency_key: str | None = None  # the caller's key (bigpipe.calls.dedup)
 
 
 def new_call_id() -> str:
@@ -85,10 +86,21 @@ def new_call(
     headers: dict[str, str],
     delay_ms: int = 0,
     ttl_ms: int | None = None,
+    idempotency_key: str | None = None,
 ) -> Call:
     now = int(time.time() * 1000)
     due = now + delay_ms if delay_ms else 0
-    return Call(new_call_id(), url, data, caller, now, headers, due_ms=due, ttl_ms=ttl_ms)
+    return Call(
+        new_call_id(),
+        url,
+        data,
+        caller,
+        now,
+        headers,
+        due_ms=due,
+        ttl_ms=ttl_ms,
+        idempotency_key=idempotency_key,
+    )
 
 
 def envelope_of(call: Call) -> dict[str, Any]:
@@ -108,6 +120,8 @@ def envelope_of(call: Call) -> dict[str, Any]:
         envelope["redrive"] = call.redrive
     if call.replay:
         envelope["replay"] = True
+    if call.idempotency_key is not None:  # optional in both versions: older readers skip it
+        envelope["ikey"] = call.idempotency_key
     if call.due_ms or call.ttl_ms is not None or call.attempts:
         envelope.update(
             v=ENVELOPE_VERSION, due=call.due_ms, ttl=call.ttl_ms, attempts=call.attempts
@@ -142,6 +156,9 @@ def decode_call(value: bytes | None) -> Call:
     group, redrive, replay = obj.get("group"), obj.get("redrive", 0), obj.get("replay", False)
     if not (group is None or isinstance(group, str)) or type(redrive) is not int:
         raise InvalidRecord("field 'group' or 'redrive' of the wrong type")
+    ikey = obj.get("ikey")
+    if ikey is not None and not isinstance(ikey, str):
+        raise InvalidRecord("field 'ikey' is not a string")
     # An older Bigpipe also wrote "denyPrivate"; delivery now reads it from the ACL in force.
     call = Call(
         obj["id"],
@@ -153,6 +170,7 @@ def decode_call(value: bytes | None) -> Call:
         group,
         redrive,
         replay is True,
+        idempotency_key=ikey,
     )
     if version == 2:
         call.due_ms = _whole(obj, "due", 0)

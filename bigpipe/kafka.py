@@ -9,6 +9,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from bigpipe.calls.topics import INDEX_RETENTION_MS, INDEX_TOPIC
 from bigpipe.config import Config, TopicConfig
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,11 @@ def wanted_topics(config: Config) -> list[TopicConfig]:
                 source.min_insync_replicas,
             ),
         )
+    index = config.topics[0]  # the idempotency index, made as durable as the first topic
+    wanted.setdefault(
+        INDEX_TOPIC,
+        TopicConfig(INDEX_TOPIC, 1, index.replication_factor, index.min_insync_replicas),
+    )
     return list(wanted.values())
 
 
@@ -145,8 +151,14 @@ def ensure_topics(config: Config, timeout: float) -> list[str]:
     return list(futures)
 
 
+# Bigpipe's own topics keep their records by time, whatever the broker's default.
+_OWN_TOPIC_SETTINGS = {
+    INDEX_TOPIC: {"cleanup.policy": "delete", "retention.ms": str(INDEX_RETENTION_MS)},
+}
+
+
 def _new_topic(topic: TopicConfig, record_limit: int) -> NewTopic:
-    settings = {"max.message.bytes": str(record_limit)}
+    settings = {"max.message.bytes": str(record_limit), **_OWN_TOPIC_SETTINGS.get(topic.name, {})}
     if topic.min_insync_replicas is not None:
         settings["min.insync.replicas"] = str(topic.min_insync_replicas)
     return NewTopic(

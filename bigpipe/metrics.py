@@ -73,6 +73,11 @@ GROUP_COUNTERS = (
         "Failed calls whose dead letter Kafka refused for good, even without its data",
         "deadLetterSkipped",
     ),
+    (
+        "bigpipe_duplicates_skipped",
+        "Keyed calls not delivered: another call of the same idempotency key came first",
+        "duplicateSkipped",
+    ),
 )
 # (GroupCounters.destinations field, metric name, help) for the per-destination gauges.
 DESTINATION_GAUGES = (

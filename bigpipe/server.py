@@ -21,6 +21,7 @@ import orjson
 from aiohttp import HttpVersion11, web
 from yarl import URL
 
+from bigpipe.calls.dedup import MAX_KEY_LENGTH
 from bigpipe.compat import (
     GO_ACCEPTED,
     GO_BAD_DATA,
@@ -108,6 +109,7 @@ class CallRequest:
     partition_key: str | None
     delay_ms: int = 0
     ttl_ms: int | None = None
+    idempotency_key: str | None = None
 
 
 def reply(status: int, errno: int, msg: str, data: Any = None) -> web.Response:
@@ -135,7 +137,13 @@ def parse_call_request(body: bytes, max_delay_ms: int) -> CallRequest:
         raise Reject(400, "field partition_key: must be a string when given")
     delay_ms = _whole_ms(payload, "delay_ms", 0, max_delay_ms, "kafka.delay.max") or 0
     ttl_ms = _whole_ms(payload, "ttl_ms", 1, None, "")
-    return CallRequest(name, secret, url, _parse_url(url), data, partition_key, delay_ms, ttl_ms)
+    idempotency_key = payload.get("idempotency_key")
+    if idempotency_key is not None:
+        _check_idempotency_key(idempotency_key, "field idempotency_key")
+    target = _parse_url(url)
+    return CallRequest(
+        name, secret, url, target, data, partition_key, delay_ms, ttl_ms, idempotency_key
+    )
 
 
 def _whole_ms(
@@ -152,6 +160,22 @@ def _whole_ms(
     if high is not None and value > high:
         raise Reject(400, f"field {key}: must be <= {high} ({high_key}), got {value}")
     return value
+
+
+def _check_idempotency_key(key: Any, where: str) -> None:
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise Reject(400, f"{where}: must be a string of 1 to {MAX_KEY_LENGTH} characters")
+
+
+def _idempotency_key(request: web.BaseRequest, call_request: CallRequest) -> str | None:
+    """The `idempotency_key` field, or else the `Idempotency-Key` header; both must agree."""
+    header = request.headers.get("Idempotency-Key")
+    if header is None:
+        return call_request.idempotency_key
+    _check_idempotency_key(header, "header Idempotency-Key")
+    if call_request.idempotency_key not in (None, header):
+        raise Reject(400, "field idempotency_key: differs from the Idempotency-Key header")
+    return header
 
 
 def _string(obj: dict[str, Any], key: str, path: str) -> str:
@@ -210,7 +234,7 @@ class Ingest:
         stats = self._node.stats
         stats.server.receivedCall += 1
         try:
-            call_id = await self._accept(request)
+            accepted = await self._accept(request)
         except Reject as exc:
             if self._node.config.compat_replies:
                 return go_refusal(exc)
@@ -218,9 +242,10 @@ class Ingest:
         stats.server.acceptedCall += 1
         if self._node.config.compat_replies:
             return go_reply(OK, GO_ACCEPTED)
-        return reply(200, OK, "success", {"id": call_id})
+        return reply(200, OK, "success", accepted)
 
-    async def _accept(self, request: web.BaseRequest) -> str:
+    async def _accept(self, request: web.BaseRequest) -> dict[str, Any]:
+        """The reply's data for a call now in Kafka (or, for a repeated key, the first's)."""
         started = time.perf_counter()
         node = self._node
         config = node.config
@@ -237,6 +262,12 @@ class Ingest:
         if self._waiting >= config.channel_size:
             node.stats.server.overloadCall += 1
             raise Reject(503, "overloaded: too many calls waiting for Kafka; retry later")
+        idempotency_key = _idempotency_key(request, call_request)
+        timeout = config.write_timeout_ms / 1000
+        if idempotency_key is not None:
+            first = await node.index.first_at_ingest(entry.name, idempotency_key, timeout)
+            if first is not None:
+                return {"id": first.call_id, "duplicate": True}
         headers = forwardable_headers(request.headers.items(), call_request.secret)
         call = new_call(
             call_request.url,
@@ -245,6 +276,7 @@ class Ingest:
             headers,
             call_request.delay_ms,
             call_request.ttl_ms,
+            idempotency_key=idempotency_key,
         )
         key = call_request.partition_key.encode() if call_request.partition_key else None
         counters = node.stats.producer(entry.topic)
@@ -253,9 +285,9 @@ class Ingest:
             self._idle.clear()
         self._waiting += 1
         try:
-            await node.producer.send(
-                entry.topic, encode_call(call), key, timeout=config.write_timeout_ms / 1000
-            )
+            await node.producer.send(entry.topic, encode_call(call), key, timeout=timeout)
+            if idempotency_key is not None:
+                await node.index.record(node.producer, call, entry.idempotency_window_ms, timeout)
         except ProduceFailed as exc:
             counters.deliveryFail += 1
             raise _produce_refusal(exc, entry.topic) from None
@@ -265,7 +297,7 @@ class Ingest:
             if self._waiting == 0:
                 self._idle.set()
         counters.deliverySuccess += 1
-        return call.id
+        return {"id": call.id}
 
 
 def _produce_refusal(exc: ProduceFailed, topic: str) -> Reject:

@@ -45,6 +45,7 @@ class GroupCounters:
     attempts: int = 0  # requests sent, retries included
     deadLetter: int = 0
     deadLetterSkipped: int = 0  # calls whose dead letter Kafka refused for good (logged)
+    duplicateSkipped: int = 0  # keyed calls not delivered: not the first of their key
     inFlight: int = 0  # a gauge: requests open to the downstream now
     held: int = 0  # a gauge: calls held for destinations that may not be called yet
     circuitIsBreak: int = 0  # a gauge: 1 while any destination's breaker is in BREAK
