@@ -63,7 +63,8 @@ ensure_java_and_maven() {
 }
 
 # Debian packages that tests and benchmarks use: Chromium for the dashboard test, nginx
-# as a fast real downstream and for the load-balancer example, wrk for load. In CI, or as
+# as a fast real downstream and for the load-balancer example, wrk for load, tmux as the
+# real terminal `bigpipe top` is tested in. In CI, or as
 # root, a tool that cannot be installed is an error: a skipped test would hide it. Only
 # a developer's machine without root skips the tests that need a missing tool.
 missing_test_tools() {
@@ -72,6 +73,7 @@ missing_test_tools() {
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
   command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
   command -v wrk >/dev/null || missing+=(wrk)
+  command -v tmux >/dev/null || missing+=(tmux)
   echo "${missing[*]}"
 }
 

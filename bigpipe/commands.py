@@ -61,12 +61,13 @@ def filters_from(args: argparse.Namespace) -> Filters:
 
 
 def parser() -> argparse.ArgumentParser:
-    from bigpipe import dlq_commands, replay
+    from bigpipe import dlq_commands, replay, top
 
     root = argparse.ArgumentParser(prog="bigpipe", description="Bigpipe's operator commands.")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     dlq_commands.add_parser(commands)
     replay.add_parser(commands)
+    top.add_parser(commands)
     return root
 
 
