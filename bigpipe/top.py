@@ -18,6 +18,7 @@ import sys
 import termios
 import time
 import tty
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ from bigpipe.selection import SelectionError
 
 BREAKER_NAMES = {0: "NORMAL", 1: "BREAK", 2: "RECOVER"}
 FETCH_SECONDS = 2.0
+RATE_SECONDS = 2.0
 GROUP_RATES = (("rpcSuccess", "deliv/s"), ("rpcFail", "fail/s"), ("rpcRetries", "retry/s"))
 
 
@@ -158,35 +160,56 @@ def groups_table(readings: list[Reading], previous: list[Reading], seconds: floa
     return table
 
 
-def destinations_table(readings: list[Reading]) -> Table | Text:
+# The per-destination series of /metrics that the view shows, and how nodes add up.
+DESTINATION_SERIES = {
+    "bigpipe_destination_breaker_state": "breaker",
+    "bigpipe_destination_in_flight": "inFlight",
+    "bigpipe_destination_held": "held",
+    "bigpipe_destination_attempt_seconds_count": "attempts",
+    "bigpipe_destination_attempt_seconds_sum": "seconds",
+}
+
+
+def _destinations(readings: list[Reading]) -> dict[tuple[str, str], dict[str, float]]:
     rows: dict[tuple[str, str], dict[str, float]] = {}
     for reading in readings:
         for name, labels, value in reading.samples:
-            if not name.startswith("bigpipe_destination_") or "destination" not in labels:
+            figure = DESTINATION_SERIES.get(name)
+            if figure is None or "destination" not in labels:
                 continue
             key = (f"{labels.get('topic', '')}/{labels.get('group', '')}", labels["destination"])
-            figure = name.removeprefix("bigpipe_destination_")
             row = rows.setdefault(key, {})
-            combine = max if figure == "breaker_state" else (lambda a, b: a + b)
-            row[figure] = combine(row.get(figure, 0.0), value)
-    if not rows:
+            old = row.get(figure, 0.0)
+            row[figure] = max(old, value) if figure == "breaker" else old + value
+    return rows
+
+
+def destinations_table(
+    readings: list[Reading], previous: list[Reading], seconds: float
+) -> Table | Text:
+    now, before = _destinations(readings), _destinations(previous)
+    if not now:
         return Text("destinations: the nodes report no per-destination figures", style="dim")
     table = Table(title="destinations", title_justify="left", expand=True)
-    figures = sorted({figure for row in rows.values() for figure in row})
-    for column in ("topic/group", "destination", *figures):
-        table.add_column(column.replace("_", " "), justify="left" if "/" in column else "right")
-    for (group, destination), row in sorted(rows.items()):
-        cells = [_figure(figure, row.get(figure)) for figure in figures]
-        table.add_row(group, destination, *cells)
+    table.add_column("topic/group", no_wrap=True)
+    table.add_column("destination", no_wrap=True)
+    for column in ("breaker", "in flight", "held", "attempts/s", "attempt ms (mean)"):
+        table.add_column(column, justify="right")
+    for (group, destination), row in sorted(now.items()):
+        old = before.get((group, destination), {})
+        attempts = row.get("attempts", 0.0) - old.get("attempts", 0.0)
+        spent = row.get("seconds", 0.0) - old.get("seconds", 0.0)
+        breaker = BREAKER_NAMES.get(int(row.get("breaker", 0)), "?")
+        table.add_row(
+            group,
+            destination,
+            Text(breaker, style="green" if breaker == "NORMAL" else "bold red"),
+            f"{row.get('inFlight', 0):g}",
+            f"{row.get('held', 0):g}",
+            _rate(row.get("attempts"), old.get("attempts"), seconds),
+            f"{1000 * spent / attempts:,.1f}" if old and attempts > 0 else "-",
+        )
     return table
-
-
-def _figure(name: str, value: float | None) -> str:
-    if value is None:
-        return "-"
-    if name == "breaker_state":
-        return BREAKER_NAMES.get(int(value), "?")
-    return f"{value:g}"
 
 
 def render(readings: list[Reading], previous: list[Reading], interval: float) -> Group:
@@ -198,35 +221,36 @@ def render(readings: list[Reading], previous: list[Reading], interval: float) ->
         header,
         nodes_table(readings, by_node),
         groups_table(readings, previous, seconds),
-        destinations_table(readings),
+        destinations_table(readings, previous, seconds),
     )
 
 
 # ---------------------------------------------------------------- loop
+async def read_all(session: aiohttp.ClientSession, nodes: list[str]) -> list[Reading]:
+    return list(await asyncio.gather(*(read_node(session, n) for n in nodes)))
+
+
 async def watch(nodes: list[str], interval: float, once: bool, console: Console) -> None:
-    previous: list[Reading] = []
     async with aiohttp.ClientSession() as session:
-        readings = await asyncio.gather(*(read_node(session, n) for n in nodes))
-        if once:  # one reading a moment apart, so the rates mean something
+        history = deque([await read_all(session, nodes)])
+        if once:  # two readings a moment apart, so the rates mean something
             await asyncio.sleep(min(interval, 1.0))
-            previous, readings = (
-                readings,
-                await asyncio.gather(*(read_node(session, n) for n in nodes)),
-            )
-            console.print(render(readings, previous, interval))
+            console.print(render(await read_all(session, nodes), history[0], interval))
             return
-        live = Live(render(readings, [], interval), console=console, screen=True)
+        live = Live(render(history[0], [], interval), console=console, screen=True)
         with quit_key() as quit_pressed, live:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(quit_pressed), interval)
                 if quit_pressed.done():
                     return
-                previous, readings = (
-                    readings,
-                    await asyncio.gather(*(read_node(session, n) for n in nodes)),
-                )
-                live.update(render(readings, previous, interval))
+                readings = await read_all(session, nodes)
+                # Rates over RATE_SECONDS at least: a node refreshes some figures (its
+                # workers' board, per-destination numbers) only a few times a second.
+                while len(history) > 1 and readings[0].at - history[1][0].at >= RATE_SECONDS:
+                    history.popleft()
+                live.update(render(readings, history[0], interval))
+                history.append(readings)
 
 
 @contextlib.contextmanager

@@ -95,6 +95,7 @@ async def test_top_shows_nodes_groups_and_dead_letters_and_quits_on_q(
             def shows_all() -> bool:
                 text = screen(tmux)
                 row = group_row(text, group)
+                destination = group_row(text, f"http://127.0.0.1:{downstream.port}")
                 return (
                     "ready" in text
                     and f"{silent}" in text
@@ -103,6 +104,9 @@ async def test_top_shows_nodes_groups_and_dead_letters_and_quits_on_q(
                     and row[1] not in ("-", "0.0")  # deliv/s
                     and row[6] == "NORMAL"
                     and row[7] == str(FAILING_CALLS)  # DLQ
+                    and len(destination) == 7  # per-destination figures, from /metrics
+                    and destination[2] == "NORMAL"
+                    and destination[5] not in ("-", "0.0")  # attempts/s
                 )
 
             await eventually(shows_all, 60, "top to show the node and its group")
