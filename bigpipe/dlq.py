@@ -230,6 +230,8 @@ def _again(letter: DeadLetter, options: RedriveOptions) -> bytes:
     envelope = dict(letter.call or {})
     envelope["group"] = letter.group
     envelope["redrive"] = int(envelope.get("redrive", 0)) + 1
+    # Due now, with a fresh set of attempts (its ttl does not apply to a resend: Expiry).
+    envelope.update((name, 0) for name in ("due", "attempts") if name in envelope)
     if options.to_url is not None:
         envelope["url"] = options.to_url
     return orjson.dumps(envelope)

@@ -131,7 +131,10 @@ def replay(
 
 
 def _again(call: Call, group: ConsumerConfig, to_url: str | None) -> bytes:
-    again = replace(call, group=group.group_id, replay=True, url=to_url or call.url)
+    # Due now, with a fresh set of attempts (its ttl does not apply to a resend: Expiry).
+    again = replace(
+        call, group=group.group_id, replay=True, url=to_url or call.url, due_ms=0, attempts=0
+    )
     return orjson.dumps(envelope_of(again))
 
 

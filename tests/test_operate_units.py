@@ -100,3 +100,12 @@ def test_a_go_record_goes_where_one_of_its_topics_callers_may_call() -> None:
 )
 def test_the_originals_field_order(body: bytes, problem: str | None) -> None:
     assert go_field_problem(body) == problem
+
+
+def test_a_call_sent_again_by_an_operator_is_not_expired_by_its_ttl() -> None:
+    from bigpipe.delivery.waits import Expiry
+
+    old = Call("ef" * 16, "http://x/y", "d", "c", 1, {}, ttl_ms=1000)
+    assert Expiry(old, None).passed(), "a day-old call with a 1 s ttl is expired"
+    resent = Call("ef" * 16, "http://x/y", "d", "c", 1, {}, "G1", 1, ttl_ms=1000)
+    assert not Expiry(resent, 5000).passed(), "a redrive delivers it now, whatever its age"

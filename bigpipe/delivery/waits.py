@@ -37,6 +37,10 @@ class Expiry:
 
     def __init__(self, call: Call, group_ttl_ms: int | None) -> None:
         ttl = call.ttl_ms if call.ttl_ms is not None else group_ttl_ms
+        if call.group is not None:
+            # Sent again by an operator (redrive, replay), who chose to deliver it now:
+            # counted from its first acceptance, every ttl would already be over.
+            ttl = None
         self.ttl_ms = ttl
         self.at_ms = None if ttl is None else call.created_ms + ttl
 
