@@ -41,7 +41,10 @@ log = logging.getLogger("bigpipe")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bigpipe", description="Kafka-backed asynchronous HTTP RPC middleware."
+        prog="bigpipe",
+        description="Kafka-backed asynchronous HTTP RPC middleware.",
+        epilog="operator commands (each with --help): "
+        + ", ".join(f"bigpipe {name}" for name in OPERATOR_COMMANDS),
     )
     # -config with one dash is the original bigpipe's spelling; keep it working.
     parser.add_argument(

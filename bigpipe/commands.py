@@ -56,6 +56,20 @@ def add_filters(parser: argparse.ArgumentParser, *, dead_letters: bool) -> None:
         group.add_argument("--error", metavar="TEXT", help="text in the last error")
 
 
+def add_resend_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the commands that write calls back (dlq redrive, replay)."""
+    parser.add_argument("--to-url", metavar="URL", help="send to URL instead of each call's own")
+    parser.add_argument("--dry-run", action="store_true", help="say what would be sent; send none")
+    parser.add_argument("--rate", type=float, default=None, help="at most N calls per second")
+    parser.add_argument("--json", action="store_true", help="the summary as one JSON object")
+
+
+def checked_rate(args: argparse.Namespace) -> float | None:
+    if args.rate is not None and args.rate <= 0:
+        raise SelectionError("--rate: must be > 0")
+    return args.rate
+
+
 def filters_from(args: argparse.Namespace) -> Filters:
     return parse_filters({name: getattr(args, name, None) for name in FILTER_NAMES})
 

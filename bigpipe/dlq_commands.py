@@ -18,6 +18,8 @@ from bigpipe.commands import (
     Failed,
     add_config,
     add_filters,
+    add_resend_options,
+    checked_rate,
     cut,
     filters_from,
     load_config,
@@ -27,7 +29,7 @@ from bigpipe.commands import (
 )
 from bigpipe.dlq import DeadLetter, RedriveOptions, dead_letters, find, redrive
 from bigpipe.resend import ResendFailed
-from bigpipe.selection import Filters, SelectionError
+from bigpipe.selection import Filters
 
 
 def add_parser(commands: Any) -> None:
@@ -53,13 +55,10 @@ def add_parser(commands: Any) -> None:
     )
     add_config(again)
     add_filters(again, dead_letters=True)
-    again.add_argument("--dry-run", action="store_true", help="say what would be sent; send none")
-    again.add_argument("--to-url", metavar="URL", help="send to URL instead of each call's own")
+    add_resend_options(again)
     again.add_argument(
         "--force", action="store_true", help="also send calls an earlier redrive already sent"
     )
-    again.add_argument("--rate", type=float, default=None, help="at most N calls per second")
-    again.add_argument("--json", action="store_true", help="the summary as one JSON object")
     again.set_defaults(run=run_redrive)
 
 
@@ -102,9 +101,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_redrive(args: argparse.Namespace) -> int:
     config = load_config(args)
-    if args.rate is not None and args.rate <= 0:
-        raise SelectionError("--rate: must be > 0")
-    options = RedriveOptions(args.to_url, args.force, args.dry_run, args.rate)
+    options = RedriveOptions(args.to_url, args.force, args.dry_run, checked_rate(args))
     letters: list[DeadLetter] = list(dead_letters(config, filters_from(args)))
     try:
         report = redrive(config, letters, options, progress_printer("redriven"))

@@ -24,6 +24,8 @@ from bigpipe.commands import (
     Failed,
     add_config,
     add_filters,
+    add_resend_options,
+    checked_rate,
     filters_from,
     load_config,
     print_json_lines,
@@ -145,23 +147,18 @@ def add_parser(commands: Any) -> None:
     )
     add_config(parser)
     add_filters(parser, dead_letters=False)
-    parser.add_argument("--to-url", metavar="URL", help="send to URL instead of each call's own")
-    parser.add_argument("--dry-run", action="store_true", help="count the calls; send none")
-    parser.add_argument("--rate", type=float, default=None, help="at most N calls per second")
-    parser.add_argument("--json", action="store_true", help="the summary as one JSON object")
+    add_resend_options(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args)
-    if args.rate is not None and args.rate <= 0:
-        raise SelectionError("--rate: must be > 0")
     report = replay(
         config,
         filters_from(args),
         to_url=args.to_url,
         dry_run=args.dry_run,
-        rate=args.rate,
+        rate=checked_rate(args),
         progress=progress_printer("replayed"),
     )
     if args.json:
