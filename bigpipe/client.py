@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -41,6 +41,9 @@ class AttemptResult:
     status: int | None = None
     error: str = ""
     retry_after: float | None = None  # seconds the downstream asked us to wait
+    # A success's reply, for a result callback (bigpipe.calls.callbacks)
+    headers: Mapping[str, str] | None = None
+    body: bytes = b""  # up to RESPONSE_READ_LIMIT, and one chunk more when it was cut
 
 
 # The caller's ACL entry by name and call topic, from the config in force now (None: no
@@ -176,8 +179,9 @@ class DeliveryClient:
         self, call: Call, body: bytes, attempt: int, caller: AclEntry, destination: Destination
     ) -> AttemptResult:
         headers = {
-            **call.headers,
+            # Callers' Content-Type is not forwarded; a callback's own (JSON) is kept.
             "Content-Type": "application/octet-stream",
+            **call.headers,
             "X-Bigpipe-Call-Id": call.id,
             "X-Bigpipe-Attempt": str(attempt),
         }
@@ -270,7 +274,7 @@ def _result_of(
 ) -> AttemptResult:
     verdict = classify(response.status, retry_status)
     if verdict is Verdict.SUCCESS:
-        return AttemptResult(verdict, response.status)
+        return AttemptResult(verdict, response.status, headers=response.headers, body=excerpt)
     text = excerpt[:ERROR_BODY_EXCERPT].decode("utf-8", "replace")
     return AttemptResult(
         verdict,

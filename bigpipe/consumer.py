@@ -30,6 +30,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from bigpipe.budget import GroupBudget
+from bigpipe.calls.callbacks import send_callback
 from bigpipe.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
 from bigpipe.compat import decode_go_record, is_go_record
 from bigpipe.config import Config, ConsumerConfig
@@ -362,6 +363,7 @@ class ConsumerGroup:
         self._counters.rpcTotal += 1
         if outcome.delivered:
             self._counters.rpcSuccess += 1
+            await self._report(call, outcome, None)
             return
         self._counters.rpcFail += 1
         log.debug(
@@ -372,6 +374,12 @@ class ConsumerGroup:
             outcome.last.error,
         )
         await self._dead_letter(message, call, outcome, outcome.last.error)
+        await self._report(call, outcome, self.config.dead_letter_topic)
+
+    async def _report(self, call: Call, outcome: Outcome, dead_letter_topic: str | None) -> None:
+        if call.callbacks:  # bigpipe.calls.callbacks
+            topic, group_id = self.config.topic, self.config.group_id
+            await send_callback(self.producer, topic, group_id, call, outcome, dead_letter_topic)
 
     async def _dead_letter(
         self, message: Message, call: Call | None, outcome: Outcome | None, reason: str

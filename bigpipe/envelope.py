@@ -71,6 +71,8 @@ class Call:
     ttl_ms: int | None = None  # not attempted after created_ms + ttl_ms; None: the group's
     attempts: int = 0  # attempts already made, before it last waited in a delay topic
     idempotency_key: str | None = None  # the caller's key (bigpipe.calls.dedup)
+    # "callback" and/or "failure_callback" -> URL (bigpipe.calls.callbacks)
+    callbacks: dict[str, str] | None = None
 
 
 def new_call_id() -> str:
@@ -87,6 +89,7 @@ def new_call(
     delay_ms: int = 0,
     ttl_ms: int | None = None,
     idempotency_key: str | None = None,
+    callbacks: dict[str, str] | None = None,
 ) -> Call:
     now = int(time.time() * 1000)
     due = now + delay_ms if delay_ms else 0
@@ -100,6 +103,7 @@ def new_call(
         due_ms=due,
         ttl_ms=ttl_ms,
         idempotency_key=idempotency_key,
+        callbacks=callbacks or None,
     )
 
 
@@ -122,6 +126,8 @@ def envelope_of(call: Call) -> dict[str, Any]:
         envelope["replay"] = True
     if call.idempotency_key is not None:  # optional in both versions: older readers skip it
         envelope["ikey"] = call.idempotency_key
+    if call.callbacks:
+        envelope["callbacks"] = call.callbacks
     if call.due_ms or call.ttl_ms is not None or call.attempts:
         envelope.update(
             v=ENVELOPE_VERSION, due=call.due_ms, ttl=call.ttl_ms, attempts=call.attempts
@@ -159,6 +165,11 @@ def decode_call(value: bytes | None) -> Call:
     ikey = obj.get("ikey")
     if ikey is not None and not isinstance(ikey, str):
         raise InvalidRecord("field 'ikey' is not a string")
+    callbacks = obj.get("callbacks")
+    if callbacks is not None and not (
+        isinstance(callbacks, dict) and all(isinstance(v, str) for v in callbacks.values())
+    ):
+        raise InvalidRecord("field 'callbacks' is not an object of URLs")
     # An older Bigpipe also wrote "denyPrivate"; delivery now reads it from the ACL in force.
     call = Call(
         obj["id"],
@@ -171,6 +182,7 @@ def decode_call(value: bytes | None) -> Call:
         redrive,
         replay is True,
         idempotency_key=ikey,
+        callbacks=callbacks,
     )
     if version == 2:
         call.due_ms = _whole(obj, "due", 0)

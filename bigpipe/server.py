@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ import orjson
 from aiohttp import HttpVersion11, web
 from yarl import URL
 
+from bigpipe.calls.callbacks import CALLBACK_FIELDS
 from bigpipe.calls.dedup import MAX_KEY_LENGTH
 from bigpipe.compat import (
     GO_ACCEPTED,
@@ -110,6 +111,7 @@ class CallRequest:
     delay_ms: int = 0
     ttl_ms: int | None = None
     idempotency_key: str | None = None
+    callbacks: dict[str, str] = field(default_factory=dict)  # field name -> URL
 
 
 def reply(status: int, errno: int, msg: str, data: Any = None) -> web.Response:
@@ -142,7 +144,16 @@ def parse_call_request(body: bytes, max_delay_ms: int) -> CallRequest:
         _check_idempotency_key(idempotency_key, "field idempotency_key")
     target = _parse_url(url)
     return CallRequest(
-        name, secret, url, target, data, partition_key, delay_ms, ttl_ms, idempotency_key
+        name,
+        secret,
+        url,
+        target,
+        data,
+        partition_key,
+        delay_ms,
+        ttl_ms,
+        idempotency_key,
+        _callbacks(payload),
     )
 
 
@@ -187,18 +198,32 @@ def _string(obj: dict[str, Any], key: str, path: str) -> str:
     return value
 
 
-def _parse_url(url: str) -> URL:
+def _parse_url(url: str, key: str = "url") -> URL:
     if len(url) > MAX_URL_LENGTH:
-        raise Reject(400, f"field url: longer than {MAX_URL_LENGTH} characters")
+        raise Reject(400, f"field {key}: longer than {MAX_URL_LENGTH} characters")
     try:
         parsed = URL(url)
     except ValueError:
-        raise Reject(400, "field url: not a valid URL") from None
+        raise Reject(400, f"field {key}: not a valid URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise Reject(400, "field url: must be an absolute http:// or https:// URL")
+        raise Reject(400, f"field {key}: must be an absolute http:// or https:// URL")
     if not _valid_host(parsed.raw_host or ""):
-        raise Reject(400, "field url: the host is not a valid host name or address")
+        raise Reject(400, f"field {key}: the host is not a valid host name or address")
     return parsed
+
+
+def _callbacks(payload: dict[str, Any]) -> dict[str, str]:
+    """The optional result callbacks, each an absolute http(s) URL."""
+    found = {}
+    for key in CALLBACK_FIELDS:
+        value = payload.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise Reject(400, f"field {key}: must be a string when given")
+        _parse_url(value, key)
+        found[key] = value
+    return found
 
 
 def _valid_host(host: str) -> bool:
@@ -257,6 +282,8 @@ class Ingest:
         if entry is None:
             raise Reject(403, "acl refused: unknown name or wrong secret")
         _check_destination(entry, call_request.target)
+        for url in call_request.callbacks.values():  # the same rules as url: they are calls
+            _check_destination(entry, URL(url))
         if not node.ready:
             raise Reject(503, node.not_ready_reason(), INTERNAL_ERROR)
         if self._waiting >= config.channel_size:
@@ -277,6 +304,7 @@ class Ingest:
             call_request.delay_ms,
             call_request.ttl_ms,
             idempotency_key=idempotency_key,
+            callbacks=call_request.callbacks,
         )
         key = call_request.partition_key.encode() if call_request.partition_key else None
         counters = node.stats.producer(entry.topic)
