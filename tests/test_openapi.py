@@ -52,6 +52,10 @@ EXPECTED = {
     "/readyz": {"get"},
     "/openapi.json": {"get"},
     "/rpc/server/mock": set(METHODS),  # ANY
+    "/admin/dlq": {"get"},
+    "/admin/dlq/show": {"get"},
+    "/admin/dlq/redrive": {"post"},
+    "/admin/replay": {"post"},
 }
 
 
