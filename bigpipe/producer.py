@@ -27,7 +27,9 @@ from bigpipe.kafka import RepeatFilter, client_settings, record_size_limit
 
 log = logging.getLogger(__name__)
 
-Ack = tuple[asyncio.Future[None], KafkaError | None]  # a write's result, queued for the loop
+Placed = tuple[int, int]  # (partition, offset) of a stored record
+# A write's result, queued for the loop: its future, and the error or where Kafka put it.
+Ack = tuple[asyncio.Future[Placed], KafkaError | None, Message]
 
 POLL_SECONDS = 0.1  # how long the poll thread blocks when nothing happens
 DEADLINE_SWEEP_SECONDS = 0.05  # how late past its timeout a write may be failed
@@ -105,7 +107,7 @@ class Producer:
         self._repeats = RepeatFilter()
         self._acks: deque[Ack] = deque()  # appended by the poll thread, drained on the loop
         self._queue_ack = partial(_queue_ack, self._acks.append)
-        self._deadlines: deque[tuple[float, asyncio.Future[None]]] = deque()
+        self._deadlines: deque[tuple[float, asyncio.Future[Placed]]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._stopping = threading.Event()
         self._poller = threading.Thread(target=self._poll_forever, name="kafka-acks", daemon=True)
@@ -113,13 +115,13 @@ class Producer:
 
     async def send(
         self, topic: str, value: bytes, key: bytes | None = None, timeout: float | None = None
-    ) -> None:
-        """Write one record and return once Kafka has acknowledged it (acks=all).
+    ) -> Placed:
+        """Write one record; once Kafka has acknowledged it (acks=all), return where it is.
 
         Past `timeout` s without an answer (checked every DEADLINE_SWEEP_SECONDS), raise
         ProduceFailed; the record may still land.
         """
-        future: asyncio.Future[None] = self._loop.create_future()
+        future: asyncio.Future[Placed] = self._loop.create_future()
         try:
             self._kafka.produce(topic, value, key, on_delivery=partial(self._queue_ack, future))
         except BufferError as exc:
@@ -134,7 +136,7 @@ class Producer:
             self._deadlines.append((self._loop.time() + timeout, future))
             if self._sweeper is None:
                 self._sweeper = self._loop.call_later(DEADLINE_SWEEP_SECONDS, self._sweep)
-        await future
+        return await future
 
     async def close(self, timeout: float) -> None:
         """Wait up to `timeout` s for pending writes, then stop polling.
@@ -175,12 +177,12 @@ class Producer:
     def _resolve_acks(self) -> None:
         acks = self._acks
         while acks:
-            future, error = acks.popleft()
+            future, error, message = acks.popleft()
             self._pending -= 1
             if future.done():  # the caller went away; its write still stands
                 continue
             if error is None:
-                future.set_result(None)
+                future.set_result((message.partition(), message.offset()))
             else:
                 future.set_exception(ProduceFailed(error.str(), error.code()))
         if self._pending == 0:
@@ -212,10 +214,10 @@ class Producer:
 
 def _queue_ack(
     append: Callable[[Ack], None],
-    future: asyncio.Future[None],
+    future: asyncio.Future[Placed],
     error: KafkaError | None,
-    _message: Message,
+    message: Message,
 ) -> None:
     """A write's delivery callback, bound with functools.partial (cheaper than an object per
     write). It runs on the poll thread, so it only queues the result for the event loop."""
-    append((future, error))  # deque.append is atomic: no lock needed
+    append((future, error, message))  # deque.append is atomic: no lock needed

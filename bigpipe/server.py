@@ -313,7 +313,9 @@ class Ingest:
             self._idle.clear()
         self._waiting += 1
         try:
-            await node.producer.send(entry.topic, encode_call(call), key, timeout=timeout)
+            partition, offset = await node.producer.send(
+                entry.topic, encode_call(call), key, timeout=timeout
+            )
             if idempotency_key is not None:
                 await node.index.record(node.producer, call, entry.idempotency_window_ms, timeout)
         except ProduceFailed as exc:
@@ -325,7 +327,7 @@ class Ingest:
             if self._waiting == 0:
                 self._idle.set()
         counters.deliverySuccess += 1
-        return {"id": call.id}
+        return {"id": call.id, "partition": partition, "offset": offset}
 
 
 def _produce_refusal(exc: ProduceFailed, topic: str) -> Reject:
