@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
 
@@ -91,3 +92,49 @@ async def test_callback_urls_are_checked_like_url(
     )
     status, reply = await bigpipe.post_call(http, "d", failure_callback=7)
     assert (status, reply["msg"]) == (400, "field failure_callback: must be a string when given")
+
+
+async def slow_hook(request: web.Request, number: int) -> web.Response:
+    if request.path == "/hook":
+        await asyncio.sleep(0.2)
+        return web.Response(status=201, body=b'{"n": %d}' % number)
+    if request.path == "/fail":
+        await asyncio.sleep(0.2)
+        return web.Response(status=500, text="boom")
+    return web.Response(status=204)
+
+
+async def test_no_callback_is_lost_across_kill_9(
+    kafka: str,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+    http: aiohttp.ClientSession,
+    downstream: Downstream,
+) -> None:
+    downstream.behaviour = slow_hook
+    first, _ = await start_node(kafka, tmp_path, processes, retries=0, concurrency=4)
+    ids = set()
+    for n in range(40):
+        path = "/hook" if n % 2 else "/fail"
+        _, reply = await first.post_call(
+            http,
+            f"call {n}",
+            downstream.url(path),
+            callback=downstream.url("/cb"),
+            failure_callback=downstream.url("/cb"),
+        )
+        ids.add(reply["data"]["id"])
+
+    def reported() -> set[str]:
+        return {
+            orjson.loads(r.body)["id"]
+            for r in downstream.requests
+            if r.headers.get("Content-Type") == "application/json"  # calls are octet-stream
+        }
+
+    await eventually(lambda: len(reported()) >= 4, 60, "some callbacks before the kill")
+    await first.kill()
+    assert reported() < ids, "the kill came too late to test anything"
+    second = await Bigpipe(first.config, tmp_path).start()
+    processes.append(second)
+    await eventually(lambda: reported() == ids, 120, "a callback for every call")
