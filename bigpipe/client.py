@@ -57,6 +57,7 @@ class Outcome:
     attempts: int
     last: AttemptResult
     first_attempt_ms: int | None
+    wait_s: float | None = None  # not over: the next attempt is due in this many seconds
 
 
 class DeliveryClient:
@@ -125,7 +126,10 @@ class DeliveryClient:
             if result.verdict is not Verdict.RETRY or attempt >= max_attempts:
                 return Outcome(result.verdict is Verdict.SUCCESS, attempt, result, first_attempt_ms)
             self._counters.rpcRetries += 1
-            await asyncio.sleep(expiry.cap(self._retry_delay(attempt, result)))
+            wait = expiry.cap(self._retry_delay(attempt, result))
+            if wait * 1000 > self._config.delay_threshold_ms:  # too long to wait in memory
+                return Outcome(False, attempt, result, first_attempt_ms, wait_s=wait)
+            await asyncio.sleep(wait)
 
     async def _attempt_when_allowed(
         self, call: Call, body: bytes, attempt: int, expiry: Expiry

@@ -137,6 +137,7 @@ class ConsumerConfig:
     max_buffered: int
     destination: DestinationConfig = DestinationConfig()
     ttl_ms: int | None = None  # a call not delivered by then is dead-lettered `expired`
+    delay_threshold_ms: int = 3_000  # longer waits go to the delay topics
 
     @property
     def key(self) -> tuple[str, str]:
@@ -450,6 +451,7 @@ def _read_consumer(item: _Section, topic_names: set[str] | None) -> ConsumerConf
     max_buffered = item.get("maxBuffered", int, default=None, check=positive)
     destination = _read_destination(item, rate_limit, concurrency)
     ttl = item.get("ttl", int, default=None, check=positive)
+    delay_threshold = item.get("delayThreshold", int, default=3_000, check=between(1_000, 60_000))
     item.reject_unknown()
     if "circuitBreaker" in item.obj and breaker is None:
         return None
@@ -489,6 +491,7 @@ def _read_consumer(item: _Section, topic_names: set[str] | None) -> ConsumerConf
         max_buffered=max_buffered or max(100, 4 * concurrency),
         destination=destination,
         ttl_ms=ttl,
+        delay_threshold_ms=delay_threshold or 3_000,
     )
 
 

@@ -35,7 +35,8 @@ from bigpipe.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
 from bigpipe.compat import decode_go_record, is_go_record
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.dead_letters import DeadLetterWriter, dead_letter_limit
-from bigpipe.delivery.waits import Due
+from bigpipe.delivery.delay_topics import DelayLadder
+from bigpipe.delivery.waits import Due, now_ms
 from bigpipe.envelope import Call, InvalidRecord, decode_call
 from bigpipe.kafka import RepeatFilter, client_settings
 from bigpipe.metrics import GroupLatencies
@@ -135,6 +136,8 @@ class ConsumerGroup:
         self._budget = GroupBudget(
             config, consumer, self._kafka.memberid, self._client.limits, counters
         )
+        # Calls that wait long wait in the group's delay topics, read back by this ladder.
+        self._ladder = DelayLadder(config, consumer, lambda: self.producer, self._process, counters)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -156,7 +159,7 @@ class ConsumerGroup:
 
         The key (topic, groupId) never changes here; a new key is a new group.
         """
-        self.config = consumer
+        self.config = self._ladder.config = consumer
         self._shields.update(consumer)
         self._client.update(consumer)
         self._budget.update(consumer)  # the limits just set were the group's, not this share
@@ -173,6 +176,7 @@ class ConsumerGroup:
         )
         self._task = asyncio.create_task(self._poll_forever(), name=f"poll {self.name}")
         self._budget.start()
+        self._ladder.start()
         self._task.add_done_callback(partial(self._poll_ended, on_poll_death))
 
     def _poll_ended(self, on_poll_death: Callable[[], None], task: asyncio.Task[None]) -> None:
@@ -195,6 +199,7 @@ class ConsumerGroup:
         if self._task is not None:  # a loop that died was reported by _poll_ended
             await asyncio.gather(self._task, return_exceptions=True)
         await self._budget.stop()  # the share in force stays for the calls still in flight
+        ladder = asyncio.create_task(self._ladder.stop(max(0.0, timeout - LEAVE_SECONDS)))
         tasks = [t for p in self._partitions.values() for t in p.tasks]
         if tasks:
             _, unfinished = await asyncio.wait(tasks, timeout=max(0.0, timeout - LEAVE_SECONDS))
@@ -209,7 +214,7 @@ class ConsumerGroup:
                 )
         await self._states.settle()
         left = deadline - asyncio.get_running_loop().time()
-        await self._leave(max(LEAVE_SECONDS, left))
+        await asyncio.gather(self._leave(max(LEAVE_SECONDS, left)), ladder)
         await self._client.close()
 
     async def _leave(self, timeout: float) -> None:
@@ -317,6 +322,11 @@ class ConsumerGroup:
 
     # ------------------------------------------------------------ one call
     async def _handle(self, message: Message, partition: _Partition) -> None:
+        await self._process(message)
+        partition.offsets.finish(message.offset())
+
+    async def _process(self, message: Message) -> None:
+        """Deliver, dead-letter or park one record, of the call topic or a delay topic."""
         value = message.value()
         try:
             call = (
@@ -336,19 +346,22 @@ class ConsumerGroup:
             await self._dead_letter(message, None, None, f"invalid record: {exc}")
         else:
             # A call sent again for another group of this topic (bigpipe.redrive) is not ours.
+            finished = False
             if call.group is not None and call.group != self.config.group_id:
                 pass
             elif call.idempotency_key is not None and not await self._is_first(call):
                 self._counters.duplicateSkipped += 1  # a copy of a keyed call: bigpipe.calls.dedup
             else:
-                await self._deliver(message, call)
-            if call.group is None:
+                finished = await self._deliver(message, call)
+            if finished and call.group is None:
                 # Delivered or dead-lettered: the call's whole stay, on the accepting node's
                 # clock. A call sent again would count its days in a dead-letter topic.
                 self._latencies.end_to_end.observe(max(0.0, time.time() - call.created_ms / 1000))
-        partition.offsets.finish(message.offset())
 
-    async def _deliver(self, message: Message, call: Call) -> None:
+    async def _deliver(self, message: Message, call: Call) -> bool:
+        """Deliver or dead-letter the call; False when it went to wait in a delay topic."""
+        if self._ladder.should_park(call) and await self._ladder.park(call, message.key()):
+            return False
         await Due.wait(call)
         try:
             outcome = await self._client.deliver(call)
@@ -360,11 +373,14 @@ class ConsumerGroup:
             outcome = Outcome(
                 False, 0, AttemptResult(Verdict.FINAL, error=f"internal: {exc!r}"), None
             )
+        if outcome.wait_s is not None:  # a backoff too long to wait here: wait in Kafka
+            call.attempts, call.due_ms = outcome.attempts, now_ms() + round(outcome.wait_s * 1000)
+            return await self._deliver(message, call)
         self._counters.rpcTotal += 1
         if outcome.delivered:
             self._counters.rpcSuccess += 1
             await self._report(call, outcome, None)
-            return
+            return True
         self._counters.rpcFail += 1
         log.debug(
             "%s: call %s failed after %d attempts: %s",
@@ -375,6 +391,7 @@ class ConsumerGroup:
         )
         await self._dead_letter(message, call, outcome, outcome.last.error)
         await self._report(call, outcome, self.config.dead_letter_topic)
+        return True
 
     async def _report(self, call: Call, outcome: Outcome, dead_letter_topic: str | None) -> None:
         if call.callbacks:  # bigpipe.calls.callbacks

@@ -117,6 +117,7 @@ class DeadLetterWriter:
                     )
                     return
         self._counters.deadLetter += 1
+        self._counters.expired += outcome is not None and outcome.last.verdict is Verdict.EXPIRED
         self._log(logging.WARNING, "written", f"{what} dead-lettered to {topic}: {reason}")
 
     def _log(self, level: int, kind: str, text: str) -> None:

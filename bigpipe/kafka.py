@@ -11,6 +11,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from bigpipe.calls.topics import INDEX_RETENTION_MS, INDEX_TOPIC
 from bigpipe.config import Config, TopicConfig
+from bigpipe.delivery.rungs import RETENTION_MS, rung_topics
 
 log = logging.getLogger(__name__)
 
@@ -98,19 +99,18 @@ def client_settings(config: Config) -> dict[str, Any]:
 
 
 def wanted_topics(config: Config) -> list[TopicConfig]:
-    """Call topics, then one dead-letter topic per group, shaped like its source topic."""
+    """Call topics, then per group a dead-letter topic and the delay topics (its ladder's
+    rungs, bigpipe.delivery.rungs), shaped like its source topic."""
     wanted = {t.name: t for t in config.topics}
     for consumer in config.consumers:
         source = wanted[consumer.topic]
-        wanted.setdefault(
-            consumer.dead_letter_topic,
-            TopicConfig(
-                consumer.dead_letter_topic,
-                source.partitions,
-                source.replication_factor,
-                source.min_insync_replicas,
-            ),
-        )
+        for name in (consumer.dead_letter_topic, *rung_topics(consumer)):
+            wanted.setdefault(
+                name,
+                TopicConfig(
+                    name, source.partitions, source.replication_factor, source.min_insync_replicas
+                ),
+            )
     index = config.topics[0]  # the idempotency index, made as durable as the first topic
     wanted.setdefault(
         INDEX_TOPIC,
@@ -137,7 +137,11 @@ def ensure_topics(config: Config, timeout: float) -> list[str]:
                 topic.partitions,
             )
     limit = record_size_limit(config)
-    missing = [_new_topic(t, limit) for t in wanted_topics(config) if t.name not in existing]
+    missing = [
+        _new_topic(t, limit, _own_settings(config, t.name))
+        for t in wanted_topics(config)
+        if t.name not in existing
+    ]
     if not missing:
         return []
     futures = admin.create_topics(missing, operation_timeout=timeout, request_timeout=timeout)
@@ -155,10 +159,16 @@ def ensure_topics(config: Config, timeout: float) -> list[str]:
 _OWN_TOPIC_SETTINGS = {
     INDEX_TOPIC: {"cleanup.policy": "delete", "retention.ms": str(INDEX_RETENTION_MS)},
 }
+_RUNG_SETTINGS = {"cleanup.policy": "delete", "retention.ms": str(RETENTION_MS)}
 
 
-def _new_topic(topic: TopicConfig, record_limit: int) -> NewTopic:
-    settings = {"max.message.bytes": str(record_limit), **_OWN_TOPIC_SETTINGS.get(topic.name, {})}
+def _own_settings(config: Config, name: str) -> dict[str, str]:
+    rungs = {rung for consumer in config.consumers for rung in rung_topics(consumer)}
+    return _RUNG_SETTINGS if name in rungs else _OWN_TOPIC_SETTINGS.get(name, {})
+
+
+def _new_topic(topic: TopicConfig, record_limit: int, own: dict[str, str]) -> NewTopic:
+    settings = {"max.message.bytes": str(record_limit), **own}
     if topic.min_insync_replicas is not None:
         settings["min.insync.replicas"] = str(topic.min_insync_replicas)
     return NewTopic(

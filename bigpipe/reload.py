@@ -51,7 +51,7 @@ class ReloadPlan:
     needs_restart: list[str] = field(default_factory=list)  # http.server.* keys that changed
     new_producer: bool = False
     regroup_all: bool = False  # client settings changed: every group leaves and joins anew
-    new_topics: list[str] = field(default_factory=list)  # call or dead-letter topics to create
+    new_topics: list[str] = field(default_factory=list)  # call, dead-letter, delay topics to create
     removed: list[tuple[str, str]] = field(default_factory=list)
     added: list[ConsumerConfig] = field(default_factory=list)
     changed: list[ConsumerConfig] = field(default_factory=list)

@@ -54,6 +54,9 @@ class GroupCounters:
     budgetRate: float = 0.0
     budgetConcurrency: int = 0
     lag: dict[str, int] = field(default_factory=dict)  # partition -> calls not yet committed
+    expired: int = 0  # calls dead-lettered because their ttl ran out
+    # rung of the delay topics ("1s" … "1h") -> calls waiting in it: the due-time spread
+    waiting: dict[str, int] = field(default_factory=dict)
     # partition -> "consuming" or "paused:<reason>", for every partition assigned here
     partitions: dict[str, str] = field(default_factory=dict)
     # The busiest destinations by attempts, the rest as "other": breakerState, inFlight,
@@ -72,6 +75,8 @@ class GroupCounters:
         for partition, lag in other.lag.items():  # one owner per partition, bar a rebalance
             self.lag[partition] = max(lag, self.lag.get(partition, 0))
         self.partitions.update(other.partitions)
+        for rung, count in other.waiting.items():  # each worker reads its own partitions
+            self.waiting[rung] = self.waiting.get(rung, 0) + count
 
 
 def worst_state(a: int, b: int) -> int:
@@ -109,7 +114,8 @@ _CLIENT_KEYS = ("rpcTotal", "rpcSuccess", "rpcFail", "rpcRetries")
 _SUMMED = tuple(
     f.name
     for f in fields(GroupCounters)
-    if f.name not in ("circuitIsBreak", "breakerState", "lag", "partitions", "destinations")
+    if f.name
+    not in ("circuitIsBreak", "breakerState", "lag", "partitions", "destinations", "waiting")
 )
 
 

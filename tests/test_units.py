@@ -224,7 +224,8 @@ def test_reload_plan_changes_only_what_changed() -> None:
     assert plan.removed == [("test", "G2")]
     assert [c.key for c in plan.added] == [("new", "G3")]
     assert [(c.key, c.rate_limit) for c in plan.changed] == [(("test", "G1"), 5)]
-    assert plan.new_topics == ["new", "new.G3.dlq"]
+    rungs = [f"new.G3.delay.{rung}" for rung in ("1s", "10s", "1m", "10m", "1h")]
+    assert plan.new_topics == ["new", "new.G3.dlq", *rungs]
     assert plan.needs_restart == ["http.server.port"]
     assert plan.config.http_port == running.http_port
     assert not plan.new_producer and not plan.regroup_all

@@ -21,8 +21,10 @@ from tests.support import (
     Downstream,
     dead_letter_topic,
     eventually,
+    group_stats,
     read_topic,
     start_node,
+    topic_record_count,
 )
 
 
@@ -182,3 +184,69 @@ async def test_delay_over_the_maximum_is_refused_with_400(
     status, reply = await bigpipe.post_call(http, delay_ms=60_001)
     assert (status, reply["errno"]) == (400, -1)
     assert reply["msg"] == "field delay_ms: must be <= 60000 (kafka.delay.max), got 60001"
+
+
+async def test_long_waits_go_through_the_delay_topics_and_arrive_on_time(
+    kafka: str,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    bigpipe, topic = await start_node(kafka, tmp_path, processes, delayThreshold=1000)
+    group = bigpipe.config["kafka.consumer.list"][0]["groupId"]
+    due: dict[str, tuple[float, float]] = {}
+
+    async def send(delay_ms: int) -> None:
+        posted = time.monotonic()
+        status, reply = await bigpipe.post_call(http, url=downstream.url(), delay_ms=delay_ms)
+        assert (status, reply["errno"]) == (200, 0), reply
+        due[reply["data"]["id"]] = (posted + delay_ms / 1000, time.monotonic() + delay_ms / 1000)
+
+    rng = random.Random(12)
+    await asyncio.gather(*(send(rng.randrange(0, 14_000)) for _ in range(200)))
+    parked = await asyncio.to_thread(topic_record_count, kafka, f"{topic}.{group}.delay.1s")
+    assert parked > 0, "no call went through the delay topics"
+    await eventually(lambda: set(due) <= downstream.call_ids(), 40, "every delayed call")
+    for request in downstream.requests:
+        earliest, latest = due[request.call_id]
+        assert request.at >= earliest - 0.01, "delivered before its due time"
+        assert request.at <= latest + 1.5, f"delivered {request.at - latest:.2f} s late"
+    assert (await group_stats(bigpipe, http))["rpcTotal"] == 200
+
+
+async def test_a_backoff_longer_than_the_threshold_waits_in_the_delay_topics(
+    kafka: str,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    async def fail_twice(request: web.Request, _number: int) -> web.StreamResponse:
+        return web.Response(status=503 if int(request.headers["X-Bigpipe-Attempt"]) < 3 else 200)
+
+    downstream = await Downstream(fail_twice).start()
+    try:
+        # Backoffs uniform in [0, 4 s]: about 3 in 4 retries (15 of 20) wait in Kafka.
+        bigpipe, topic = await start_node(
+            kafka, tmp_path, processes, delayThreshold=1000, backoffBase=4000, backoffMax=4000
+        )
+        group = bigpipe.config["kafka.consumer.list"][0]["groupId"]
+        sent = set()
+        for _ in range(10):
+            status, reply = await bigpipe.post_call(http, url=downstream.url())
+            assert (status, reply["errno"]) == (200, 0), reply
+            sent.add(reply["data"]["id"])
+
+        def third_attempts() -> set[str]:
+            return {r.call_id for r in downstream.requests if r.attempt == 3 and r.answered}
+
+        await eventually(lambda: sent <= third_attempts(), 60, "calls after 2 retries")
+        attempts = sorted(r.attempt for r in downstream.requests)
+        assert attempts == [1] * 10 + [2] * 10 + [3] * 10, "attempts numbered across the waits"
+        rungs = [f"{topic}.{group}.delay.1s", f"{topic}.{group}.delay.10s"]
+        parked = sum([await asyncio.to_thread(topic_record_count, kafka, t) for t in rungs])
+        assert parked >= 10, "the retries did not wait in the delay topics"
+        stats = await group_stats(bigpipe, http)
+        assert (stats["rpcSuccess"], stats["rpcRetries"], stats["deadLetter"]) == (10, 20, 0)
+    finally:
+        await downstream.stop()
