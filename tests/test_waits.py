@@ -205,9 +205,9 @@ async def test_long_waits_go_through_the_delay_topics_and_arrive_on_time(
 
     rng = random.Random(12)
     await asyncio.gather(*(send(rng.randrange(0, 14_000)) for _ in range(200)))
+    await eventually(lambda: set(due) <= downstream.call_ids(), 40, "every delayed call")
     parked = await asyncio.to_thread(topic_record_count, kafka, f"{topic}.{group}.delay.1s")
     assert parked > 0, "no call went through the delay topics"
-    await eventually(lambda: set(due) <= downstream.call_ids(), 40, "every delayed call")
     for request in downstream.requests:
         earliest, latest = due[request.call_id]
         assert request.at >= earliest - 0.01, "delivered before its due time"
