@@ -245,9 +245,9 @@ class GroupBudget:
         )
         me = self._member_id()
         share = computed.get(me, NOTHING) if me else NOTHING
-        if share.concurrency > self.share.concurrency and self._others_cut(computed, me):
-            # Others lose slots as this member gains them: they may still be using them
-            # until their own refresh. Raise only as far as last time's reckoning agreed.
+        if share.concurrency > self.share.concurrency and self._busy_cut(computed, me, state):
+            # Busy members lose slots as this member gains them: they may still be using
+            # them until their own refresh. Raise only as far as last time's reckoning agreed.
             before = self._computed.get(me, NOTHING).concurrency
             share = Share(share.rate, max(self.share.concurrency, min(share.concurrency, before)))
         self._computed = computed
@@ -261,13 +261,16 @@ class GroupBudget:
         self._counters.budgetRate = share.rate if share.concurrency else 0.0
         self._counters.budgetConcurrency = share.concurrency
 
-    def _others_cut(self, computed: Mapping[str, Share], me: str | None) -> bool:
-        """May another member lose slots now? Unknown at a first reckoning (a member that
-        just joined, or after a reload), unless this member is the group's only one."""
+    def _busy_cut(self, computed: Mapping[str, Share], me: str | None, state: GroupState) -> bool:
+        """May another member lose slots it is using now? Unknown at a first reckoning (a
+        member that just joined, or after a reload), unless this member is the group's only
+        one. A member whose partitions have no backlog has nothing in flight: every call it
+        read is committed, so it uses no slot and its cut cannot make an overshoot."""
         if not self._computed:
             return set(computed) != {me}
         return any(
             computed.get(member, NOTHING).concurrency < share.concurrency
+            and any(state.backlog.get(p, 0) > 0 for p in state.assignment.get(member, ()))
             for member, share in self._computed.items()
             if member != me
         )
