@@ -33,7 +33,7 @@ from bigpipe.workers import (
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # First words that make `bigpipe` an operator's command (bigpipe.commands), not a node.
-OPERATOR_COMMANDS = ("dlq", "replay", "top")
+OPERATOR_COMMANDS = ("dlq", "replay", "top", "config")
 PROCESS_NAME = OWNER_NAME.encode()
 
 log = logging.getLogger("bigpipe")

@@ -1,33 +1,72 @@
-"""Load and validate the flat JSON config of the original bigpipe.
+"""The config, the original bigpipe's flat JSON object: every key declared once.
 
-The whole file is checked before anything starts. Every problem becomes one
-line naming the key path, what is wrong and how to fix it, so an operator can
-mend a file in one pass instead of one restart per mistake.
+Each key is declared below (bigpipe.declare.key): its JSON name, type, default,
+bounds, one line of documentation and what a SIGUSR1 reload does with it.
+pydantic validates a file against the declarations, and bigpipe.config_docs
+renders them as the JSON Schema (config/bigpipe.schema.json) and as the README's
+key tables. A rule within one entry is a validator of its model. Rules across
+entries read the document itself, so that they are reported together with every
+other problem: one line each, naming the key path, what is wrong and how to fix
+it, the whole file at once.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Self
 
 import orjson
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from yarl import URL
 
 from bigpipe.calls.signing import Signer, key_of
+from bigpipe.declare import (
+    READING_A_FILE,
+    Flag,
+    Int,
+    Invalid,
+    Maybe,
+    NonEmpty,
+    Number,
+    Reload,
+    Section,
+    Text,
+    check,
+    json_type,
+    key,
+    problem,
+    rule,
+)
 from bigpipe.destinations import AllowRule, parse_rule
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-DEFAULT_RETRY_STATUS = (408, 429)
-DEFAULT_MAX_DELAY_MS = 7 * 24 * 3600 * 1000  # 7 days
 DAY_MS = 86_400_000
 MAX_IDEMPOTENCY_WINDOW_MS = 7 * DAY_MS
+DEFAULT_MAX_DELAY_MS = 7 * DAY_MS
+TOPIC_NAME = r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$"  # Kafka's rule; "." and ".." are no names
+# librdkafka settings Bigpipe sets itself: letting them through would break its guarantees.
+# (message.max.bytes follows http.server.body.limit: kafka.record_size_limit.)
+OWNED_KAFKA_SETTINGS = frozenset(
+    """bootstrap.servers group.id client.id enable.auto.commit enable.auto.offset.store acks
+    enable.idempotence auto.offset.reset partition.assignment.strategy message.timeout.ms
+    message.send.max.retries message.max.bytes isolation.level transactional.id group.protocol
+    """.split()  # noqa: SIM905
+)
 
 
 def one_line(text: str) -> str:
@@ -39,57 +78,213 @@ class ConfigError(Exception):
     """The config is unusable; each entry of `problems` is one line for the operator."""
 
     def __init__(self, problems: list[str]) -> None:
-        problems = [one_line(p) for p in problems]
+        problems = list(dict.fromkeys(one_line(p) for p in problems))
         super().__init__("\n".join(problems))
         self.problems = problems
 
 
-@dataclass(frozen=True)
-class TopicConfig:
-    name: str
-    partitions: int
-    replication_factor: int
-    min_insync_replicas: int | None
+# ---------------------------------------------------------------- Bigpipe's own types
+def _digest(value: Any) -> bytes:
+    if isinstance(value, bytes):  # built in Python: a digest already (b"" matches no secret)
+        return value
+    if not isinstance(value, str):
+        raise PydanticCustomError("string_type", "")
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise PydanticCustomError("invalid", "must be 64 hex digits (sha256sum of the secret)")
+    return bytes.fromhex(value)
 
 
-@dataclass(frozen=True)
-class AclEntry:
-    name: str
-    secret_sha256: bytes  # only the digest is kept, so a secret never sits in memory twice
-    topic: str
-    allow: tuple[AllowRule, ...] = ()  # destinations this caller may call; empty: any
-    deny_private: bool = False  # refuse loopback, private and link-local destinations
-    signer: Signer | None = None  # signs its deliveries and callbacks (Standard Webhooks)
-    idempotency_window_ms: int = DAY_MS  # how long an idempotency key holds
+def _signing_key(value: Any) -> bytes:
+    """The key bytes of a `whsec_…` secret; the reason it is none never quotes it."""
+    key = key_of(value) if isinstance(value, str) else None
+    if key is None:
+        raise PydanticCustomError("string_type", "")
+    if isinstance(key, str):
+        raise PydanticCustomError("invalid", "{reason}", {"reason": key})
+    return key
 
 
-@dataclass(frozen=True)
-class BreakerConfig:
-    break_period: float  # seconds
-    recover_period: float  # seconds
-    win_size: int  # one-second buckets
-    min_stats: int
-    health_rate: float
-
-
-@dataclass(frozen=True)
-class DestinationCaps:
-    """A destination's own caps, under its group's; None: only the group's applies."""
-
-    concurrency: int | None = None
-    rate_limit: float | None = None  # calls per second
-
-    def share(self, workers: int) -> DestinationCaps:
-        return DestinationCaps(
-            self.concurrency and math.ceil(self.concurrency / workers),
-            self.rate_limit and self.rate_limit / workers,
+def _origin(value: Any) -> AllowRule:
+    rule = _destination(value)
+    if rule.scheme is not None and rule.path not in ("", "/"):
+        reason = (
+            f"{rule.text!r} has a path; a destination is scheme, host and port, so give an origin"
+            " like https://api.example.com:8443 or a host pattern"
         )
+        raise PydanticCustomError("invalid", "{reason}", {"reason": reason})
+    return rule
 
 
-@dataclass(frozen=True)
-class DestinationOverride:
-    rule: AllowRule  # a host pattern, or an origin (scheme://host[:port]) with no path
-    caps: DestinationCaps
+def _destination(value: Any) -> AllowRule:
+    if not isinstance(value, str | AllowRule):
+        raise PydanticCustomError("string_type", "")
+    rule = value if isinstance(value, AllowRule) else parse_rule(value)
+    if isinstance(rule, str):
+        raise PydanticCustomError("invalid", "{reason}", {"reason": rule})
+    return rule
+
+
+TopicName = Annotated[
+    Text,
+    Field(pattern=TOPIC_NAME),
+    Invalid("{value} is not a valid Kafka topic name; use 1-249 of [A-Za-z0-9._-]"),
+]
+Status = Annotated[Int, Field(ge=400, le=499)]
+Digest = Annotated[
+    bytes,
+    PlainValidator(_digest),
+    WithJsonSchema({"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}),
+]
+SigningKey = Annotated[
+    bytes, PlainValidator(_signing_key), WithJsonSchema({"type": "string", "pattern": "^whsec_"})
+]
+Destination = Annotated[AllowRule, PlainValidator(_destination), WithJsonSchema({"type": "string"})]
+Origin = Annotated[AllowRule, PlainValidator(_origin), WithJsonSchema({"type": "string"})]
+OWNED = "is set by Bigpipe itself; remove it"
+Setting = Annotated[
+    str,
+    BeforeValidator(
+        check(lambda name: None if name in OWNED_KAFKA_SETTINGS else name, "invalid", OWNED)
+    ),
+    WithJsonSchema({"type": "string", "not": {"enum": sorted(OWNED_KAFKA_SETTINGS)}}),
+]
+SCALAR = "must be a string, number or boolean"
+SettingValue = Annotated[
+    str | int | float | bool,  # bool is an int
+    PlainValidator(
+        check(
+            lambda value: value if isinstance(value, str | int | float) else None, "invalid", SCALAR
+        )
+    ),
+    WithJsonSchema({"type": ["string", "number", "boolean"]}),
+]
+
+
+# ---------------------------------------------------------------- the declarations
+RESTART, REFUSED = Reload.RESTART, Reload.REFUSED
+
+
+class TopicConfig(Section):
+    name: TopicName = key("name", doc="topic name: 1-249 of `[A-Za-z0-9._-]`")
+    partitions: Int = key("partitions", gt=0, doc="partitions, used when Bigpipe creates the topic")
+    replication_factor: Int = key(
+        "replicationFactor", 1, gt=0, doc="replicas, used when Bigpipe creates the topic"
+    )
+    min_insync_replicas: Maybe[Int] = key(
+        "minInsyncReplicas",
+        None,
+        gt=0,
+        default_doc="broker default",
+        doc="`min.insync.replicas` of a topic Bigpipe creates",
+    )
+
+
+class SigningConfig(Section):
+    secrets: tuple[SigningKey, ...] = key(
+        "secrets",
+        min_length=1,
+        hint=', a list of "whsec_…" secrets',
+        invalid="is empty; list at least one secret",
+        doc="`whsec_` and the base64 of 24 to 64 random bytes each; one signature per secret",
+    )
+
+
+class AclEntry(Section):
+    model_config = Section.model_config | ConfigDict(  # one of the two, for editors too
+        json_schema_extra={"oneOf": [{"required": ["secret"]}, {"required": ["secret_sha256"]}]}
+    )
+    name: NonEmpty = key("name", doc="the caller's name, unique")
+    secret: Maybe[Text] = key("secret", None, default_doc="one of the two", doc="its secret")
+    secret_sha256: Maybe[Digest] = key(  # only the digest is kept: no secret sits in memory twice
+        "secret_sha256",
+        None,
+        kind="hex string",
+        default_doc="one of the two",
+        doc='the secret\'s SHA-256 (`printf %s "$SECRET" | sha256sum`): the file need not hold it',
+    )
+    topic: Text = key("topic", doc="the topic this caller writes to; must be in `kafka.topics`")
+    allow: tuple[Destination, ...] = key(
+        "allow",
+        (),
+        default_doc="`[]` (any)",
+        doc="destinations it may call: URL prefixes or host patterns (see below); others get 403",
+    )
+    deny_private: Flag = key(
+        "denyPrivate", False, doc="refuse destinations that are not public (see below)"
+    )
+    idempotency_window_ms: Int = key(
+        "idempotencyWindow",
+        DAY_MS,
+        ge=1000,
+        le=MAX_IDEMPOTENCY_WINDOW_MS,
+        unit="ms",
+        invalid=f"must be 1000 to {MAX_IDEMPOTENCY_WINDOW_MS} ms (1 s to 7 days), got {{value}}",
+        doc="how long its idempotency keys hold; see [Idempotency keys](#idempotency-keys)",
+    )
+    signer: Maybe[Annotated[SigningConfig, AfterValidator(lambda s: Signer(s.secrets))]] = key(
+        "signing",
+        None,
+        default_doc="none",
+        doc="sign its calls' deliveries: see [Signed deliveries](#signed-deliveries)",
+    )
+
+    @model_validator(mode="after")
+    def _only_the_digest(self) -> AclEntry:  # one of the two: see _rules_across_entries
+        if self.secret is None:
+            return self
+        digest = hashlib.sha256(self.secret.encode()).digest()
+        return self.model_copy(update={"secret": None, "secret_sha256": digest})
+
+
+class BreakerConfig(Section):
+    break_period: Number = key(
+        "breakPeriod", gt=0, unit="seconds", doc="least time the breaker stays in BREAK"
+    )
+    recover_period: Number = key(
+        "recoverPeriod", gt=0, unit="seconds", doc="length of the ramp-up after BREAK"
+    )
+    win_size: Int = key("winSize", gt=0, doc="the health window, in one-second buckets")
+    min_stats: Int = key(
+        "minStats", ge=0, doc="below this many attempts in the window, it counts as healthy"
+    )
+    health_rate: Number = key(
+        "healthRate", ge=0, le=1, doc="the window is healthy when successes / attempts ≥ this"
+    )
+
+
+class DestinationCaps(Section):
+    """A destination's own caps, under its group's; None: only the group's apply."""
+
+    concurrency: Maybe[Int] = key(
+        "concurrency",
+        None,
+        gt=0,
+        default_doc="none: only the group's",
+        doc="most requests open at once to any one destination; at most the group's `concurrency`",
+    )
+    rate_limit: Maybe[Number] = key(
+        "rateLimit",
+        None,
+        gt=0,
+        default_doc="none: only the group's",
+        doc="attempts per second to any one destination; at most the group's `rateLimit`",
+    )
+
+    @property
+    def caps(self) -> DestinationCaps:
+        return DestinationCaps(concurrency=self.concurrency, rate_limit=self.rate_limit)
+
+    def share(self, workers: int) -> Self:
+        """One of `workers` workers' part of these caps."""
+        concurrency = self.concurrency and math.ceil(self.concurrency / workers)
+        rate_limit = self.rate_limit and self.rate_limit / workers
+        return self.model_copy(update={"concurrency": concurrency, "rate_limit": rate_limit})
+
+
+class DestinationOverride(DestinationCaps):
+    rule: Origin = key(
+        "match", kind="string", doc="a host pattern or an origin (`https://host:8443`), no path"
+    )
 
 
 # Calls a group holds in memory for destinations that may not be called yet (open
@@ -97,647 +292,402 @@ class DestinationOverride:
 DEFAULT_MAX_HELD = 1000
 
 
-@dataclass(frozen=True)
-class DestinationConfig:
+class DestinationConfig(DestinationCaps):
     """The per-destination shields of one group (`destination` in the config)."""
 
-    caps: DestinationCaps = DestinationCaps()
-    max_held: int = DEFAULT_MAX_HELD
-    overrides: tuple[DestinationOverride, ...] = ()
+    max_held: Int = key(
+        "maxHeld", DEFAULT_MAX_HELD, gt=0, doc="calls the group may hold before it pauses"
+    )
+    overrides: tuple[DestinationOverride, ...] = key(
+        "overrides", (), doc="caps of the destinations each matches, the first match applying"
+    )
 
-    def share(self, workers: int) -> DestinationConfig:
+    def share(self, workers: int) -> Self:
         """One of `workers` workers' part, split as the group's own caps are."""
-        return DestinationConfig(
-            self.caps.share(workers),
-            math.ceil(self.max_held / workers),
-            tuple(DestinationOverride(o.rule, o.caps.share(workers)) for o in self.overrides),
+        max_held = math.ceil(self.max_held / workers)
+        overrides = tuple(override.share(workers) for override in self.overrides)
+        return (
+            super().share(workers).model_copy(update={"max_held": max_held, "overrides": overrides})
         )
 
     def caps_for(self, url: URL) -> DestinationCaps:
         """The first override matching the destination of `url`, else the default caps."""
-        for override in self.overrides:
-            if override.rule.matches(url):
-                return override.caps
-        return self.caps
+        return next((o.caps for o in self.overrides if o.rule.matches(url)), self.caps)
 
 
-@dataclass(frozen=True)
-class ConsumerConfig:
-    topic: str
-    group_id: str
-    rate_limit: float  # calls per second
-    timeout_ms: int  # per attempt
-    retries: int  # extra attempts after the first
-    concurrency: int
-    breaker: BreakerConfig | None
-    dead_letter_topic: str
-    backoff_base_ms: int
-    backoff_max_ms: int
-    retry_status: frozenset[int]  # 4xx statuses that are retried; 5xx always are
-    max_buffered: int
-    destination: DestinationConfig = DestinationConfig()
-    ttl_ms: int | None = None  # a call not delivered by then is dead-lettered `expired`
-    delay_threshold_ms: int = 3_000  # longer waits go to the delay topics
+class ConsumerConfig(Section):
+    topic: Text = key("topic", doc="the topic to deliver from; must be in `kafka.topics`")
+    group_id: NonEmpty = key("groupId", doc="Kafka consumer group id; (topic, groupId) is unique")
+    rate_limit: Number = key(
+        "rateLimit",
+        gt=0,
+        doc="calls per second to the downstreams, retries included, for the whole group: every"
+        " worker of every node together (see [The group's budget](#the-groups-budget))",
+    )
+    timeout_ms: Int = key(
+        "timeout",
+        gt=0,
+        unit="ms",
+        doc="per attempt: connect, send, receive the status line; the body gets as long again",
+    )
+    retries: Int = key("retries", ge=0, doc="extra attempts after the first")
+    concurrency: Int = key(
+        "concurrency", gt=0, doc="most calls in flight at once, for the whole group (as rateLimit)"
+    )
+    breaker: Maybe[BreakerConfig] = key(
+        "circuitBreaker", None, default_doc="none", doc="optional, see below; one per destination"
+    )
+    dead_letter_topic: Maybe[TopicName] = key(
+        "deadLetterTopic",
+        None,
+        default_doc="`<topic>.<groupId>.dlq`",
+        doc="where calls that failed every attempt go (see below)",
+    )
+    backoff_base_ms: Int = key(
+        "backoffBase", 200, gt=0, unit="ms", doc="first retry waits up to this long"
+    )
+    backoff_max_ms: Int = key(
+        "backoffMax",
+        30_000,
+        gt=0,
+        unit="ms",
+        doc="cap on one retry's wait, a `Retry-After` included; at least `backoffBase`",
+    )
+    retry_status: frozenset[Status] = key(
+        "retryStatus",
+        frozenset({408, 429}),
+        kind="list of 4xx ints",
+        invalid="must list 4xx status codes (integers 400-499) to retry; 5xx are always retried",
+        doc="4xx statuses that are retried; every 5xx is",
+    )
+    destination: DestinationConfig = key(
+        "destination",
+        DestinationConfig(),
+        default_doc="no caps of its own, `maxHeld` 1000",
+        doc="per-destination caps and the bound on held calls, see [below](#destination)",
+    )
+    delay_threshold_ms: Int = key(
+        "delayThreshold",
+        3_000,
+        ge=1_000,
+        le=60_000,
+        unit="ms",
+        doc="longer waits go to the delay topics: see [Calls that wait](#calls-that-wait)",
+    )
+    ttl_ms: Maybe[Int] = key(
+        "ttl",
+        None,
+        gt=0,
+        unit="ms",
+        default_doc="none",
+        doc="time to live of its calls with no `ttl_ms` of their own (see below)",
+    )
+    max_buffered: Maybe[Int] = key(
+        "maxBuffered",
+        None,
+        gt=0,
+        default_doc="max(100, 4 × concurrency)",
+        doc="calls read from Kafka and not yet finished; past it the group pauses (see below)",
+    )
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.topic, self.group_id)
 
-
-@dataclass(frozen=True)
-class Config:
-    log_level: int
-    log_directory: str
-    log_format: str
-    bootstrap_servers: str
-    topics: tuple[TopicConfig, ...]
-    producer_retries: int
-    producer_ack_timeout_ms: int
-    acl: tuple[AclEntry, ...]
-    consumers: tuple[ConsumerConfig, ...]
-    http_host: str
-    http_port: int
-    channel_size: int
-    read_timeout_ms: int
-    write_timeout_ms: int
-    body_limit: int
-    shutdown_timeout_ms: int
-    tls_cert: str
-    tls_key: str
-    compat_replies: bool  # /rpc/call answers as the Go original did (bigpipe.compat)
-    admin_token: str  # bearer token of the /admin/* endpoints; "" turns them off
-    workers: int  # worker processes; 0 means one per usable CPU (bigpipe.workers)
-    kafka_client_config: dict[str, str | int | float | bool]
-    max_delay_ms: int = DEFAULT_MAX_DELAY_MS  # the largest delay_ms /rpc/call takes
-    source: Path | None = field(default=None, compare=False)
+    @model_validator(mode="after")
+    def _rules_and_defaults(self) -> ConsumerConfig:
+        dead_letter = self.dead_letter_topic or default_dead_letter_topic(self.topic, self.group_id)
+        if dead_letter == self.topic:
+            raise rule("deadLetterTopic", f"must differ from topic {self.topic!r}")
+        if self.backoff_max_ms < self.backoff_base_ms:
+            raise rule("backoffMax", f"must be >= backoffBase ({self.backoff_base_ms})")
+        buffered = self.max_buffered or max(100, 4 * self.concurrency)
+        return self.model_copy(update={"dead_letter_topic": dead_letter, "max_buffered": buffered})
 
 
-# ---------------------------------------------------------------- checks
-# A check returns None when the value is fine, else "what is wrong; how to fix".
-Check = Callable[[Any], str | None]
+def default_dead_letter_topic(topic: str, group_id: str) -> str:
+    """One dead-letter topic per group, so one group's failures never mix with another's."""
+    return f"{topic}.{group_id}.dlq"
 
 
-def positive(value: float) -> str | None:
-    return None if value > 0 else f"must be > 0, got {value}; use a positive number"
+class Config(Section):
+    schema_ref: Maybe[Text] = key(
+        "$schema",
+        None,
+        default_doc="none",
+        doc='this file\'s JSON Schema, for editors (`"./bigpipe.schema.json"`); Bigpipe ignores it',
+    )
+    log_level: Int = key(
+        "log.level", 4, ge=1, le=5, doc="1 FATAL, 2 ERROR, 3 WARNING, 4 INFO, 5 DEBUG"
+    )
+    log_directory: Text = key(
+        "log.directory",
+        "",
+        doc='directory of hourly `bigpipe.YYYYMMDD_HH.log` files, kept 7 days; `""`, `"-"`: stderr',
+    )
+    log_format: Literal["text", "json"] = key(
+        "log.format",
+        "text",
+        doc="`json`: one JSON object per line (see [Operating it](#operating-it))",
+    )
+    bootstrap_servers: NonEmpty = key(
+        "kafka.bootstrap.servers",
+        reload=REFUSED,
+        hint=', e.g. "127.0.0.1:9092"',
+        doc="comma-separated `host:port` list",
+    )
+    topics: tuple[TopicConfig, ...] = key(
+        "kafka.topics",
+        min_length=1,
+        hint=", a list of {name, partitions}",
+        invalid="is empty; list at least one {name, partitions}",
+        doc="call topics: see below",
+    )
+    producer_retries: Int = key(
+        "kafka.producer.retries",
+        2,
+        ge=0,
+        doc="librdkafka's `message.send.max.retries` (at least 1: the producer is idempotent)",
+    )
+    producer_ack_timeout_ms: Int = key(
+        "kafka.producer.ack.timeout",
+        5000,
+        gt=0,
+        unit="ms",
+        doc="how long Kafka has to acknowledge a write; after it the caller gets errno 1",
+    )
+    max_delay_ms: Int = key(
+        "kafka.delay.max",
+        DEFAULT_MAX_DELAY_MS,
+        gt=0,
+        unit="ms",
+        doc="the largest `delay_ms` a `/rpc/call` may ask for; more is a 400 naming the field",
+    )
+    acl: tuple[AclEntry, ...] = key(
+        "kafka.producer.acl", hint=", a list of {name, secret, topic}", doc="callers: see below"
+    )
+    consumers: tuple[ConsumerConfig, ...] = key(
+        "kafka.consumer.list",
+        hint=", a list of {topic, groupId, rateLimit, timeout, retries, concurrency}",
+        doc="consumer groups: see below (may be empty)",
+    )
+    http_host: NonEmpty = key("http.server.host", "0.0.0.0", reload=RESTART, doc="listen address")
+    http_port: Int = key(
+        "http.server.port",
+        ge=1,
+        le=65535,
+        reload=RESTART,
+        doc="listen port (10086 in the examples)",
+    )
+    channel_size: Int = key(
+        "http.server.handler.channel.size",
+        10_000,
+        gt=0,
+        reload=RESTART,
+        doc='calls that may wait for Kafka\'s acknowledgement at once; beyond it, "overloaded"',
+    )
+    read_timeout_ms: Int = key(
+        "http.server.read.timeout",
+        5000,
+        gt=0,
+        unit="ms",
+        reload=RESTART,
+        doc="time to receive a request body; also the keep-alive idle timeout",
+    )
+    write_timeout_ms: Int = key(
+        "http.server.write.timeout",
+        5000,
+        gt=0,
+        unit="ms",
+        reload=RESTART,
+        doc="longest a `/rpc/call` waits for Kafka before it answers errno 1",
+    )
+    body_limit: Int = key(
+        "http.server.body.limit",
+        1 << 20,
+        gt=0,
+        unit="bytes",
+        reload=RESTART,
+        doc="largest `/rpc/call` body; larger ones get 413",
+    )
+    shutdown_timeout_ms: Int = key(
+        "http.server.shutdown.timeout",
+        10_000,
+        gt=0,
+        unit="ms",
+        reload=RESTART,
+        doc="on SIGTERM, how long the whole drain may take (see below)",
+    )
+    workers: Int = key(
+        "http.server.workers",
+        0,
+        ge=0,
+        reload=RESTART,
+        doc="worker processes; 0: one per usable CPU (see [Every core](#every-core))",
+    )
+    admin_token: Text = key(  # never repeated in a problem: it is a secret
+        "http.admin.token",
+        "",
+        pattern=r"^([!-~]{24,})?$",
+        invalid='must be "" (admin endpoints off) or at least 24 printable ASCII characters'
+        " without spaces; make one with `openssl rand -hex 32`",
+        doc='bearer token of the [admin endpoints](#admin-endpoints); `""` turns them off',
+    )
+    compat_replies: Flag = key(  # bigpipe.compat
+        "http.server.compat.replies",
+        False,
+        reload=RESTART,
+        doc="`/rpc/call` answers exactly as the Go original did: see [Replies as the"
+        " original's](#replies-as-the-originals)",
+    )
+    tls_cert: Text = key(
+        "http.server.tls.cert",
+        "",
+        reload=RESTART,
+        kind="PEM file path",
+        doc="serve HTTPS with this certificate chain; set both TLS keys, or neither",
+    )
+    tls_key: Text = key(
+        "http.server.tls.key",
+        "",
+        reload=RESTART,
+        kind="PEM file path",
+        doc="the chain's private key",
+    )
+    kafka_client_config: dict[Setting, SettingValue] = key(
+        "kafka.client.config", {}, doc="librdkafka settings for every Kafka client (see below)"
+    )
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this config was read from; None when it was built in Python."""
+        return self._source
 
 
-def non_negative(value: float) -> str | None:
-    return None if value >= 0 else f"must be >= 0, got {value}; use 0 or more"
+# ---------------------------------------------------------------- rules across entries
+def _entries(raw: dict[str, Any], list_key: str) -> list[tuple[str, dict[str, Any]]]:
+    """The objects listed under `list_key`, each with its path."""
+    items = raw.get(list_key)
+    items = items if isinstance(items, list) else []
+    return [(f"{list_key}[{i}]", item) for i, item in enumerate(items) if isinstance(item, dict)]
 
 
-def between(low: float, high: float) -> Check:
-    def check(value: float) -> str | None:
-        if low <= value <= high:
-            return None
-        return f"must be between {low} and {high}, got {value}"
-
-    return check
+def _text(entry: dict[str, Any], name: str) -> str | None:
+    return value if isinstance(value := entry.get(name), str) else None
 
 
-def one_of(*choices: str) -> Check:
-    def check(value: str) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
-
-    return check
-
-
-def non_empty(value: str) -> str | None:
-    return None if value.strip() else "must not be empty"
-
-
-def topic_name(value: str) -> str | None:
-    if TOPIC_NAME.match(value) and value not in (".", ".."):
-        return None
-    return f"{value!r} is not a valid Kafka topic name; use 1-249 of [A-Za-z0-9._-]"
-
-
-# ---------------------------------------------------------------- reader
-_MISSING = object()
-_TYPE_NAMES = {
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    list: "a list",
-    dict: "an object",
-    bool: "true or false",
-}
-
-
-class _Section:
-    """Reads the keys of one JSON object, recording problems instead of raising."""
-
-    def __init__(self, obj: dict[str, Any], path: str, problems: list[str]) -> None:
-        self.obj = obj
-        self.path = path
-        self.problems = problems
-        self.known: list[str] = []
-
-    def where(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def get(
-        self,
-        key: str,
-        kind: type,
-        *,
-        default: Any = _MISSING,
-        check: Check | None = None,
-        hint: str = "",
-    ) -> Any:
-        self.known.append(key)
-        if key not in self.obj:
-            if default is _MISSING:
-                self.problems.append(f"{self.where(key)}: is missing; add it{hint}")
-            return default if default is not _MISSING else None
-        value = self.obj[key]
-        if not _is_kind(value, kind):
-            self.problems.append(
-                f"{self.where(key)}: must be {_TYPE_NAMES[kind]}, got {_json_type(value)}"
-            )
-            return None
-        if check is not None and (reason := check(value)) is not None:
-            self.problems.append(f"{self.where(key)}: {reason}")
-            return None
-        return float(value) if kind is float else value
-
-    def objects(self, key: str, *, default: Any = _MISSING, hint: str = "") -> Iterator[_Section]:
-        """Yield a section per element of a list of objects."""
-        items = self.get(key, list, default=default, hint=hint)
-        for index, item in enumerate(items or []):
-            path = f"{self.where(key)}[{index}]"
-            if isinstance(item, dict):
-                yield _Section(item, path, self.problems)
-            else:
-                self.problems.append(f"{path}: must be an object, got {_json_type(item)}")
-
-    def section(self, key: str) -> _Section | None:
-        obj = self.get(key, dict, default=None)
-        return None if obj is None else _Section(obj, self.where(key), self.problems)
-
-    def reject_unknown(self) -> None:
-        for key in self.obj:
-            if key in self.known:
-                continue
-            close = difflib.get_close_matches(key, self.known, n=1, cutoff=0.6)
-            fix = f"did you mean {close[0]!r}?" if close else "remove it"
-            self.problems.append(f"{self.where(key)}: unknown key; {fix}")
-
-
-def _is_kind(value: Any, kind: type) -> bool:
-    if isinstance(value, bool):
-        return kind is bool
-    if kind is float:
-        return isinstance(value, int | float)
-    return isinstance(value, kind)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    for kind, name in _TYPE_NAMES.items():
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
-
-
-# ---------------------------------------------------------------- sections
-def _read_topics(root: _Section) -> tuple[tuple[TopicConfig, ...], set[str] | None]:
-    """The valid topics, and every name listed (so one bad field does not cascade).
-
-    The names are None when the list itself is unusable: then references to topics
-    cannot be checked, and are not reported.
-    """
-    topics: list[TopicConfig] = []
+def _rules_across_entries(raw: dict[str, Any]) -> Iterator[str]:
+    """Topics listed once and referred to by name; unique callers and groups; one secret each
+    (said even when the entry has other problems); dead-letter topics that are no call topic."""
     names: set[str] = set()
-    for item in root.objects("kafka.topics", hint=", a list of {name, partitions}"):
-        name = item.get("name", str, check=topic_name)
-        partitions = item.get("partitions", int, check=positive)
-        replication = item.get("replicationFactor", int, default=1, check=positive)
-        min_isr = item.get("minInsyncReplicas", int, default=None, check=positive)
-        item.reject_unknown()
-        if name in names:
-            root.problems.append(f"{item.path}.name: duplicate topic {name!r}; list it once")
+    for path, topic in _entries(raw, "kafka.topics"):
+        if (name := _text(topic, "name")) in names:
+            yield f"{path}.name: duplicate topic {name!r}; list it once"
+        names |= {name} - {None}
+    listed = names if isinstance(raw.get("kafka.topics"), list) else None
+    callers: set[str] = set()
+    for path, caller in _entries(raw, "kafka.producer.acl"):
+        if "secret" in caller and "secret_sha256" in caller:
+            yield f"{path}: has both secret and secret_sha256; keep one"
+        elif "secret" not in caller and "secret_sha256" not in caller:
+            yield f"{path}.secret: is missing; add it (or secret_sha256)"
+        yield from _listed_topic(path, caller, listed)
+        if (name := _text(caller, "name")) in callers:
+            yield f"{path}.name: duplicate ACL name {name!r}; names must be unique"
+        callers |= {name} - {None}
+    groups: set[tuple[str, str]] = set()
+    for path, group in _entries(raw, "kafka.consumer.list"):
+        yield from _listed_topic(path, group, listed)
+        topic, group_id = _text(group, "topic"), _text(group, "groupId")
+        if topic is None or group_id is None:
             continue
-        names.add(name)
-        if None not in (name, partitions, replication):
-            topics.append(TopicConfig(name, partitions, replication, min_isr))
-    if root.obj.get("kafka.topics") == []:
-        root.problems.append("kafka.topics: is empty; list at least one {name, partitions}")
-    return tuple(topics), names if isinstance(root.obj.get("kafka.topics"), list) else None
-
-
-def _read_acl(root: _Section, topic_names: set[str] | None) -> tuple[AclEntry, ...]:
-    entries: list[AclEntry] = []
-    for item in root.objects("kafka.producer.acl", hint=", a list of {name, secret, topic}"):
-        name = item.get("name", str, check=non_empty)
-        topic = item.get("topic", str)
-        digest = _read_secret(item)
-        allow = _read_allow(item)
-        deny_private = item.get("denyPrivate", bool, default=False)
-        signer = _read_signing(item)
-        window = item.get("idempotencyWindow", int, default=DAY_MS, check=_window)
-        item.reject_unknown()
-        if topic is not None and topic_names is not None and topic not in topic_names:
-            root.problems.append(
-                f"{item.path}.topic: {topic!r} is not in kafka.topics; add it there or fix the name"
-            )
-        if name is not None and name in {e.name for e in entries}:
-            root.problems.append(
-                f"{item.path}.name: duplicate ACL name {name!r}; names must be unique"
-            )
-        elif None not in (name, topic, digest, allow, deny_private, window) and signer is not False:
-            entries.append(AclEntry(name, digest, topic, allow, deny_private, signer, window))
-    return tuple(entries)
-
-
-def _window(value: int) -> str | None:
-    if 1000 <= value <= MAX_IDEMPOTENCY_WINDOW_MS:
-        return None
-    return f"must be 1000 to {MAX_IDEMPOTENCY_WINDOW_MS} ms (1 s to 7 days), got {value}"
-
-
-def _read_signing(item: _Section) -> Signer | bool | None:
-    """`signing: {"secrets": ["whsec_…", …]}`: None when absent, False when invalid."""
-    section = item.section("signing")
-    if section is None:
-        return False if "signing" in item.obj else None
-    secrets = section.get("secrets", list, hint=', a list of "whsec_…" secrets')
-    section.reject_unknown()
-    if secrets is None:
-        return False
-    if not secrets:
-        item.problems.append(f"{section.where('secrets')}: is empty; list at least one secret")
-        return False
-    keys = []
-    for index, secret in enumerate(secrets):
-        key = key_of(secret) if isinstance(secret, str) else "must be a string"
-        if isinstance(key, str):
-            item.problems.append(f"{section.where('secrets')}[{index}]: {key}")
-            return False
-        keys.append(key)
-    return Signer(tuple(keys))
-
-
-def _read_allow(item: _Section) -> tuple[AllowRule, ...] | None:
-    texts = item.get("allow", list, default=[])
-    rules = []
-    for index, text in enumerate(texts or []):
-        rule = parse_rule(text) if isinstance(text, str) else "must be a string"
-        if isinstance(rule, str):
-            item.problems.append(f"{item.path}.allow[{index}]: {rule}")
-            return None
-        rules.append(rule)
-    return None if texts is None else tuple(rules)
-
-
-def _read_secret(item: _Section) -> bytes | None:
-    """A secret is given in clear (`secret`) or as its hex SHA-256 (`secret_sha256`)."""
-    secret = item.get("secret", str, default=None)
-    hashed = item.get("secret_sha256", str, default=None)
-    if (secret is None) == (hashed is None):
-        if "secret" not in item.obj and "secret_sha256" not in item.obj:
-            item.problems.append(f"{item.path}.secret: is missing; add it (or secret_sha256)")
-        elif "secret" in item.obj and "secret_sha256" in item.obj:
-            item.problems.append(f"{item.path}: has both secret and secret_sha256; keep one")
-        return None
-    if secret is not None:
-        return hashlib.sha256(secret.encode()).digest()
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", hashed):
-        item.problems.append(
-            f"{item.path}.secret_sha256: must be 64 hex digits (sha256sum of the secret)"
-        )
-        return None
-    return bytes.fromhex(hashed)
-
-
-def _read_breaker(item: _Section) -> BreakerConfig | None:
-    section = item.section("circuitBreaker")
-    if section is None:
-        return None
-    values = (
-        section.get("breakPeriod", float, check=positive),
-        section.get("recoverPeriod", float, check=positive),
-        section.get("winSize", int, check=positive),
-        section.get("minStats", int, check=non_negative),
-        section.get("healthRate", float, check=between(0, 1)),
-    )
-    section.reject_unknown()
-    return None if None in values else BreakerConfig(*values)
-
-
-def _read_consumer(item: _Section, topic_names: set[str] | None) -> ConsumerConfig | None:
-    topic = item.get("topic", str)
-    if topic is not None and topic_names is not None and topic not in topic_names:
-        item.problems.append(
-            f"{item.path}.topic: {topic!r} is not in kafka.topics; add it there or fix the name"
-        )
-        topic = None
-    group_id = item.get("groupId", str, check=non_empty)
-    rate_limit = item.get("rateLimit", float, check=positive)
-    timeout_ms = item.get("timeout", int, check=positive)
-    retries = item.get("retries", int, check=non_negative)
-    concurrency = item.get("concurrency", int, check=positive)
-    breaker = _read_breaker(item)
-    dead_letter = item.get("deadLetterTopic", str, default=None, check=topic_name)
-    if dead_letter is None and "deadLetterTopic" not in item.obj:
-        dead_letter = _default_dead_letter_topic(item, topic, group_id)
-    backoff_base = item.get("backoffBase", int, default=200, check=positive)
-    backoff_max = item.get("backoffMax", int, default=30_000, check=positive)
-    retry_status = item.get(
-        "retryStatus", list, default=list(DEFAULT_RETRY_STATUS), check=_status_list
-    )
-    max_buffered = item.get("maxBuffered", int, default=None, check=positive)
-    destination = _read_destination(item, rate_limit, concurrency)
-    ttl = item.get("ttl", int, default=None, check=positive)
-    delay_threshold = item.get("delayThreshold", int, default=3_000, check=between(1_000, 60_000))
-    item.reject_unknown()
-    if "circuitBreaker" in item.obj and breaker is None:
-        return None
-    if destination is None:
-        return None
-    if None in (
-        topic,
-        group_id,
-        rate_limit,
-        timeout_ms,
-        retries,
-        concurrency,
-        dead_letter,
-        backoff_base,
-        backoff_max,
-        retry_status,
-    ):
-        return None
-    if dead_letter == topic:
-        item.problems.append(f"{item.path}.deadLetterTopic: must differ from topic {topic!r}")
-        return None
-    if backoff_max < backoff_base:
-        item.problems.append(f"{item.path}.backoffMax: must be >= backoffBase ({backoff_base})")
-        return None
-    return ConsumerConfig(
-        topic=topic,
-        group_id=group_id,
-        rate_limit=rate_limit,
-        timeout_ms=timeout_ms,
-        retries=retries,
-        concurrency=concurrency,
-        breaker=breaker,
-        dead_letter_topic=dead_letter,
-        backoff_base_ms=backoff_base,
-        backoff_max_ms=backoff_max,
-        retry_status=frozenset(retry_status),
-        max_buffered=max_buffered or max(100, 4 * concurrency),
-        destination=destination,
-        ttl_ms=ttl,
-        delay_threshold_ms=delay_threshold or 3_000,
-    )
-
-
-def _default_dead_letter_topic(
-    item: _Section, topic: str | None, group_id: str | None
-) -> str | None:
-    """`<topic>.<groupId>.dlq`: one dead-letter topic per group, so one group's failures
-    never mix with another's (a shared one, set by hand, tells them apart by source.group)."""
-    if topic is None or group_id is None:
-        return None
-    name = f"{topic}.{group_id}.dlq"
-    if topic_name(name) is not None:
-        item.problems.append(
-            f"{item.path}.deadLetterTopic: the default {name!r} is not a valid Kafka topic name "
-            "(groupId has characters other than [A-Za-z0-9._-], or is too long); set it"
-        )
-        return None
-    return name
-
-
-def _read_destination(
-    item: _Section, rate_limit: float | None, concurrency: int | None
-) -> DestinationConfig | None:
-    """The `destination` object: default caps, `maxHeld`, and `overrides` by host or origin."""
-    section = item.section("destination")
-    if section is None:
-        return None if "destination" in item.obj else DestinationConfig()
-    problems_before = len(section.problems)
-    caps = _read_caps(section, rate_limit, concurrency)
-    max_held = section.get("maxHeld", int, default=DEFAULT_MAX_HELD, check=positive)
-    overrides: dict[str, DestinationOverride] = {}
-    for entry in section.objects("overrides", default=[]):
-        rule = _read_match(entry)
-        entry_caps = _read_caps(entry, rate_limit, concurrency)
-        entry.reject_unknown()
-        if rule is not None and rule.text in overrides:
-            entry.problems.append(f"{entry.path}.match: {rule.text!r} is listed twice; keep one")
-        elif rule is not None:
-            overrides[rule.text] = DestinationOverride(rule, entry_caps)
-    section.reject_unknown()
-    if len(section.problems) > problems_before:
-        return None
-    return DestinationConfig(caps, max_held, tuple(overrides.values()))
-
-
-def _read_caps(
-    section: _Section, rate_limit: float | None, concurrency: int | None
-) -> DestinationCaps:
-    """`concurrency` and `rateLimit` of one destination: each at most the group's."""
-    return DestinationCaps(
-        section.get("concurrency", int, default=None, check=at_most(concurrency, "concurrency")),
-        section.get("rateLimit", float, default=None, check=at_most(rate_limit, "rateLimit")),
-    )
-
-
-def at_most(limit: float | None, group_key: str) -> Check:
-    """Positive and no more than the group's own value (a destination shares its budget)."""
-
-    def check(value: float) -> str | None:
-        if value <= 0:
-            return positive(value)
-        if limit is not None and value > limit:
-            return (
-                f"must be <= the group's {group_key} ({limit:g}), got {value:g}; "
-                "a destination's calls share the group's budget"
-            )
-        return None
-
-    return check
-
-
-def _read_match(entry: _Section) -> AllowRule | None:
-    """A host pattern (`api.example.com`, `*.example.com`) or an origin (`https://host:8443`)."""
-    text = entry.get("match", str)
-    if text is None:
-        return None
-    rule = parse_rule(text)
-    if isinstance(rule, str):
-        entry.problems.append(f"{entry.where('match')}: {rule}")
-        return None
-    if rule.scheme is not None and rule.path not in ("", "/"):
-        entry.problems.append(
-            f"{entry.where('match')}: {text!r} has a path; a destination is scheme, host and "
-            "port, so give an origin like https://api.example.com:8443 or a host pattern"
-        )
-        return None
-    return rule
-
-
-def _status_list(value: list[Any]) -> str | None:
-    if all(isinstance(s, int) and not isinstance(s, bool) and 400 <= s <= 499 for s in value):
-        return None
-    return "must list 4xx status codes (integers 400-499) to retry; 5xx are always retried"
-
-
-def _read_consumers(root: _Section, topic_names: set[str] | None) -> tuple[ConsumerConfig, ...]:
-    consumers: list[ConsumerConfig] = []
-    hint = ", a list of {topic, groupId, rateLimit, timeout, retries, concurrency}"
-    for item in root.objects("kafka.consumer.list", hint=hint):
-        consumer = _read_consumer(item, topic_names)
-        if consumer is None:
-            continue
-        if consumer.key in {c.key for c in consumers}:
-            root.problems.append(
-                f"{item.path}: duplicate (topic, groupId) {consumer.key}; "
+        yield from _dead_letter_topic(path, group, topic, group_id, listed)
+        yield from _destination_caps(path, group)
+        if (topic, group_id) in groups:
+            yield (
+                f"{path}: duplicate (topic, groupId) {(topic, group_id)}; "
                 "each consumer group may be listed once per topic"
             )
-            continue
-        consumers.append(consumer)
-    return tuple(consumers)
+        groups.add((topic, group_id))
 
 
-def parse_config(raw: Any, source: Path | None = None) -> Config:
-    """Validate a decoded JSON document; raise ConfigError listing every problem."""
-    problems: list[str] = []
-    if not isinstance(raw, dict):
-        raise ConfigError([f"config: must be a JSON object, got {_json_type(raw)}"])
-    root = _Section(raw, "", problems)
-    log_level = root.get("log.level", int, default=4, check=between(1, 5))
-    log_directory = root.get("log.directory", str, default="")
-    log_format = root.get("log.format", str, default="text", check=one_of("text", "json"))
-    servers = root.get(
-        "kafka.bootstrap.servers", str, check=non_empty, hint=', e.g. "127.0.0.1:9092"'
-    )
-    topics, topic_names = _read_topics(root)
-    producer_retries = root.get("kafka.producer.retries", int, default=2, check=non_negative)
-    ack_timeout = root.get("kafka.producer.ack.timeout", int, default=5000, check=positive)
-    acl = _read_acl(root, topic_names)
-    consumers = _read_consumers(root, topic_names)
-    values = dict(
-        http_host=root.get("http.server.host", str, default="0.0.0.0", check=non_empty),
-        http_port=root.get("http.server.port", int, check=between(1, 65535)),
-        channel_size=root.get(
-            "http.server.handler.channel.size", int, default=10_000, check=positive
-        ),
-        read_timeout_ms=root.get("http.server.read.timeout", int, default=5000, check=positive),
-        write_timeout_ms=root.get("http.server.write.timeout", int, default=5000, check=positive),
-        body_limit=root.get("http.server.body.limit", int, default=1 << 20, check=positive),
-        shutdown_timeout_ms=root.get(
-            "http.server.shutdown.timeout", int, default=10_000, check=positive
-        ),
-    )
-    values["workers"] = root.get("http.server.workers", int, default=0, check=non_negative)
-    values["compat_replies"] = root.get("http.server.compat.replies", bool, default=False)
-    values["admin_token"] = root.get("http.admin.token", str, default="", check=_admin_token)
-    values["tls_cert"], values["tls_key"] = _read_tls(root)
-    values["kafka_client_config"] = _read_client_config(root)
-    values["max_delay_ms"] = root.get(
-        "kafka.delay.max", int, default=DEFAULT_MAX_DELAY_MS, check=positive
-    )
-    root.reject_unknown()
-    _check_topic_roles(topics, consumers, problems)
-    if problems:
-        raise ConfigError(problems)
-    return Config(
-        log_level=log_level,
-        log_directory=log_directory,
-        log_format=log_format,
-        bootstrap_servers=servers,
-        topics=topics,
-        producer_retries=producer_retries,
-        producer_ack_timeout_ms=ack_timeout,
-        acl=acl,
-        consumers=consumers,
-        source=source,
-        **values,
-    )
+def _listed_topic(path: str, entry: dict[str, Any], listed: set[str] | None) -> Iterator[str]:
+    topic = _text(entry, "topic")
+    if listed is not None and topic is not None and topic not in listed:
+        yield f"{path}.topic: {topic!r} is not in kafka.topics; add it there or fix the name"
 
 
-ADMIN_TOKEN_MIN = 24
-
-
-def _admin_token(value: str) -> str | None:
-    """A bearer token: long enough not to be guessed, and sendable in a header.
-    The message never repeats the value: it is a secret."""
-    if value == "":
-        return None
-    if len(value) < ADMIN_TOKEN_MIN or not all("!" <= c <= "~" for c in value):
-        return (
-            f'must be "" (admin endpoints off) or at least {ADMIN_TOKEN_MIN} printable ASCII '
-            "characters without spaces; make one with `openssl rand -hex 32`"
+def _dead_letter_topic(
+    path: str, group: dict[str, Any], topic: str, group_id: str, listed: set[str] | None
+) -> Iterator[str]:
+    dead_letter = group.get("deadLetterTopic", default_dead_letter_topic(topic, group_id))
+    if "deadLetterTopic" not in group and not re.match(TOPIC_NAME, dead_letter):
+        yield (
+            f"{path}.deadLetterTopic: the default {dead_letter!r} is not a valid Kafka topic name"
+            " (groupId has characters other than [A-Za-z0-9._-], or is too long); set it"
         )
-    return None
+    elif isinstance(dead_letter, str) and dead_letter != topic and dead_letter in (listed or ()):
+        yield (  # (its own topic: ConsumerConfig says so)
+            f"{path}.deadLetterTopic: {dead_letter!r} is a call topic in kafka.topics; "
+            "pick a topic only used for dead letters"
+        )
 
 
-def _read_tls(root: _Section) -> tuple[str, str]:
+def _destination_caps(path: str, group: dict[str, Any]) -> Iterator[str]:
+    """A destination's caps are at most its group's: its calls share the group's budget.
+    Each override matches other destinations than the others."""
+    destination = group.get("destination")
+    if not isinstance(destination, dict):
+        return
+    overrides = [(f"{path}.destination.{at}", o) for at, o in _entries(destination, "overrides")]
+    for where, caps in [(f"{path}.destination", destination), *overrides]:
+        for name in ("concurrency", "rateLimit"):
+            limit, value = group.get(name), caps.get(name)
+            numbers = all(
+                isinstance(n, int | float) and not isinstance(n, bool) for n in (limit, value)
+            )
+            if numbers and 0 < limit < value:
+                yield (
+                    f"{where}.{name}: must be <= the group's {name} ({limit:g}), got {value:g}; "
+                    "a destination's calls share the group's budget"
+                )
+    matches: set[str] = set()
+    for where, override in overrides:
+        if (match := _text(override, "match")) in matches:
+            yield f"{where}.match: {match!r} is listed twice; keep one"
+        matches |= {match} - {None}
+
+
+def _tls_files(raw: dict[str, Any]) -> Iterator[str]:
     """Both files or neither: TLS needs the certificate chain and its key."""
-    cert = root.get("http.server.tls.cert", str, default="")
-    key = root.get("http.server.tls.key", str, default="")
+    cert, key = _text(raw, "http.server.tls.cert"), _text(raw, "http.server.tls.key")
     if bool(cert) != bool(key):
         given, missing = ("cert", "key") if cert else ("key", "cert")
-        root.problems.append(
+        yield (
             f"http.server.tls.{given}: is set but http.server.tls.{missing} is "
             "not; set both, or neither"
         )
     for name, path in (("http.server.tls.cert", cert), ("http.server.tls.key", key)):
         if path and not Path(path).is_file():
-            root.problems.append(f"{name}: no file at {path!r}; give the PEM file's path")
-    return cert or "", key or ""
+            yield f"{name}: no file at {path!r}; give the PEM file's path"
 
 
-# Settings Bigpipe owns: letting them through would break its guarantees or its config.
-OWNED_KAFKA_SETTINGS = frozenset(
-    {
-        "bootstrap.servers",
-        "group.id",
-        "client.id",
-        "enable.auto.commit",
-        "enable.auto.offset.store",
-        "enable.idempotence",
-        "acks",
-        "auto.offset.reset",
-        "partition.assignment.strategy",
-        "message.timeout.ms",
-        "message.send.max.retries",
-        "message.max.bytes",  # sized from http.server.body.limit (kafka.record_size_limit)
-        "isolation.level",
-        "transactional.id",
-        "group.protocol",
-    }
-)
-
-
-def _read_client_config(root: _Section) -> dict[str, str | int | float | bool]:
-    """librdkafka settings passed through to every client, e.g. SASL and SSL."""
-    settings = root.get("kafka.client.config", dict, default={}) or {}
-    for key, value in settings.items():
-        where = f"kafka.client.config.{key}"
-        if key in OWNED_KAFKA_SETTINGS:
-            root.problems.append(f"{where}: is set by Bigpipe itself; remove it")
-        elif not isinstance(value, str | int | float | bool):
-            root.problems.append(f"{where}: must be a string, number or boolean")
-    return settings
-
-
-def _check_topic_roles(
-    topics: tuple[TopicConfig, ...], consumers: tuple[ConsumerConfig, ...], problems: list[str]
-) -> None:
-    """A dead-letter topic must not also be a call topic, or calls would loop."""
-    call_topics = {t.name for t in topics}
-    for index, consumer in enumerate(consumers):
-        if consumer.dead_letter_topic in call_topics:
-            problems.append(
-                f"kafka.consumer.list[{index}].deadLetterTopic: {consumer.dead_letter_topic!r} "
-                "is a call topic in kafka.topics; pick a topic only used for dead letters"
-            )
+# ---------------------------------------------------------------- reading a file
+def parse_config(raw: Any, source: Path | None = None) -> Config:
+    """Validate a decoded JSON document; raise ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config: must be a JSON object, got {json_type(raw)}"])
+    problems: list[str] = []
+    try:
+        config = Config.model_validate(raw, by_alias=True, by_name=False, context=READING_A_FILE)
+    except ValidationError as exc:
+        problems += filter(None, (problem(Config, error) for error in exc.errors()))
+    problems += [*_rules_across_entries(raw), *_tls_files(raw)]
+    if problems:
+        raise ConfigError(problems)
+    config._source = source
+    return config
 
 
 def read_config_file(path: str | Path) -> Any:

@@ -105,17 +105,9 @@ def wanted_topics(config: Config) -> list[TopicConfig]:
     for consumer in config.consumers:
         source = wanted[consumer.topic]
         for name in (consumer.dead_letter_topic, *rung_topics(consumer)):
-            wanted.setdefault(
-                name,
-                TopicConfig(
-                    name, source.partitions, source.replication_factor, source.min_insync_replicas
-                ),
-            )
+            wanted.setdefault(name, source.model_copy(update={"name": name}))
     index = config.topics[0]  # the idempotency index, made as durable as the first topic
-    wanted.setdefault(
-        INDEX_TOPIC,
-        TopicConfig(INDEX_TOPIC, 1, index.replication_factor, index.min_insync_replicas),
-    )
+    wanted.setdefault(INDEX_TOPIC, index.model_copy(update={"name": INDEX_TOPIC, "partitions": 1}))
     return list(wanted.values())
 
 

@@ -9,7 +9,6 @@ at all. The log says which keys changed, never their values.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,26 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig, TopicConfig
+from bigpipe.declare import Reload, keys_of
 from bigpipe.kafka import wanted_topics
 from bigpipe.preflight import parse_checked
 
 log = logging.getLogger(__name__)
-HTTP_PREFIX = "http.server."
-
-# Config fields read from http.server.* keys, with the key an operator knows them by.
-HTTP_FIELDS = {
-    "http_host": "http.server.host",
-    "http_port": "http.server.port",
-    "channel_size": "http.server.handler.channel.size",
-    "read_timeout_ms": "http.server.read.timeout",
-    "write_timeout_ms": "http.server.write.timeout",
-    "body_limit": "http.server.body.limit",
-    "shutdown_timeout_ms": "http.server.shutdown.timeout",
-    "tls_cert": "http.server.tls.cert",
-    "tls_key": "http.server.tls.key",
-    "workers": "http.server.workers",
-    "compat_replies": "http.server.compat.replies",
-}
+# Config fields that need a restart (http.server.*), by the key an operator knows them by.
+RESTART_FIELDS = keys_of(Config, Reload.RESTART)
 PRODUCER_FIELDS = (
     "bootstrap_servers",
     "kafka_client_config",
@@ -59,9 +45,11 @@ class ReloadPlan:
 
 def plan_reload(running: Config, loaded: Config) -> ReloadPlan:
     http_changes = [
-        key for name, key in HTTP_FIELDS.items() if getattr(running, name) != getattr(loaded, name)
+        key
+        for name, key in RESTART_FIELDS.items()
+        if getattr(running, name) != getattr(loaded, name)
     ]
-    config = dataclasses.replace(loaded, **{name: getattr(running, name) for name in HTTP_FIELDS})
+    config = loaded.model_copy(update={name: getattr(running, name) for name in RESTART_FIELDS})
     plan = ReloadPlan(config, needs_restart=http_changes)
     plan.new_producer = any(getattr(running, f) != getattr(config, f) for f in PRODUCER_FIELDS)
     # New client settings (credentials, say) on the same cluster: every group rejoins.
@@ -103,8 +91,9 @@ def check_reload(running: Config, raw: Any, source: Path) -> Config:
 
 def with_running_http(raw: dict[str, Any], running_raw: dict[str, Any]) -> dict[str, Any]:
     """A new file's JSON with the running http.server.* values, which need a restart."""
-    kept = {key: value for key, value in raw.items() if not key.startswith(HTTP_PREFIX)}
-    kept.update((k, v) for k, v in running_raw.items() if k.startswith(HTTP_PREFIX))
+    restart = set(RESTART_FIELDS.values())
+    kept = {key: value for key, value in raw.items() if key not in restart}
+    kept.update((k, v) for k, v in running_raw.items() if k in restart)
     return kept
 
 
@@ -118,39 +107,11 @@ def log_reloaded(source: Path, running: Config, loaded: Config, plan: ReloadPlan
 # ---------------------------------------------------------------- what changed, by key
 # Config fields by the key an operator knows them by. Only key names are logged, never
 # values: a changed secret shows as `kafka.producer.acl[name].secret`, and nothing more.
-TOP_KEYS = {
-    "log_level": "log.level",
-    "log_directory": "log.directory",
-    "log_format": "log.format",
-    "bootstrap_servers": "kafka.bootstrap.servers",
-    "producer_retries": "kafka.producer.retries",
-    "producer_ack_timeout_ms": "kafka.producer.ack.timeout",
-    **HTTP_FIELDS,
-}
-TOPIC_KEYS = {
-    "partitions": "partitions",
-    "replication_factor": "replicationFactor",
-    "min_insync_replicas": "minInsyncReplicas",
-}
-ACL_KEYS = {
-    "secret_sha256": "secret",
-    "topic": "topic",
-    "allow": "allow",
-    "deny_private": "denyPrivate",
-}
-CONSUMER_KEYS = {
-    "rate_limit": "rateLimit",
-    "timeout_ms": "timeout",
-    "retries": "retries",
-    "concurrency": "concurrency",
-    "breaker": "circuitBreaker",
-    "dead_letter_topic": "deadLetterTopic",
-    "backoff_base_ms": "backoffBase",
-    "backoff_max_ms": "backoffMax",
-    "retry_status": "retryStatus",
-    "max_buffered": "maxBuffered",
-    "destination": "destination",
-}
+LISTS = ("topics", "acl", "consumers", "kafka_client_config")  # logged entry by entry
+TOP_KEYS = {name: key for name, key in keys_of(Config).items() if name not in LISTS}
+TOPIC_KEYS = keys_of(TopicConfig)
+ACL_KEYS = {**keys_of(AclEntry), "secret_sha256": "secret"}  # the digest of either key
+CONSUMER_KEYS = keys_of(ConsumerConfig)
 
 
 def changed_keys(running: Config, loaded: Config) -> list[str]:

@@ -65,10 +65,11 @@ def share_of(consumer: ConsumerConfig, workers: int) -> ConsumerConfig:
     """
     if workers == 1:
         return consumer
-    return dataclasses.replace(
-        consumer,
-        max_buffered=math.ceil(consumer.max_buffered / workers),
-        destination=consumer.destination.share(workers),
+    return consumer.model_copy(
+        update={
+            "max_buffered": math.ceil(consumer.max_buffered / workers),
+            "destination": consumer.destination.share(workers),
+        }
     )
 
 

@@ -9,7 +9,6 @@ and each is delivered after it recovers or dead-lettered per policy.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import statistics
 import time
 from collections.abc import Awaitable
@@ -23,7 +22,6 @@ from bigpipe.breaker import BREAK
 from bigpipe.config import (
     BreakerConfig,
     ConsumerConfig,
-    DestinationCaps,
     DestinationConfig,
     DestinationOverride,
 )
@@ -60,7 +58,7 @@ def group_config(**changes: Any) -> ConsumerConfig:
         retry_status=frozenset(),
         max_buffered=100,
     )
-    return dataclasses.replace(config, **changes)
+    return config.model_copy(update=changes)
 
 
 async def held(awaitable: Awaitable[None], seconds: float = 0.3) -> bool:
@@ -114,10 +112,10 @@ async def test_caps_come_from_the_first_matching_override_else_the_default() -> 
     def override(match: str, concurrency: int) -> DestinationOverride:
         rule = parse_rule(match)
         assert not isinstance(rule, str)
-        return DestinationOverride(rule, DestinationCaps(concurrency=concurrency))
+        return DestinationOverride(rule=rule, concurrency=concurrency)
 
     destination = DestinationConfig(
-        DestinationCaps(concurrency=4),
+        concurrency=4,
         overrides=(override("https://api.example.com:8443", 1), override("*.example.com", 2)),
     )
     shields = DestinationShields("t/g", group_config(destination=destination), GroupCounters())

@@ -78,9 +78,9 @@ def test_a_go_record_keeps_its_data_and_loses_its_credentials() -> None:
 
 def test_a_go_record_goes_where_one_of_its_topics_callers_may_call() -> None:
     rule = AllowRule("api.example.com", "api.example.com")
-    open_caller = AclEntry("a", b"", "t")
-    narrow = AclEntry("b", b"", "t", allow=(rule,), deny_private=True)
-    elsewhere = AclEntry("c", b"", "u", deny_private=True)
+    open_caller = AclEntry(name="a", secret_sha256=b"", topic="t")
+    narrow = AclEntry(name="b", secret_sha256=b"", topic="t", allow=(rule,), deny_private=True)
+    elsewhere = AclEntry(name="c", secret_sha256=b"", topic="u", deny_private=True)
     assert go_caller_entry((open_caller, narrow), "t").allow == ()
     only_narrow = go_caller_entry((narrow, elsewhere), "t")
     assert (only_narrow.allow, only_narrow.deny_private) == ((rule,), True)

@@ -180,7 +180,7 @@ def test_dead_letter_keeps_the_envelope_or_the_raw_bytes() -> None:
 
 # ---------------------------------------------------------------- acl
 def test_acl_checks_name_and_secret() -> None:
-    entry = AclEntry("a", hashlib.sha256(b"right").digest(), "t")
+    entry = AclEntry(name="a", secret_sha256=hashlib.sha256(b"right").digest(), topic="t")
     acl = Acl((entry,))
     assert acl.authenticate("a", "right") is entry
     assert acl.authenticate("a", "wrong") is None
