@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -59,6 +60,16 @@ def caught_up_after(sink: Sink, owed: set[str], since: float) -> float:
     return max((sink.first_ok_at[i] for i in owed & sink.delivered()), default=since) - since
 
 
+async def start_node(
+    bootstrap: str, workdir: Path, processes: list[Bigpipe], group: dict[str, Any] | None = None
+) -> tuple[Bigpipe, dict[str, Any]]:
+    """A node on a fresh topic, reaching Kafka at `bootstrap`; returns it and its config."""
+    config, _ = fault_config(bootstrap, group=group)
+    node = await Bigpipe(config, workdir).start()
+    processes.append(node)
+    return node, config
+
+
 LATENCY_SECONDS = 20
 
 
@@ -74,9 +85,7 @@ async def test_kafka_latency(
     callers get errno 0 only once Kafka has the call, a little later; /readyz stays 200
     (Kafka is slow, not gone); delivery catches up once the latency is gone."""
     link = network.kafka[0]
-    config, _ = fault_config(link.bootstrap)
-    node = await Bigpipe(config, tmp_path).start()
-    processes.append(node)
+    node, config = await start_node(link.bootstrap, tmp_path, processes)
     started = time.monotonic()
     readiness: list[int | None] = []
     async with Load(lambda: [node], sink, senders=4, pause=0.01, tag="latency") as load:
@@ -138,9 +147,7 @@ async def test_kafka_cut(
     while its HTTP side keeps taking calls: ingest answers 503 / errno 1 within the write
     timeout, /readyz drops, the consumer loses its partitions and rejoins, nothing is lost."""
     link = network.kafka[0]
-    config, _ = fault_config(link.bootstrap)
-    node = await Bigpipe(config, tmp_path).start()
-    processes.append(node)
+    node, config = await start_node(link.bootstrap, tmp_path, processes)
     started = time.monotonic()
     readiness: list[int | None] = []
     async with Load(lambda: [node], sink, senders=4, pause=0.01, tag="cut") as load:
@@ -310,9 +317,7 @@ async def test_downstream_link(
         "concurrency": CONCURRENCY,
         "circuitBreaker": BREAKER,
     }
-    config, _ = fault_config(cluster.bootstrap, group=group)
-    node = await Bigpipe(config, tmp_path).start()
-    processes.append(node)
+    node, config = await start_node(cluster.bootstrap, tmp_path, processes, group)
     started = time.monotonic()
     samples: list[dict[str, int]] = []
     try:
