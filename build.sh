@@ -6,7 +6,7 @@
 #   ./build.sh test     run the test suite against a Kafka of its own (port 19092, or a free one)
 #   ./build.sh faults   run the fault-injection suite (3-broker Kafka, crash loops, overload,
 #                       network faults through Toxiproxy)
-#   ./build.sh soak [--minutes M]
+#   ./build.sh soak [--minutes M] [--fault-every S] [--rate R]
 #                       30 minutes (or M) of traffic through two nodes under rolling faults
 #   ./build.sh bench    run the benchmarks (bench/), each against a same-run baseline
 #   ./build.sh lint     ruff over the package, the tests and the benchmarks
