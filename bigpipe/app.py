@@ -179,7 +179,6 @@ class Node:
 
     async def _join_kafka(self) -> None:
         await self._ensure_topics(self.config)
-        self.index.start()
         self._start_groups(self.config.consumers)
         self._joined = True
         log.info("ready: %d consumer groups", len(self.groups))

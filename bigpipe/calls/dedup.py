@@ -68,7 +68,11 @@ class IdempotencyIndex:
         self._poller: threading.Thread | None = None
 
     def start(self) -> None:
-        """Read the index from its beginning (once the topic exists; again: no-op)."""
+        """Read the index from its beginning; again: no-op.
+
+        Started at the first keyed call a process sees (the topic exists by then), not
+        with the node: a node whose callers send no keys runs no extra Kafka clients.
+        """
         if self._kafka is not None:
             return
         settings = {
@@ -104,6 +108,7 @@ class IdempotencyIndex:
         A call answered anywhere had its index record acknowledged before its answer,
         so catching up to the end now sees every earlier call's record.
         """
+        self.start()
         now = int(time.time() * 1000)
         if (first := self._lookup(caller, key, now)) is not None:
             return first
@@ -119,7 +124,7 @@ class IdempotencyIndex:
         duplicate beats a lost call. A call older than that (a backlog, a redrive past
         its window) costs one catch-up, no wait.
         """
-        assert call.idempotency_key is not None
+        self.start()
         first = self._lookup_call(call)
         if first is None:
             await self._catch_up(timeout)
