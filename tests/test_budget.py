@@ -204,8 +204,8 @@ class Budgeted:
         }
 
 
-@pytest.fixture
-async def budgeted(
+@pytest.fixture(name="budgeted")
+async def budgeted_run(
     kafka: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[Budgeted]:
     run = Budgeted(kafka, tmp_path, request.param)
@@ -214,43 +214,18 @@ async def budgeted(
     await run.stop()
 
 
-@pytest.mark.parametrize(("nodes", "budgeted"), [(1, 2), (2, 2)], indirect=["budgeted"])
-async def test_the_group_keeps_its_budget(budgeted: Budgeted, nodes: int) -> None:
+@pytest.mark.parametrize("budgeted", [2], indirect=True)
+async def test_one_node_keeps_the_group_budget(budgeted: Budgeted) -> None:
     """Before: 1 node of 2 workers delivered 26.6/s of 40 (one worker ran dry while the
-    other was held at half the rate); 2 nodes saw 63 calls in a second and 5 in flight."""
-    for _ in range(nodes):
-        await budgeted.add_node()
+    other was held at half the rate). Two nodes: tests/faults/test_budget_nodes.py."""
+    await budgeted.add_node()
     await budgeted.wait_members()
     await eventually(budgeted.shares_add_up, 10, "the nodes' shares to make the budget")
     await budgeted.load_backlog()
     await budgeted.wait_delivered()
     measured = budgeted.figures()
-    print(f"\nbudget, {nodes} node(s) x {budgeted.workers} workers: {measured}")
+    print(f"\nbudget, 1 node x 2 workers: {measured}")
     assert measured["requests"] == sum(BACKLOG), "each call once: no rebalance mid-run"
     assert math.isclose(measured["rate"], RATE, rel_tol=0.10), measured
     assert measured["busiest second"] <= RATE * 1.2, measured
     assert measured["peak in flight"] <= CONCURRENCY, measured
-
-
-@pytest.mark.parametrize("budgeted", [2], indirect=True)
-async def test_a_node_joining_mid_backlog_keeps_the_budget(budgeted: Budgeted) -> None:
-    """A second node joins while the first delivers: partitions move (a rebalance), and
-    the shares follow. What the downstream sees meanwhile is measured and bounded."""
-    await budgeted.add_node()
-    await budgeted.wait_members()
-    await budgeted.load_backlog(EVEN_BACKLOG)  # the partitions that move still hold calls
-    await budgeted.add_node()
-    await budgeted.wait_members()
-    rebalanced_at = len(budgeted.downstream.requests)
-    await budgeted.wait_delivered()
-    async with aiohttp.ClientSession() as http:
-        joined = await group_stats(budgeted.nodes[1], http)
-    measured = budgeted.figures()
-    print(
-        f"\nbudget, a node joins mid-backlog: {measured}; stable with 4 members after "
-        f"{rebalanced_at} requests; the new node delivered {joined['rpcSuccess']}"
-    )
-    assert joined["rpcSuccess"] > 0, "the new node took partitions while backlog remained"
-    assert measured["busiest second"] <= RATE * 1.2, measured
-    assert measured["peak in flight"] <= 2 * CONCURRENCY, measured
-    assert measured["seconds over the cap"] < 1.0, measured
