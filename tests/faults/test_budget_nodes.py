@@ -1,4 +1,5 @@
-"""The group's budget across nodes: 2 nodes of 2 workers, and a node joining mid-backlog.
+"""The group's budget with the issue's bounds: 1 and 2 nodes of 2 workers, and a node
+joining mid-backlog.
 
 Four worker processes and a broker on two shared cores are too heavy for the normal
 suite, so these are marked `long` (run them with `./build.sh faults -m long -k budget`);
@@ -35,17 +36,19 @@ def kafka(cluster: Cluster) -> str:
     return cluster.bootstrap
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
 @pytest.mark.parametrize("budgeted", [2], indirect=True)
-async def test_two_nodes_keep_the_group_budget(budgeted: Budgeted) -> None:
-    """Before: 2 nodes saw 63 calls in a second and 5 in flight (each had the budget)."""
-    for _ in range(2):
+async def test_nodes_keep_the_group_budget(budgeted: Budgeted, nodes: int) -> None:
+    """The issue's bounds, 10 % on the rate. Before: 1 node of 2 workers delivered 26.6/s;
+    2 nodes saw 63 calls in a second and 5 in flight (each had the budget)."""
+    for _ in range(nodes):
         await budgeted.add_node()
     await budgeted.wait_members()
     await eventually(budgeted.shares_add_up, 10, "the nodes' shares to make the budget")
     await budgeted.load_backlog()
     await budgeted.wait_delivered()
     measured = budgeted.figures()
-    print(f"\nbudget, 2 nodes x 2 workers: {measured}")
+    print(f"\nbudget, {nodes} node(s) x 2 workers: {measured}")
     assert measured["requests"] == sum(BACKLOG), "each call once: no rebalance mid-run"
     assert math.isclose(measured["rate"], RATE, rel_tol=0.10), measured
     assert measured["busiest second"] <= RATE * 1.2, measured
