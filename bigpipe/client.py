@@ -223,7 +223,7 @@ class DeliveryClient:
                 # part of the verdict, so not of the attempt's latency either.
                 seconds = time.perf_counter() - started
                 self._attempt_seconds.observe(seconds)
-                destination.usage.observe(seconds)
+                destination.observe(seconds)
             try:
                 excerpt = await self._read_body(response)
             finally:

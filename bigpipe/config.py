@@ -366,6 +366,12 @@ class ConsumerConfig(Section):
         default_doc="no caps of its own, `maxHeld` 1000",
         doc="per-destination caps and the bound on held calls, see [below](#destination)",
     )
+    adaptive_concurrency: Flag = key(
+        "adaptiveConcurrency",
+        False,
+        doc="find each destination's concurrency from its latency, up to its cap (see"
+        " [Adaptive concurrency](#adaptive-concurrency))",
+    )
     delay_threshold_ms: Int = key(
         "delayThreshold",
         3_000,

@@ -42,6 +42,18 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # breaker NORMAL, no pause) are forgotten, their counts folded into `other`.
 MAX_DESTINATIONS = 10_000
 RECHECK_SECONDS = (0.05, 0.25)  # held calls re-check at random in this range: no herd
+# Adaptive concurrency (AIMD on latency): start here, add 1/limit per fast attempt made
+# at the limit (a quarter of that once it has been cut), cut to BACKOFF of it when the
+# recent latency (smoothed, so one late sample is not a congestion) is over TOLERANCE
+# times the fastest lately (at most once per that latency: one cut per congestion).
+INITIAL_LIMIT = 4
+TOLERANCE = 2.0
+SMOOTHING = 0.25  # weight of the newest attempt in the recent latency
+BACKOFF = 0.9
+# After the first cut the knee is near: probe above it this many times slower, since each
+# probe past a steep knee slows every request open meanwhile.
+SLOW_PROBE = 4
+FLOOR_WINDOW_SECONDS = 10.0  # the fastest attempt is remembered for one to two of these
 
 
 @functools.lru_cache(maxsize=4096)
@@ -77,6 +89,60 @@ class Usage:
         self.seconds += other.seconds
 
 
+class LatencyFloor:
+    """The fastest attempt over the last one to two windows: the destination unloaded.
+
+    Windowed, so that a destination that became slower for good is judged by its new pace.
+    """
+
+    def __init__(self) -> None:
+        self._window_started = time.monotonic()
+        self._current = math.inf
+        self._previous = math.inf
+
+    def observe(self, seconds: float) -> float:
+        now = time.monotonic()
+        if now - self._window_started >= FLOOR_WINDOW_SECONDS:
+            self._window_started, self._previous, self._current = now, self._current, math.inf
+        self._current = min(self._current, seconds)
+        return min(self._current, self._previous)
+
+
+class AdaptiveLimit:
+    """A destination's concurrency found from its latency (AIMD, as uForwarder's), <= cap."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.limit = float(min(cap, INITIAL_LIMIT))
+        self._floor = LatencyFloor()
+        self._cut_at = -math.inf
+        self._step = 1.0  # the increase per fast attempt, over the limit
+        self._recent: float | None = None  # smoothed latency of the latest attempts
+
+    @property
+    def concurrency(self) -> int:
+        return max(1, int(self.limit))
+
+    def set_cap(self, cap: int) -> None:
+        self.cap = cap
+        self.limit = min(self.limit, cap)
+
+    def observe(self, seconds: float, in_flight: int) -> None:
+        """One attempt's latency, with `in_flight` attempts open (this one included)."""
+        floor = self._floor.observe(seconds)
+        recent = self._recent = (
+            seconds if self._recent is None else self._recent + SMOOTHING * (seconds - self._recent)
+        )
+        now = time.monotonic()
+        if recent > TOLERANCE * floor:
+            if now - self._cut_at >= recent:  # attempts of the same congestion: one cut
+                self.limit = max(1.0, self.limit * BACKOFF)
+                self._cut_at = now
+                self._step = 1 / SLOW_PROBE
+        elif in_flight >= self.concurrency:  # only a limit in use earns a higher one
+            self.limit = min(float(self.cap), self.limit + self._step / self.limit)
+
+
 class Destination:
     """One destination's breaker, Retry-After pause, caps, and numbers."""
 
@@ -84,17 +150,20 @@ class Destination:
         self,
         name: str,
         caps: DestinationCaps,
+        adaptive_cap: int | None,
         counters: GroupCounters,
     ) -> None:
         self.name = name
         self.breaker: Breaker | None = None
         self.limits: Limits | None = None
+        self.adaptive: AdaptiveLimit | None = None
+        self._caps = caps
         self.paused_until = 0.0  # time.monotonic() before which no attempt goes out
         self.in_flight = 0
         self.held = 0
         self.usage = Usage()
         self._counters = counters  # the group's: its `held` bounds what the group holds
-        self.set_caps(caps)
+        self.set_caps(caps, adaptive_cap)
 
     @property
     def state(self) -> str:
@@ -109,14 +178,38 @@ class Destination:
             and self.paused_until <= time.monotonic()
         )
 
-    def set_caps(self, caps: DestinationCaps) -> None:
-        """Apply caps in place: calls waiting on the old ones go on under the new ones."""
-        rate = caps.rate_limit or math.inf
-        concurrency = caps.concurrency or math.inf
+    def set_caps(self, caps: DestinationCaps, adaptive_cap: int | None) -> None:
+        """Apply caps in place: calls waiting on the old ones go on under the new ones.
+
+        With `adaptive_cap`, the concurrency is found from latency, up to that cap.
+        """
+        self._caps = caps
+        if adaptive_cap is None:
+            self.adaptive = None
+        elif self.adaptive is None:
+            self.adaptive = AdaptiveLimit(adaptive_cap)
+        else:
+            self.adaptive.set_cap(adaptive_cap)
+        self._apply_caps()
+
+    def _apply_caps(self) -> None:
+        rate = self._caps.rate_limit or math.inf
+        concurrency = self._caps.concurrency or math.inf
+        if self.adaptive is not None:
+            concurrency = self.adaptive.concurrency
         if self.limits is not None:
             self.limits.update(rate, concurrency)
-        elif caps != DestinationCaps():  # no caps of its own: the group's alone apply
-            self.limits = Limits(rate, concurrency)
+        elif self._caps != DestinationCaps() or self.adaptive is not None:
+            self.limits = Limits(rate, concurrency)  # else only the group's caps apply
+
+    def observe(self, seconds: float) -> None:
+        """One attempt's latency: for /metrics, and for the adaptive concurrency."""
+        self.usage.observe(seconds)
+        if self.adaptive is not None:
+            before = self.adaptive.concurrency
+            self.adaptive.observe(seconds, self.in_flight)
+            if self.adaptive.concurrency != before:
+                self._apply_caps()
 
     def _may_go(self) -> bool:
         return self.paused_until <= time.monotonic() and (
@@ -192,7 +285,7 @@ class DestinationShields:
         return destination
 
     def _new(self, name: str) -> Destination:
-        destination = Destination(name, self._caps(name), self._counters)
+        destination = Destination(name, self._caps(name), self._adaptive_cap(name), self._counters)
         destination.breaker = self._breaker(destination)
         return destination
 
@@ -201,6 +294,13 @@ class DestinationShields:
             return self._config.destination.caps_for(URL(name))
         except ValueError:  # not a URL: its attempt fails on it as an invalid url
             return self._config.destination.caps
+
+    def _adaptive_cap(self, name: str) -> int | None:
+        """With adaptiveConcurrency, the most the found concurrency may be: the
+        destination's own cap, else the group's."""
+        if not self._config.adaptive_concurrency:
+            return None
+        return self._caps(name).concurrency or self._config.concurrency
 
     def _breaker(self, destination: Destination) -> Breaker | None:
         config = self._config.breaker
@@ -228,7 +328,8 @@ class DestinationShields:
         new_breaker = config.breaker != self._config.breaker
         self._config = config
         for destination in self._destinations.values():
-            destination.set_caps(self._caps(destination.name))
+            name = destination.name
+            destination.set_caps(self._caps(name), self._adaptive_cap(name))
             if new_breaker:
                 destination.breaker = self._breaker(destination)
         if new_breaker:

@@ -106,6 +106,11 @@ RULES: list[tuple[str, Callable[[Raw], None], str]] = [
         "circuitBreaker.winSize",
     ),
     (
+        "adaptiveConcurrency is true or false",
+        consumer(0, adaptiveConcurrency="yes"),
+        "kafka.consumer.list[0].adaptiveConcurrency",
+    ),
+    (
         "destination.concurrency <= the group's concurrency",
         consumer(0, destination={"concurrency": 6}),
         "kafka.consumer.list[0].destination.concurrency",
