@@ -73,6 +73,7 @@ GROUP_COUNTERS = (
         "Failed calls whose dead letter Kafka refused for good, even without its data",
         "deadLetterSkipped",
     ),
+    ("bigpipe_expired", "Calls dead-lettered because their ttl ran out", "expired"),
     (
         "bigpipe_duplicates_skipped",
         "Keyed calls not delivered: another call of the same idempotency key came first",
@@ -240,6 +241,11 @@ class _StatsCollector(Collector):
             "Calls in Kafka not yet committed",
             labels=[*labels, "partition"],
         )
+        waiting = GaugeMetricFamily(
+            "bigpipe_waiting",
+            "Calls waiting in the group's delay topics, by rung: the spread of their due times",
+            labels=[*labels, "rung"],
+        )
         states = GaugeMetricFamily(
             "bigpipe_partition_state",
             "1 for each assigned partition's state: consuming, paused:held, paused:buffer",
@@ -261,8 +267,10 @@ class _StatsCollector(Collector):
                 lag.add_metric([*key, partition], value)
             for partition, state in group.partitions.items():
                 states.add_metric([*key, partition, state], 1)
+            for rung, count in group.waiting.items():
+                waiting.add_metric([*key, rung], count)
         yield from counters.values()
-        yield from (finished, in_flight, held, breaker, *budget.values(), lag, states)
+        yield from (finished, in_flight, held, breaker, *budget.values(), lag, waiting, states)
         yield from self._destinations()
 
     def _destinations(self) -> Iterator[Metric]:
