@@ -1,0 +1,137 @@
+"""Issue 11 at full length, on the 3-broker cluster: delay accuracy for 1,000 calls,
+a kill -9 while 500 delayed calls wait, and memory with 100,000 calls waiting.
+The normal suite (tests/test_waits.py) runs shorter versions."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from confluent_kafka import Producer
+
+from bigpipe.envelope import encode_call, new_call
+from tests.faults.conftest import Cluster
+from tests.support import (
+    ACL_NAME,
+    Bigpipe,
+    Downstream,
+    eventually,
+    rss_mib,
+    start_node,
+    topic_record_count,
+)
+from tests.test_waits import first_call_delivered
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
+
+Due = dict[str, tuple[float, float]]  # call id -> (earliest, latest) due time, monotonic
+
+
+async def post_delayed(
+    bigpipe: Bigpipe, http: aiohttp.ClientSession, url: str, delays_ms: list[int]
+) -> Due:
+    due: Due = {}
+    gate = asyncio.Semaphore(50)
+
+    async def send(delay_ms: int) -> None:
+        async with gate:
+            posted = time.monotonic()
+            status, reply = await bigpipe.post_call(http, url=url, delay_ms=delay_ms)
+            assert (status, reply["errno"]) == (200, 0), reply
+            due[reply["data"]["id"]] = (
+                posted + delay_ms / 1000,
+                time.monotonic() + delay_ms / 1000,
+            )
+
+    await asyncio.gather(*(send(delay) for delay in delays_ms))
+    return due
+
+
+def lateness(downstream: Downstream, due: Due) -> tuple[list[float], list[float]]:
+    """(how early, how late) each call's first delivery was, in seconds."""
+    first: dict[str, float] = {}
+    for request in downstream.requests:
+        first.setdefault(request.call_id, request.at)
+    early = [due[i][0] - at for i, at in first.items() if at < due[i][0] - 0.01]
+    late = [at - due[i][1] for i, at in first.items()]
+    return early, late
+
+
+async def test_a_thousand_delayed_calls_arrive_within_a_second_and_a_half_of_due(
+    cluster: Cluster,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    bigpipe, _ = await start_node(cluster.bootstrap, tmp_path, processes, concurrency=50)
+    await first_call_delivered(bigpipe, http, downstream, 4000)
+    rng = random.Random(1000)
+    due = await post_delayed(
+        bigpipe, http, downstream.url(), [rng.randrange(0, 20_000) for _ in range(1000)]
+    )
+    await eventually(lambda: set(due) <= downstream.call_ids(), 90, "every delayed call")
+    early, late = lateness(downstream, due)
+    assert not early, f"{len(early)} calls delivered early, by up to {max(early):.2f} s"
+    print(f"1,000 delayed calls: lateness max {max(late):.2f} s, p50 {sorted(late)[500]:.2f} s")
+    assert max(late) <= 1.5
+
+
+async def test_kill_9_while_500_delayed_calls_wait_then_all_arrive_on_time(
+    cluster: Cluster,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    bigpipe, _ = await start_node(cluster.bootstrap, tmp_path, processes, concurrency=50)
+    await first_call_delivered(bigpipe, http, downstream, 4000)
+    rng = random.Random(500)
+    due = await post_delayed(
+        bigpipe, http, downstream.url(), [rng.randrange(15_000, 30_000) for _ in range(500)]
+    )
+    await bigpipe.kill()
+    again = await Bigpipe(bigpipe.config, tmp_path).start()
+    processes.append(again)
+    await eventually(lambda: set(due) <= downstream.call_ids(), 90, "every delayed call")
+    early, late = lateness(downstream, due)
+    assert not early, f"{len(early)} calls delivered early, by up to {max(early):.2f} s"
+    print(f"500 calls across kill -9: lateness max {max(late):.2f} s")
+    assert max(late) <= 2.0
+
+
+async def test_100_000_waiting_calls_cost_a_worker_under_20_mib(
+    cluster: Cluster,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    bigpipe, topic = await start_node(cluster.bootstrap, tmp_path, processes)
+    group = bigpipe.config["kafka.consumer.list"][0]["groupId"]
+    await first_call_delivered(bigpipe, http, downstream, 4000)
+    assert bigpipe.process is not None
+    before = rss_mib(bigpipe.process.pid)
+    # Written straight to the call topic as an accepting node would: due in 2 hours.
+    producer = Producer({"bootstrap.servers": cluster.bootstrap, "linger.ms": 50})
+    for index in range(100_000):
+        call = new_call(downstream.url(), "x" * 100, ACL_NAME, {}, delay_ms=7_200_000)
+        producer.produce(topic, encode_call(call), f"k{index % 1000}".encode())
+        if index % 10_000 == 0:
+            producer.flush(30)
+    assert producer.flush(60) == 0
+    rungs = [f"{topic}.{group}.delay.{rung}" for rung in ("1h",)]
+
+    async def all_parked() -> bool:
+        counts = [await asyncio.to_thread(topic_record_count, cluster.bootstrap, t) for t in rungs]
+        return sum(counts) >= 100_000
+
+    await eventually(all_parked, 300, "100,000 calls written to the delay topics")
+    after = rss_mib(bigpipe.process.pid)
+    print(f"RSS {before:.1f} MiB before, {after:.1f} MiB with 100,000 calls waiting")
+    assert after - before < 20
+    assert not set(downstream.call_ids()), "a call due in 2 hours was delivered"
