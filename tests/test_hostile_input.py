@@ -122,7 +122,11 @@ def check_reply(
     assert type(errno) is int and isinstance(msg, str) and msg, reply
     assert (status, errno) in DOCUMENTED, (status, reply)
     if errno == 0:
-        assert msg == "success" and isinstance(data, dict) and set(data) == {"id"}, reply
+        assert (
+            msg == "success"
+            and isinstance(data, dict)
+            and set(data) == {"id", "partition", "offset"}
+        ), reply
         assert CALL_ID.match(data["id"]), reply
     else:
         assert data is None, reply

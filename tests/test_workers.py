@@ -238,7 +238,9 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
     assert codes == [0, 0], "the kernel's SIGTERM makes each orphan drain and exit 0"
     assert downstream.answered_ids() == accepted, "the drain delivers every call it had read"
     committed = committed_offsets(kafka, group, topic)
-    assert sum(committed.values()) == len(accepted), f"the drain commits them all: {committed}"
+    # A partition no call went to has nothing committed (a negative offset): it adds 0.
+    done = sum(max(offset, 0) for offset in committed.values())
+    assert done == len(accepted), f"the drain commits them all: {committed}"
     await downstream.stop()
 
 
