@@ -7,7 +7,7 @@ orjson, pick out the fields, and answer with a reply of the same shape and
 size as Bigpipe's (`{"data": {"id": <32 hex digits>}, "errno": 0, "msg":
 "success"}`). It is served the way Bigpipe serves: aiohttp's low-level
 `web.Server` with a dict from path and method to handler, no router, no
-middleware (bigpipe/server.py, `Routes`). It runs on uvloop with Bigpipe's
+middleware (bigpipe/ingest/server.py, `Routes`). It runs on uvloop with Bigpipe's
 garbage-collector setting, in N worker processes that share the port with
 SO_REUSEPORT, as Bigpipe's workers do. So bigpipe/bare is the share of plain
 aiohttp speed that Bigpipe keeps while it checks the call and waits for

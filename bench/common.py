@@ -33,7 +33,7 @@ from confluent_kafka import Consumer, ConsumerGroupState
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bigpipe.config import parse_config
-from bigpipe.producer import Producer
+from bigpipe.ingest.producer import Producer
 from tests.support import (
     ACL_NAME,
     ACL_SECRET,

@@ -46,7 +46,7 @@ from bench.common import (
     stop_process,
     wait_group_stable,
 )
-from bigpipe.envelope import encode_call, new_call
+from bigpipe.calls.envelope import encode_call, new_call
 from tests.support import ACL_NAME, REPO, consumer_entry, unique
 
 CALLS, CONCURRENCY, PARTITIONS = 20_000, 64, 4

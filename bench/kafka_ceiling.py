@@ -1,7 +1,7 @@
 """Kafka ceiling: how fast confluent-kafka alone writes the same records, at the same acks.
 
 One confluent-kafka producer, built with Bigpipe's own producer settings
-(`bigpipe.producer.producer_settings`: acks=all, enable.idempotence=true,
+(`bigpipe.ingest.producer.producer_settings`: acks=all, enable.idempotence=true,
 linger.ms, queue size), writes 200,000 call envelopes, encoded as Bigpipe
 encodes them, to a fresh topic with as many partitions as the ingest topic,
 in a tight loop with a delivery callback per record. The rate runs from the
@@ -29,9 +29,9 @@ from bench.common import (
     median,
     save,
 )
+from bigpipe.calls.envelope import encode_call, new_call
 from bigpipe.config import parse_config
-from bigpipe.envelope import encode_call, new_call
-from bigpipe.producer import producer_settings
+from bigpipe.ingest.producer import producer_settings
 from tests.support import ACL_NAME, unique
 
 RECORDS = 200_000

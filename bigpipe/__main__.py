@@ -3,7 +3,7 @@
 SIGUSR1 is blocked before anything else runs. Its default action kills the
 process, and `killall -USR1 bigpipe` or a supervisor's forwarded reload may come
 at any moment, also while the heavy imports below take their second. Once the
-reload handler exists it unblocks the signal (bigpipe.signals), and a reload
+reload handler exists it unblocks the signal (bigpipe.node.signals), and a reload
 asked for meanwhile is applied then.
 """
 

@@ -18,12 +18,12 @@ from typing import Any
 import uvloop
 
 from bigpipe import __version__
-from bigpipe.app import WorkerSlot, serve
-from bigpipe.board import OWNER_NAME, Board
 from bigpipe.config import Config, ConfigError
 from bigpipe.logs import Logging
-from bigpipe.preflight import load_checked
-from bigpipe.workers import (
+from bigpipe.node.app import WorkerSlot, serve
+from bigpipe.node.board import OWNER_NAME, Board
+from bigpipe.node.preflight import load_checked
+from bigpipe.node.workers import (
     WORKER_NAME,
     Supervisor,
     available_cpus,
@@ -32,7 +32,7 @@ from bigpipe.workers import (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-# First words that make `bigpipe` an operator's command (bigpipe.commands), not a node.
+# First words that make `bigpipe` an operator's command (bigpipe.operate.commands), not a node.
 OPERATOR_COMMANDS = ("dlq", "replay", "top", "config")
 PROCESS_NAME = OWNER_NAME.encode()
 
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--version", action="version", version=f"bigpipe {__version__}")
     # Set by the supervisor on the workers it starts: BOARD_PATH:INDEX:COUNT, and the
-    # snapshot of its config that they run (bigpipe.workers). Their -config names the
+    # snapshot of its config that they run (bigpipe.node.workers). Their -config names the
     # node's file, for `ps` and the logs; they never read it.
     parser.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--snapshot", default=None, help=argparse.SUPPRESS)
@@ -125,7 +125,7 @@ def tune_gc() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in OPERATOR_COMMANDS:
-        from bigpipe.commands import main as operate  # a node never loads them
+        from bigpipe.operate.commands import main as operate  # a node never loads them
 
         return operate(argv)
     args = parse_args(argv)

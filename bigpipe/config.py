@@ -52,7 +52,7 @@ from bigpipe.declare import (
     problem,
     rule,
 )
-from bigpipe.destinations import AllowRule, parse_rule
+from bigpipe.ingest.destinations import AllowRule, parse_rule
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 DAY_MS = 86_400_000
@@ -539,7 +539,7 @@ class Config(Section):
         " without spaces; make one with `openssl rand -hex 32`",
         doc='bearer token of the [admin endpoints](#admin-endpoints); `""` turns them off',
     )
-    compat_replies: Flag = key(  # bigpipe.compat
+    compat_replies: Flag = key(  # bigpipe.ingest.compat
         "http.server.compat.replies",
         False,
         reload=RESTART,

@@ -21,7 +21,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 
 class Reload(enum.Enum):
-    """What a SIGUSR1 reload does with a changed value (bigpipe.reload)."""
+    """What a SIGUSR1 reload does with a changed value (bigpipe.node.reload)."""
 
     APPLIES = "applies"  # the running node takes the new value
     RESTART = "restart"  # the running value is kept; the log says a restart is needed

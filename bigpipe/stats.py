@@ -50,7 +50,7 @@ class GroupCounters:
     held: int = 0  # a gauge: calls held for destinations that may not be called yet
     circuitIsBreak: int = 0  # a gauge: 1 while any destination's breaker is in BREAK
     breakerState: int = 0  # a gauge: the worst destination's, 0 NORMAL, 1 BREAK, 2 RECOVER
-    # Gauges: this member's share of the group's rateLimit and concurrency (bigpipe.budget)
+    # Gauges: this member's share of the group's rateLimit and concurrency (bigpipe.delivery.budget)
     budgetRate: float = 0.0
     budgetConcurrency: int = 0
     lag: dict[str, int] = field(default_factory=dict)  # partition -> calls not yet committed

@@ -4,7 +4,7 @@ so it runs with the fault suite: tests/faults/test_adaptive_concurrency.py."""
 
 from __future__ import annotations
 
-from bigpipe.shields import AdaptiveLimit
+from bigpipe.delivery.shields import AdaptiveLimit
 
 
 def test_aimd_cuts_once_per_congestion_and_grows_only_at_its_limit() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from bigpipe.breaker import BREAK, NORMAL, RECOVER, Breaker, HealthWindow
 from bigpipe.config import BreakerConfig
+from bigpipe.delivery.breaker import BREAK, NORMAL, RECOVER, Breaker, HealthWindow
 
 CONFIG = BreakerConfig(break_period=5, recover_period=5, win_size=3, min_stats=4, health_rate=0.5)
 

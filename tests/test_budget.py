@@ -1,6 +1,6 @@
 """A group's rateLimit and concurrency hold for the whole group, across workers and nodes.
 
-The unit tests pin how bigpipe.budget splits the budget; the end-to-end tests run real
+The unit tests pin how bigpipe.delivery.budget splits the budget; the end-to-end tests run real
 nodes (1 node with 2 workers, 2 nodes with 2 workers each) against a real broker and
 measure what the downstream sees.
 """
@@ -19,7 +19,7 @@ from aiohttp import web
 from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from bigpipe.budget import FLOOR_FRACTION, Share, shares
+from bigpipe.delivery.budget import FLOOR_FRACTION, Share, shares
 from tests.support import (
     Bigpipe,
     Downstream,

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bigpipe.consumer import BUFFER_BYTES
+from bigpipe.delivery.consumer import BUFFER_BYTES
 from tests.support import Bigpipe, Downstream, eventually, group_stats, rss_mib, start_node
 
 CALL_BYTES = 900_000

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bigpipe.limits import Limits
+from bigpipe.delivery.limits import Limits
 from tests.support import (
     Bigpipe,
     Downstream,

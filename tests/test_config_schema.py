@@ -28,7 +28,7 @@ from bigpipe.config_docs import (
     with_tables,
 )
 from bigpipe.declare import Key, Reload, fields_of, metadata
-from bigpipe.reload import RESTART_FIELDS, check_reload
+from bigpipe.node.reload import RESTART_FIELDS, check_reload
 from tests.support import REPO, base_config, consumer_entry
 from tests.test_hostile_input import mutated_reference
 

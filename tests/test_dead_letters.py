@@ -13,9 +13,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from bigpipe.calls.envelope import encode_call, encode_dead_letter, new_call
 from bigpipe.config import parse_config
-from bigpipe.envelope import encode_call, encode_dead_letter, new_call
-from bigpipe.producer import ProduceFailed, Producer
+from bigpipe.ingest.producer import ProduceFailed, Producer
 from tests.support import (
     Bigpipe,
     Downstream,

@@ -18,15 +18,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bigpipe.breaker import BREAK
 from bigpipe.config import (
     BreakerConfig,
     ConsumerConfig,
     DestinationConfig,
     DestinationOverride,
 )
-from bigpipe.destinations import parse_rule
-from bigpipe.shields import DestinationShields, destination_of
+from bigpipe.delivery.breaker import BREAK
+from bigpipe.delivery.shields import DestinationShields, destination_of
+from bigpipe.ingest.destinations import parse_rule
 from bigpipe.stats import DESTINATIONS_SHOWN, OTHER_DESTINATIONS, GroupCounters, Stats
 from tests.support import (
     Bigpipe,

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from bigpipe.destinations import allowed, literal_refusal, parse_rule, server_path
+from bigpipe.ingest.destinations import allowed, literal_refusal, parse_rule, server_path
 from tests.support import (
     Bigpipe,
     Downstream,

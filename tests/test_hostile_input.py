@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
 from bigpipe.config import Config, ConfigError, one_line, parse_config
-from bigpipe.listener import HeaderDeadline
+from bigpipe.ingest.listener import HeaderDeadline
 from tests.support import REPO, Bigpipe, base_config, free_port, topic_record_count, unique
 
 BODY_LIMIT = 16_384  # http.server.body.limit of the node under test: small, so bodies reach it

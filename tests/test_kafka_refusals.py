@@ -9,8 +9,8 @@ from pathlib import Path
 import aiohttp
 from confluent_kafka import KafkaError
 
-from bigpipe.producer import ProduceFailed
-from bigpipe.server import _produce_refusal
+from bigpipe.ingest.producer import ProduceFailed
+from bigpipe.ingest.server import _produce_refusal
 from tests.support import Bigpipe, base_config, create_topic, free_port, unique
 
 

@@ -69,9 +69,9 @@ async def test_the_level_changes_on_reload(
     rewrite(bigpipe, **{"log.level": 4})
     await reload(bigpipe, http)
     await eventually(
-        lambda: "INFO bigpipe.reload: reloaded" in bigpipe.log_tail(),
+        lambda: "INFO bigpipe.node.reload: reloaded" in bigpipe.log_tail(),
         5,
         "the INFO line, back at level 4",
     )
     # The log is written by a thread: only now is it sure the first line never came.
-    assert bigpipe.log_tail().count("bigpipe.reload: reloaded") == 1
+    assert bigpipe.log_tail().count("bigpipe.node.reload: reloaded") == 1

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from bigpipe.compat import go_call_id
+from bigpipe.ingest.compat import go_call_id
 from tests.support import (
     Bigpipe,
     Downstream,

@@ -7,11 +7,11 @@ import hashlib
 import orjson
 import pytest
 
-from bigpipe.compat import GO_CALLER, decode_go_record, go_caller_entry, go_field_problem
+from bigpipe.calls.envelope import Call, InvalidRecord, decode_call, encode_call
 from bigpipe.config import AclEntry
-from bigpipe.destinations import AllowRule
-from bigpipe.envelope import Call, InvalidRecord, decode_call, encode_call
-from bigpipe.selection import Filters, SelectionError, parse_filters, parse_time
+from bigpipe.ingest.compat import GO_CALLER, decode_go_record, go_caller_entry, go_field_problem
+from bigpipe.ingest.destinations import AllowRule
+from bigpipe.operate.selection import Filters, SelectionError, parse_filters, parse_time
 
 NOW = 1_800_000_000_000
 

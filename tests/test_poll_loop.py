@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bigpipe.app import Node
 from bigpipe.config import parse_config
+from bigpipe.node.app import Node
 from tests.support import base_config, consumer_entry, eventually, free_port, unique
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from yarl import URL
 
 from bigpipe.config import ConfigError, parse_config
-from bigpipe.destinations import allowed, is_public, literal_refusal, parse_rule
+from bigpipe.ingest.destinations import allowed, is_public, literal_refusal, parse_rule
 from tests.support import (
     Bigpipe,
     Downstream,

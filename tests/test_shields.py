@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bigpipe.limits import RateLimit
+from bigpipe.delivery.limits import RateLimit
 from tests.support import (
     Bigpipe,
     Downstream,

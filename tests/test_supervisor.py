@@ -18,8 +18,8 @@ import aiohttp
 import orjson
 import pytest
 
-from bigpipe.board import node_directory
-from bigpipe.workers import cgroup_cpu_quota
+from bigpipe.node.board import node_directory
+from bigpipe.node.workers import cgroup_cpu_quota
 from tests.support import (
     ACL_NAME,
     ACL_SECRET,

@@ -10,9 +10,7 @@ import time
 import orjson
 import pytest
 
-from bigpipe.acl import Acl
-from bigpipe.config import AclEntry, parse_config
-from bigpipe.envelope import (
+from bigpipe.calls.envelope import (
     InvalidRecord,
     decode_call,
     encode_call,
@@ -20,11 +18,13 @@ from bigpipe.envelope import (
     forwardable_headers,
     new_call,
 )
+from bigpipe.config import AclEntry, parse_config
+from bigpipe.delivery.offsets import PartitionOffsets
+from bigpipe.delivery.retry import Verdict, backoff_seconds, classify, retry_after_seconds
+from bigpipe.ingest.acl import Acl
+from bigpipe.ingest.producer import ProduceFailed, Producer
 from bigpipe.kafka import Throttle
-from bigpipe.offsets import PartitionOffsets
-from bigpipe.producer import ProduceFailed, Producer
-from bigpipe.reload import plan_reload
-from bigpipe.retry import Verdict, backoff_seconds, classify, retry_after_seconds
+from bigpipe.node.reload import plan_reload
 from bigpipe.stats import Stats
 from tests.support import free_port
 from tests.test_config import EXAMPLE

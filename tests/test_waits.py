@@ -13,9 +13,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+from bigpipe.calls.envelope import decode_call, encode_call, new_call
 from bigpipe.config import DEFAULT_MAX_DELAY_MS
-from bigpipe.envelope import decode_call, encode_call, new_call
-from bigpipe.server import Reject, parse_call_request
+from bigpipe.ingest.server import Reject, parse_call_request
 from tests.support import (
     Bigpipe,
     Downstream,

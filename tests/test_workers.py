@@ -18,9 +18,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bigpipe.board import Board
 from bigpipe.config import parse_config
-from bigpipe.workers import share_of
+from bigpipe.node.board import Board
+from bigpipe.node.workers import share_of
 from tests.support import (
     Bigpipe,
     Downstream,
@@ -40,7 +40,7 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 def test_max_buffered_is_split_between_workers() -> None:
-    """rateLimit and concurrency are the group's (bigpipe.budget); maxBuffered is a node's."""
+    """rateLimit and concurrency are the group's (bigpipe.delivery.budget); maxBuffered a node's."""
     group = parse_config(EXAMPLE).consumers[0]  # rateLimit 100, concurrency 5
     assert share_of(group, 1) is group
     third = share_of(group, 3)

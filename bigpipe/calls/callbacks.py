@@ -18,10 +18,10 @@ from collections.abc import Mapping
 
 import orjson
 
-from bigpipe.client import RESPONSE_READ_LIMIT, Outcome
-from bigpipe.envelope import Call, encode_call, new_call
-from bigpipe.producer import ProduceFailed, Producer
-from bigpipe.retry import backoff_seconds
+from bigpipe.calls.envelope import Call, encode_call, new_call
+from bigpipe.delivery.client import RESPONSE_READ_LIMIT, Outcome
+from bigpipe.delivery.retry import backoff_seconds
+from bigpipe.ingest.producer import ProduceFailed, Producer
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,11 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
+from bigpipe.calls.envelope import Call
 from bigpipe.calls.topics import INDEX_TOPIC
 from bigpipe.config import Config
-from bigpipe.envelope import Call
+from bigpipe.ingest.producer import ProduceFailed, Producer
 from bigpipe.kafka import client_settings
-from bigpipe.producer import ProduceFailed, Producer
 
 log = logging.getLogger(__name__)
 

@@ -28,14 +28,14 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
+from bigpipe.calls.envelope import Call, encode_call
 from bigpipe.config import Config, ConsumerConfig
+from bigpipe.delivery.offsets import PartitionOffsets
+from bigpipe.delivery.retry import backoff_seconds
 from bigpipe.delivery.rungs import RUNGS, rung_for, rung_topics
 from bigpipe.delivery.waits import Due, now_ms
-from bigpipe.envelope import Call, encode_call
+from bigpipe.ingest.producer import ProduceFailed, Producer
 from bigpipe.kafka import client_settings
-from bigpipe.offsets import PartitionOffsets
-from bigpipe.producer import ProduceFailed, Producer
-from bigpipe.retry import backoff_seconds
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)

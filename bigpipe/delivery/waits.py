@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bigpipe.envelope import Call
+from bigpipe.calls.envelope import Call
 
 
 def now_ms() -> int:

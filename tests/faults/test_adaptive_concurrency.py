@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from confluent_kafka import Producer
 
-from bigpipe.envelope import encode_call, new_call
+from bigpipe.calls.envelope import encode_call, new_call
 from tests.faults.conftest import Cluster
 from tests.support import (
     ACL_NAME,

@@ -21,12 +21,12 @@ from urllib.parse import urlsplit
 
 from confluent_kafka import Message
 
-from bigpipe.client import Outcome
+from bigpipe.calls.envelope import Call, encode_dead_letter
 from bigpipe.config import Config
-from bigpipe.envelope import Call, encode_dead_letter
+from bigpipe.delivery.client import Outcome
+from bigpipe.delivery.retry import Verdict, backoff_seconds
+from bigpipe.ingest.producer import ProduceFailed, Producer
 from bigpipe.kafka import Throttle
-from bigpipe.producer import ProduceFailed, Producer
-from bigpipe.retry import Verdict, backoff_seconds
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)

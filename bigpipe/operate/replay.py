@@ -19,7 +19,10 @@ from typing import Any
 import orjson
 from confluent_kafka import Message
 
-from bigpipe.commands import (
+from bigpipe.calls.envelope import Call, InvalidRecord, decode_call, envelope_of
+from bigpipe.config import Config, ConsumerConfig
+from bigpipe.ingest.compat import decode_go_record, is_go_record
+from bigpipe.operate.commands import (
     EXIT_OK,
     Failed,
     add_config,
@@ -31,13 +34,10 @@ from bigpipe.commands import (
     print_json_lines,
     progress_printer,
 )
-from bigpipe.compat import decode_go_record, is_go_record
-from bigpipe.config import Config, ConsumerConfig
-from bigpipe.dlq import Progress
-from bigpipe.envelope import Call, InvalidRecord, decode_call, envelope_of
-from bigpipe.resend import Resender, paced
-from bigpipe.selection import Filters, SelectionError
-from bigpipe.topic_reader import TopicMissing, read_window
+from bigpipe.operate.dlq import Progress
+from bigpipe.operate.resend import Resender, paced
+from bigpipe.operate.selection import Filters, SelectionError
+from bigpipe.operate.topic_reader import TopicMissing, read_window
 
 
 @dataclass

@@ -30,8 +30,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from bigpipe.commands import EXIT_OK
-from bigpipe.selection import SelectionError
+from bigpipe.operate.commands import EXIT_OK
+from bigpipe.operate.selection import SelectionError
 
 BREAKER_NAMES = {0: "NORMAL", 1: "BREAK", 2: "RECOVER"}
 FETCH_SECONDS = 2.0

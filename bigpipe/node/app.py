@@ -20,22 +20,22 @@ import orjson
 from aiohttp import web
 from confluent_kafka import KafkaException
 
-from bigpipe.acl import Acl
-from bigpipe.board import Board
 from bigpipe.calls.dedup import IdempotencyIndex
+from bigpipe.calls.envelope import Call
 from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig, read_config_file
-from bigpipe.consumer import ConsumerGroup
-from bigpipe.envelope import Call
+from bigpipe.delivery.consumer import ConsumerGroup
+from bigpipe.ingest.acl import Acl
+from bigpipe.ingest.listener import HTTP_LIMITS, GuardedSite
+from bigpipe.ingest.producer import Producer
+from bigpipe.ingest.server import Ingest, build_server
 from bigpipe.kafka import ensure_topics
-from bigpipe.listener import HTTP_LIMITS, GuardedSite
 from bigpipe.logs import Logging
 from bigpipe.metrics import Latencies, Sample, merge_samples
-from bigpipe.producer import Producer
-from bigpipe.reload import ReloadPlan, check_reload, log_reloaded, plan_reload
-from bigpipe.server import Ingest, build_server
-from bigpipe.signals import handle_reloads, notify_ready, take
+from bigpipe.node.board import Board
+from bigpipe.node.reload import ReloadPlan, check_reload, log_reloaded, plan_reload
+from bigpipe.node.signals import handle_reloads, notify_ready, take
+from bigpipe.node.workers import SUPERVISOR_GONE, read_snapshot, share_of
 from bigpipe.stats import Stats
-from bigpipe.workers import SUPERVISOR_GONE, read_snapshot, share_of
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ KAFKA_PROBE_TIMEOUT = 2.0
 @dataclass(frozen=True)
 class WorkerSlot:
     """Where a worker process stands: its board (one slot per worker), its slot on it, and
-    the supervisor's config snapshot (bigpipe.workers), which it runs instead of the file."""
+    the supervisor's config snapshot (bigpipe.node.workers), which it runs instead of the file."""
 
     board: Board
     index: int
@@ -85,7 +85,7 @@ class Node:
         self._publisher: asyncio.Task[None] | None = None
         if worker is not None:
             self._take_over_slot(worker)
-            # The supervisor counts reloads: see bigpipe.workers.
+            # The supervisor counts reloads: see bigpipe.node.workers.
             _, self.stats.node = read_snapshot(worker.snapshot, config.source)
 
     def _take_over_slot(self, worker: WorkerSlot) -> None:
@@ -402,7 +402,7 @@ async def serve(
     handle_reloads(loop, on_reload_signal)
     if worker is None:  # a worker's supervisor speaks for the node
         notify_ready()
-    else:  # see bigpipe.workers.die_with_parent
+    else:  # see bigpipe.node.workers.die_with_parent
         loop.add_signal_handler(SUPERVISOR_GONE, on_supervisor_gone)
     await node.start()
     await stop.wait()

@@ -29,22 +29,22 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from bigpipe.budget import GroupBudget
 from bigpipe.calls.callbacks import send_callback
-from bigpipe.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
-from bigpipe.compat import decode_go_record, is_go_record
+from bigpipe.calls.envelope import Call, InvalidRecord, decode_call
 from bigpipe.config import Config, ConsumerConfig
-from bigpipe.dead_letters import DeadLetterWriter, dead_letter_limit
+from bigpipe.delivery.budget import GroupBudget
+from bigpipe.delivery.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
+from bigpipe.delivery.dead_letters import DeadLetterWriter, dead_letter_limit
 from bigpipe.delivery.delay_topics import DelayLadder
+from bigpipe.delivery.offsets import PartitionOffsets
+from bigpipe.delivery.partitions import BUFFER, HELD, PartitionStates
+from bigpipe.delivery.retry import Verdict
+from bigpipe.delivery.shields import DestinationShields
 from bigpipe.delivery.waits import Due, now_ms
-from bigpipe.envelope import Call, InvalidRecord, decode_call
+from bigpipe.ingest.compat import decode_go_record, is_go_record
+from bigpipe.ingest.producer import Producer
 from bigpipe.kafka import RepeatFilter, client_settings
 from bigpipe.metrics import GroupLatencies
-from bigpipe.offsets import PartitionOffsets
-from bigpipe.partitions import BUFFER, HELD, PartitionStates
-from bigpipe.producer import Producer
-from bigpipe.retry import Verdict
-from bigpipe.shields import DestinationShields
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)

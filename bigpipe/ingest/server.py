@@ -23,7 +23,9 @@ from yarl import URL
 
 from bigpipe.calls.callbacks import CALLBACK_FIELDS
 from bigpipe.calls.dedup import MAX_KEY_LENGTH
-from bigpipe.compat import (
+from bigpipe.calls.envelope import encode_call, forwardable_headers, new_call
+from bigpipe.config import AclEntry, Config
+from bigpipe.ingest.compat import (
     GO_ACCEPTED,
     GO_BAD_DATA,
     GO_BAD_URL,
@@ -34,15 +36,13 @@ from bigpipe.compat import (
     go_field_problem,
     go_reply_body,
 )
-from bigpipe.config import AclEntry, Config
-from bigpipe.destinations import refusal
-from bigpipe.envelope import encode_call, forwardable_headers, new_call
-from bigpipe.listener import request_done
+from bigpipe.ingest.destinations import refusal
+from bigpipe.ingest.listener import request_done
+from bigpipe.ingest.producer import ProduceFailed
 from bigpipe.metrics import CONTENT_TYPE, render
-from bigpipe.producer import ProduceFailed
 
 if TYPE_CHECKING:
-    from bigpipe.app import Node
+    from bigpipe.node.app import Node
 
 log = logging.getLogger(__name__)
 
@@ -467,7 +467,7 @@ def build_server(node: Node, **http_settings: Any) -> web.Server:
     routes.add("GET", "/metrics", metrics)
     routes.add("GET", "/openapi.json", openapi)
     routes.add("GET", "/readyz", readyz)
-    from bigpipe.admin import admin_routes  # it builds on this module's replies
+    from bigpipe.operate.admin import admin_routes  # it builds on this module's replies
 
     for method, path, handler in admin_routes(node):
         routes.add(method, path, handler)

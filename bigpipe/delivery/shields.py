@@ -31,9 +31,9 @@ from urllib.parse import urlsplit
 
 from yarl import URL
 
-from bigpipe.breaker import BREAK, NORMAL, RECOVER, STATE_NUMBERS, Breaker
 from bigpipe.config import ConsumerConfig, DestinationCaps
-from bigpipe.limits import Limits
+from bigpipe.delivery.breaker import BREAK, NORMAL, RECOVER, STATE_NUMBERS, Breaker
+from bigpipe.delivery.limits import Limits
 from bigpipe.metrics import LATENCY_BUCKETS
 from bigpipe.stats import DESTINATIONS_SHOWN, OTHER_DESTINATIONS, GroupCounters
 

@@ -19,11 +19,11 @@ from confluent_kafka import Consumer, KafkaException
 from confluent_kafka import Producer as KafkaProducer
 
 from bigpipe.config import Config, ConfigError, parse_config, read_config_file
-from bigpipe.consumer import consumer_settings
-from bigpipe.producer import producer_settings
+from bigpipe.delivery.consumer import consumer_settings
+from bigpipe.ingest.producer import producer_settings
 
 # A client built only to be checked logs nothing: it is never polled, and it has no handler.
-_QUIET = logging.getLogger("bigpipe.preflight.librdkafka")
+_QUIET = logging.getLogger("bigpipe.node.preflight.librdkafka")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
 PROPERTY = re.compile(r'property:? "([^"]+)"')

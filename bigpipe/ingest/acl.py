@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from bigpipe.compat import GO_CALLER, go_caller_entry
 from bigpipe.config import AclEntry
+from bigpipe.ingest.compat import GO_CALLER, go_caller_entry
 
 # Compared against when the name is unknown, so a refusal takes the same time either way.
 _NO_SECRET = hashlib.sha256(b"\x00bigpipe: no such caller").digest()

@@ -1,5 +1,5 @@
 """Deliver one call to its URL: attempts, retries with backoff, and the group's shields:
-its destination's (breaker, Retry-After pause, caps; see bigpipe.shields), then the group's
+its destination's (breaker, Retry-After pause, caps; see bigpipe.delivery.shields), then the group's
 rate limit and concurrency."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import aiohttp
 from prometheus_client import Histogram
 from yarl import URL
 
-from bigpipe.compat import GO_CALLER
+from bigpipe.calls.envelope import Call
 from bigpipe.config import AclEntry, ConsumerConfig
+from bigpipe.delivery.limits import Limits
+from bigpipe.delivery.retry import Verdict, backoff_seconds, classify, retry_after_seconds
+from bigpipe.delivery.shields import Destination, DestinationShields
 from bigpipe.delivery.waits import Expiry
-from bigpipe.destinations import DestinationRefused, PublicOnlyResolver, refusal
-from bigpipe.envelope import Call
-from bigpipe.limits import Limits
-from bigpipe.retry import Verdict, backoff_seconds, classify, retry_after_seconds
-from bigpipe.shields import Destination, DestinationShields
+from bigpipe.ingest.compat import GO_CALLER
+from bigpipe.ingest.destinations import DestinationRefused, PublicOnlyResolver, refusal
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class DeliveryClient:
 
     @property
     def limits(self) -> Limits:
-        """The group's rate limit and concurrency cap, which bigpipe.budget sets to this
+        """The group's rate limit and concurrency cap, which bigpipe.delivery.budget sets to this
         member's share of the group's budget."""
         return self._limits
 

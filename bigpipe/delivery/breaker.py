@@ -5,7 +5,7 @@ states map onto pybreaker's, whose state machine and listeners carry the
 transitions (and so the logging and `circuitIsBreak`):
 
     NORMAL  (closed)     every call goes through
-    BREAK   (open)       every call is held (see bigpipe.shields)
+    BREAK   (open)       every call is held (see bigpipe.delivery.shields)
     RECOVER (half-open)  a call goes through with a probability that ramps
                          from 0 to 1 over breakPeriod + recoverPeriod
 """

@@ -11,7 +11,7 @@ from typing import TypeVar
 from confluent_kafka import KafkaError, Message, Producer
 
 from bigpipe.config import Config
-from bigpipe.producer import producer_settings
+from bigpipe.ingest.producer import producer_settings
 
 BATCH = 100
 FLUSH_SECONDS = 60.0

@@ -16,7 +16,7 @@ from the snapshot too, so an edited but unreloaded file, or a broken one, never
 reaches one worker and not the others.
 
 `rateLimit` and `concurrency` are the whole consumer group's, across workers and
-nodes (bigpipe.budget). `maxBuffered` bounds a node's memory: each worker takes its
+nodes (bigpipe.delivery.budget). `maxBuffered` bounds a node's memory: each worker takes its
 part (see `share_of`).
 """
 
@@ -38,11 +38,11 @@ from typing import Any
 import orjson
 
 import bigpipe
-from bigpipe.board import Board, node_file
 from bigpipe.config import Config, ConfigError, ConsumerConfig, parse_config, read_config_file
 from bigpipe.logs import Logging
-from bigpipe.reload import check_reload, log_reloaded, plan_reload, with_running_http
-from bigpipe.signals import handle_reloads, notify_ready
+from bigpipe.node.board import Board, node_file
+from bigpipe.node.reload import check_reload, log_reloaded, plan_reload, with_running_http
+from bigpipe.node.signals import handle_reloads, notify_ready
 from bigpipe.stats import NodeCounters
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def share_of(consumer: ConsumerConfig, workers: int) -> ConsumerConfig:
     """One worker's part of a group's node-wide `maxBuffered`.
 
     Only that one is split here: `rateLimit` and `concurrency` are shared across the
-    whole group by bigpipe.budget, by where the backlog is.
+    whole group by bigpipe.delivery.budget, by where the backlog is.
     """
     if workers == 1:
         return consumer

@@ -1,4 +1,4 @@
-"""`bigpipe dlq list|show|redrive`: the command-line face of bigpipe.dlq."""
+"""`bigpipe dlq list|show|redrive`: the command-line face of bigpipe.operate.dlq."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from bigpipe.commands import (
+from bigpipe.operate.commands import (
     EXIT_FAILED,
     EXIT_OK,
     Failed,
@@ -27,9 +27,9 @@ from bigpipe.commands import (
     progress_printer,
     utc,
 )
-from bigpipe.dlq import DeadLetter, RedriveOptions, dead_letters, find, redrive
-from bigpipe.resend import ResendFailed
-from bigpipe.selection import Filters
+from bigpipe.operate.dlq import DeadLetter, RedriveOptions, dead_letters, find, redrive
+from bigpipe.operate.resend import ResendFailed
+from bigpipe.operate.selection import Filters
 
 
 def add_parser(commands: Any) -> None:

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 import orjson
 
+from bigpipe.calls.envelope import Call, InvalidRecord, forwardable_headers
 from bigpipe.config import AclEntry
-from bigpipe.envelope import Call, InvalidRecord, forwardable_headers
 
 GO_RECORD_PREFIX = b'{"Headers":'
 GO_CALLER = ""  # a Go record names no caller; see go_caller_entry

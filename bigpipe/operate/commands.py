@@ -20,8 +20,8 @@ import orjson
 from confluent_kafka import KafkaException
 
 from bigpipe.config import Config, ConfigError
-from bigpipe.preflight import load_checked
-from bigpipe.selection import FILTER_NAMES, Filters, SelectionError, parse_filters
+from bigpipe.node.preflight import load_checked
+from bigpipe.operate.selection import FILTER_NAMES, Filters, SelectionError, parse_filters
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -76,7 +76,8 @@ def filters_from(args: argparse.Namespace) -> Filters:
 
 
 def parser() -> argparse.ArgumentParser:
-    from bigpipe import config_docs, dlq_commands, replay, top
+    from bigpipe import config_docs
+    from bigpipe.operate import dlq_commands, replay, top
 
     root = argparse.ArgumentParser(prog="bigpipe", description="Bigpipe's operator commands.")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -24,9 +24,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from bigpipe.config import Config
 from bigpipe.kafka import client_settings
-from bigpipe.resend import Resender, paced
-from bigpipe.selection import Filters
-from bigpipe.topic_reader import TopicMissing, read_window
+from bigpipe.operate.resend import Resender, paced
+from bigpipe.operate.selection import Filters
+from bigpipe.operate.topic_reader import TopicMissing, read_window
 
 REDRIVES_TOPIC = "bigpipe.redrives"
 

@@ -1,7 +1,7 @@
 """Taking SIGUSR1 safely, and telling systemd when it is safe to send it.
 
 bigpipe/__main__.py blocks SIGUSR1 as its first instruction; the supervisor
-starts workers with it (and SIGTERM) blocked (bigpipe.workers). `take` installs
+starts workers with it (and SIGTERM) blocked (bigpipe.node.workers). `take` installs
 a handler and only then unblocks its signal, so one sent during start-up is
 taken then instead of killing the process. `notify_ready` sends systemd READY=1
 (Type=notify), after which `systemctl reload` may signal at any time.

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from confluent_kafka import KafkaException
 
-from bigpipe.commands import Failed
-from bigpipe.dlq import RedriveOptions, dead_letters, find, redrive
-from bigpipe.replay import replay
-from bigpipe.resend import ResendFailed
-from bigpipe.selection import FILTER_NAMES, Filters, SelectionError, parse_filters
-from bigpipe.server import CALLER_ERROR, INTERNAL_ERROR, OK, reply
+from bigpipe.ingest.server import CALLER_ERROR, INTERNAL_ERROR, OK, reply
+from bigpipe.operate.commands import Failed
+from bigpipe.operate.dlq import RedriveOptions, dead_letters, find, redrive
+from bigpipe.operate.replay import replay
+from bigpipe.operate.resend import ResendFailed
+from bigpipe.operate.selection import FILTER_NAMES, Filters, SelectionError, parse_filters
 
 if TYPE_CHECKING:
-    from bigpipe.app import Node
+    from bigpipe.node.app import Node
 
 LIST_LIMIT = 1000  # dead letters in one /admin/dlq answer, unless `limit` says otherwise
 Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]

@@ -18,7 +18,7 @@ from typing import Any
 from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig, TopicConfig
 from bigpipe.declare import Reload, keys_of
 from bigpipe.kafka import wanted_topics
-from bigpipe.preflight import parse_checked
+from bigpipe.node.preflight import parse_checked
 
 log = logging.getLogger(__name__)
 # Config fields that need a restart (http.server.*), by the key an operator knows them by.

@@ -36,8 +36,8 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from bigpipe.config import Config, ConsumerConfig
+from bigpipe.delivery.limits import Limits
 from bigpipe.kafka import client_settings
-from bigpipe.limits import Limits
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)

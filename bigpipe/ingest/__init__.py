@@ -1,0 +1,1 @@
+"""Ingest: a call's way in, from the HTTP request to a durable Kafka record."""

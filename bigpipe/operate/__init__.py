@@ -1,0 +1,1 @@
+"""Operator tools: dead letters, redrive, replay and the live view."""
