@@ -15,16 +15,17 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import HttpVersion11, web
 from yarl import URL
 
 from bigpipe.calls.callbacks import CALLBACK_FIELDS
-from bigpipe.calls.dedup import MAX_KEY_LENGTH
+from bigpipe.calls.dedup import MAX_KEY_LENGTH, IdempotencyIndex
 from bigpipe.calls.envelope import encode_call, forwardable_headers, new_call
 from bigpipe.config import AclEntry, Config
+from bigpipe.ingest.acl import Acl
 from bigpipe.ingest.compat import (
     GO_ACCEPTED,
     GO_BAD_DATA,
@@ -38,11 +39,9 @@ from bigpipe.ingest.compat import (
 )
 from bigpipe.ingest.destinations import refusal
 from bigpipe.ingest.listener import request_done
-from bigpipe.ingest.producer import ProduceFailed
-from bigpipe.metrics import CONTENT_TYPE, render
-
-if TYPE_CHECKING:
-    from bigpipe.node.app import Node
+from bigpipe.ingest.producer import ProduceFailed, Producer
+from bigpipe.metrics import CONTENT_TYPE, Latencies, Sample, render
+from bigpipe.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,28 @@ HOST_NAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-
 # One self-contained page (no CDN: Bigpipe often runs where the internet is not).
 DASHBOARD_HTML = (resources.files("bigpipe") / "dashboard.html").read_bytes()
 OPENAPI_JSON = (resources.files("bigpipe") / "openapi.json").read_bytes()
+
+
+class ServedNode(Protocol):
+    """What the HTTP side needs of a node. The node (bigpipe.node.app) composes ingest,
+    delivery and the server; this protocol keeps the server from importing it back."""
+
+    config: Config
+    stats: Stats
+    latencies: Latencies
+    acl: Acl
+    producer: Producer | None
+    index: IdempotencyIndex
+    ingest: Ingest
+
+    @property
+    def ready(self) -> bool: ...
+
+    def not_ready_reason(self) -> str: ...
+
+    def node_ready(self) -> bool: ...
+
+    def view(self) -> tuple[Stats, list[Sample], bool]: ...
 
 
 class Reject(Exception):
@@ -245,7 +266,7 @@ def _check_destination(entry: AclEntry, target: URL) -> None:
 class Ingest:
     """Turns an HTTP request into a durable Kafka record, or a clear refusal."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ServedNode) -> None:
         self._node = node
         self._waiting = 0  # calls handed to Kafka and not yet acknowledged
         self._idle = asyncio.Event()
@@ -421,7 +442,9 @@ async def _expect(request: web.BaseRequest) -> web.Response | None:
     return None
 
 
-def build_server(node: Node, **http_settings: Any) -> web.Server:
+def build_server(
+    node: ServedNode, extra_routes: list[tuple[str, str, Handler]], **http_settings: Any
+) -> web.Server:
     """aiohttp's low-level server with Bigpipe's routes; `http_settings` go to its protocol."""
     routes = Routes()
     body_limit = node.config.body_limit
@@ -467,8 +490,6 @@ def build_server(node: Node, **http_settings: Any) -> web.Server:
     routes.add("GET", "/metrics", metrics)
     routes.add("GET", "/openapi.json", openapi)
     routes.add("GET", "/readyz", readyz)
-    from bigpipe.operate.admin import admin_routes  # it builds on this module's replies
-
-    for method, path, handler in admin_routes(node):
+    for method, path, handler in extra_routes:  # the admin endpoints, when the node has them
         routes.add(method, path, handler)
     return web.Server(routes.dispatch, request_factory=make_request, **http_settings)

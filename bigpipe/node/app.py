@@ -35,6 +35,7 @@ from bigpipe.node.board import Board
 from bigpipe.node.reload import ReloadPlan, check_reload, log_reloaded, plan_reload
 from bigpipe.node.signals import handle_reloads, notify_ready, take
 from bigpipe.node.workers import SUPERVISOR_GONE, read_snapshot, share_of
+from bigpipe.operate.admin import admin_routes
 from bigpipe.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,13 @@ class Node:
         self.producer = Producer(self.config)
         self.index = IdempotencyIndex(self.config)
         keepalive = self.config.read_timeout_ms / 1000
-        server = build_server(self, access_log=None, keepalive_timeout=keepalive, **HTTP_LIMITS)
+        server = build_server(
+            self,
+            admin_routes(self),
+            access_log=None,
+            keepalive_timeout=keepalive,
+            **HTTP_LIMITS,
+        )
         self._runner = web.ServerRunner(
             server, shutdown_timeout=self.config.shutdown_timeout_ms / 1000
         )

@@ -14,26 +14,23 @@ import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from confluent_kafka import KafkaException
 
-from bigpipe.ingest.server import CALLER_ERROR, INTERNAL_ERROR, OK, reply
+from bigpipe.ingest.server import CALLER_ERROR, INTERNAL_ERROR, OK, ServedNode, reply
 from bigpipe.operate.commands import Failed
 from bigpipe.operate.dlq import RedriveOptions, dead_letters, find, redrive
 from bigpipe.operate.replay import replay
 from bigpipe.operate.resend import ResendFailed
 from bigpipe.operate.selection import FILTER_NAMES, Filters, SelectionError, parse_filters
 
-if TYPE_CHECKING:
-    from bigpipe.node.app import Node
-
 LIST_LIMIT = 1000  # dead letters in one /admin/dlq answer, unless `limit` says otherwise
 Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]
 
 
-def admin_routes(node: Node) -> list[tuple[str, str, Handler]]:
+def admin_routes(node: ServedNode) -> list[tuple[str, str, Handler]]:
     def guarded(work: Callable[[web.BaseRequest], Any]) -> Handler:
         async def handle(request: web.BaseRequest) -> web.Response:
             token = node.config.admin_token
