@@ -10,7 +10,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bigpipe.calls.topics import INDEX_RETENTION_MS, INDEX_TOPIC
-from bigpipe.config import Config, TopicConfig
+from bigpipe.config import Config, ConsumerConfig, TopicConfig
 from bigpipe.delivery.rungs import RETENTION_MS, rung_topics
 
 log = logging.getLogger(__name__)
@@ -169,3 +169,31 @@ def _new_topic(topic: TopicConfig, record_limit: int, own: dict[str, str]) -> Ne
         replication_factor=topic.replication_factor,
         config=settings,
     )
+
+
+DRAIN_POLL_MARGIN_MS = 30_000  # max.poll.interval.ms beyond the shutdown timeout
+
+
+def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any]:
+    return {
+        **client_settings(config),
+        "group.id": consumer.group_id,
+        "client.id": f"bigpipe-{consumer.group_id}",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        # A group seen for the first time must start at the oldest call, not the newest:
+        # calls accepted before the group existed are owed a delivery too.
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": 10_000,
+        "heartbeat.interval.ms": 2_000,
+        # Also the rebalance timeout: how long a rebalance may wait for a slow member. The
+        # poll loop never pauses for more than a moment, except in a drain: it stops while
+        # calls in flight finish, for up to the shutdown timeout, and a member that does
+        # not poll for longer than this is evicted, its final commit refused.
+        "max.poll.interval.ms": max(60_000, config.shutdown_timeout_ms + DRAIN_POLL_MARGIN_MS),
+        # Bound what librdkafka prefetches, so memory stays bounded under a backlog.
+        "queued.max.messages.kbytes": 8_192,
+        # librdkafka's statistics carry each partition's lag, for /metrics.
+        "statistics.interval.ms": 5_000,
+    }

@@ -4,8 +4,8 @@ consumer evicted before its final commit."""
 from __future__ import annotations
 
 from bigpipe.config import parse_config
-from bigpipe.delivery.consumer import consumer_settings
 from bigpipe.delivery.offsets import PartitionOffsets
+from bigpipe.kafka import consumer_settings
 from tests.test_config import EXAMPLE
 
 

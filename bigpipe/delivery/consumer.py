@@ -43,7 +43,7 @@ from bigpipe.delivery.shields import DestinationShields
 from bigpipe.delivery.waits import Due, now_ms
 from bigpipe.ingest.compat import decode_go_record, is_go_record
 from bigpipe.ingest.producer import Producer
-from bigpipe.kafka import RepeatFilter, client_settings
+from bigpipe.kafka import RepeatFilter, consumer_settings
 from bigpipe.metrics import GroupLatencies
 from bigpipe.stats import GroupCounters
 
@@ -62,36 +62,10 @@ LEAVE_SECONDS = 1.0  # the least time given to the final commit and group leave
 # The records a group holds in memory (read, not yet finished), per worker, besides
 # maxBuffered calls: with large calls, a count alone let a worker hold hundreds of MiB.
 BUFFER_BYTES = 32 << 20
-DRAIN_POLL_MARGIN_MS = 30_000  # max.poll.interval.ms beyond the shutdown timeout
 
 
 # Is this keyed call the first of its key's window, so that it is to be delivered?
 IsFirst = Callable[[Call], Awaitable[bool]]
-
-
-def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any]:
-    return {
-        **client_settings(config),
-        "group.id": consumer.group_id,
-        "client.id": f"bigpipe-{consumer.group_id}",
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        # A group seen for the first time must start at the oldest call, not the newest:
-        # calls accepted before the group existed are owed a delivery too.
-        "auto.offset.reset": "earliest",
-        "partition.assignment.strategy": "cooperative-sticky",
-        "session.timeout.ms": 10_000,
-        "heartbeat.interval.ms": 2_000,
-        # Also the rebalance timeout: how long a rebalance may wait for a slow member. The
-        # poll loop never pauses for more than a moment, except in a drain: it stops while
-        # calls in flight finish, for up to the shutdown timeout, and a member that does
-        # not poll for longer than this is evicted, its final commit refused.
-        "max.poll.interval.ms": max(60_000, config.shutdown_timeout_ms + DRAIN_POLL_MARGIN_MS),
-        # Bound what librdkafka prefetches, so memory stays bounded under a backlog.
-        "queued.max.messages.kbytes": 8_192,
-        # librdkafka's statistics carry each partition's lag, for /metrics.
-        "statistics.interval.ms": 5_000,
-    }
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ from bigpipe.delivery.retry import backoff_seconds
 from bigpipe.delivery.rungs import RUNGS, rung_for, rung_topics
 from bigpipe.delivery.waits import Due, now_ms
 from bigpipe.ingest.producer import ProduceFailed, Producer
-from bigpipe.kafka import client_settings
+from bigpipe.kafka import consumer_settings
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
@@ -71,19 +71,13 @@ class DelayLadder:
         self._rung_ms = {topic: ms for topic, (_, ms) in zip(self._topics, RUNGS, strict=True)}
         self._kafka = Consumer(
             {
-                **client_settings(config),
+                # The group's own settings, under a group of its own: the delay readers
+                # never count against the group's budget.
+                **consumer_settings(config, consumer),
                 "group.id": f"{consumer.group_id}.delay",
                 "client.id": f"bigpipe-{consumer.group_id}-delay",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                "session.timeout.ms": 10_000,
-                "heartbeat.interval.ms": 2_000,
                 # A resumed rung is fetched at once, not after the broker's usual wait.
                 "fetch.wait.max.ms": 50,
-                "queued.max.messages.kbytes": 8_192,
-                "statistics.interval.ms": 5_000,
                 "stats_cb": self._on_statistics,
             }
         )

@@ -19,8 +19,8 @@ from confluent_kafka import Consumer, KafkaException
 from confluent_kafka import Producer as KafkaProducer
 
 from bigpipe.config import Config, ConfigError, parse_config, read_config_file
-from bigpipe.delivery.consumer import consumer_settings
 from bigpipe.ingest.producer import producer_settings
+from bigpipe.kafka import consumer_settings
 
 # A client built only to be checked logs nothing: it is never polled, and it has no handler.
 _QUIET = logging.getLogger("bigpipe.node.preflight.librdkafka")
