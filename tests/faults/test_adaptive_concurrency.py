@@ -31,7 +31,7 @@ from tests.support import (
     unique,
 )
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.faults, pytest.mark.long, pytest.mark.timeout(300)]
 
 KNEE = 8  # past this many requests at once, the downstream slows down steeply
 BASE_SECONDS = 0.02

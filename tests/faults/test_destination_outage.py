@@ -14,7 +14,7 @@ from tests.faults.conftest import Cluster
 from tests.support import Bigpipe
 from tests.test_destination_shields import run_outage
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.faults, pytest.mark.long, pytest.mark.timeout(300)]
 
 
 async def test_a_destination_down_60_s_holds_back_only_its_own_calls(

@@ -28,6 +28,7 @@ from tests.test_waits import assert_on_time, first_call_delivered, post_delayed
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
 
+@pytest.mark.long
 async def test_a_thousand_delayed_calls_arrive_within_a_second_and_a_half_of_due(
     cluster: Cluster,
     downstream: Downstream,
@@ -65,6 +66,7 @@ async def test_kill_9_while_500_delayed_calls_wait_then_all_arrive_on_time(
     print(f"500 calls across kill -9: at most {assert_on_time(downstream, due, 2.0):.2f} s late")
 
 
+@pytest.mark.long
 async def test_memory_stays_flat_while_100_000_calls_wait(
     cluster: Cluster,
     downstream: Downstream,
