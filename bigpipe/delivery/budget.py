@@ -21,6 +21,7 @@ gives the members that were cut time to see the cut and stop taking slots.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 0.25  # how often each member reads the group's state and its share
 QUERY_TIMEOUT = 2.0
+# While Kafka does not answer, ask again ever more slowly, up to this: an outage must not
+# turn into a stream of admin requests that time out one after another.
+UNKNOWN_BACKOFF_MAX_SECONDS = 5.0
 # What a member holding partitions without a backlog keeps: one concurrency slot if the
 # slots are at least twice the members that hold partitions (else the slots all go where
 # the backlog is), and with it its part of this fraction of the rate.
@@ -164,6 +168,9 @@ def read_group_state(admin: AdminClient, group_id: str, topic: str) -> GroupStat
 def _offsets(admin: AdminClient, topic: str, partitions: list[int], spec: OffsetSpec) -> dict:
     asked = {TopicPartition(topic, p): spec for p in partitions}
     futures = admin.list_offsets(asked, request_timeout=QUERY_TIMEOUT)
+    # Every request ends before any result is read: reading stops at the first failure,
+    # and librdkafka's admin requests are not to be left running behind it.
+    concurrent.futures.wait(futures.values())
     return {tp.partition: future.result().offset for tp, future in futures.items()}
 
 
@@ -219,17 +226,20 @@ class GroupBudget:
         self._changed.set()
 
     async def _refresh_forever(self) -> None:
+        wait = REFRESH_SECONDS
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), REFRESH_SECONDS)
+                await asyncio.wait_for(self._changed.wait(), wait)
             self._changed.clear()
             try:
                 state = await asyncio.to_thread(
                     read_group_state, self._admin, self._consumer.group_id, self._consumer.topic
                 )
-            except KafkaException as exc:  # keep the shares in force; try again next tick
+            except KafkaException as exc:  # keep the shares in force; ask again, later
                 log.debug("%s: group state unknown: %s", self._name, exc)
+                wait = min(UNKNOWN_BACKOFF_MAX_SECONDS, wait * 2)
                 continue
+            wait = REFRESH_SECONDS
             self._apply(state)
 
     def _apply(self, state: GroupState) -> None:
