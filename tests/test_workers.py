@@ -223,7 +223,8 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
 
     async def consumed_and_in_flight() -> bool:
         stats = await group_stats(bigpipe, http)
-        return stats["handleMessage"] == len(accepted) and downstream.in_flight > 0
+        # At least: a partition that moved between the workers after start-up is read again.
+        return stats["handleMessage"] >= len(accepted) and downstream.in_flight > 0
 
     await eventually(consumed_and_in_flight, 30, "every call read, some in flight")
     assert len(downstream.answered_ids()) < len(accepted)
