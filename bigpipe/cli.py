@@ -90,7 +90,9 @@ def run(args: argparse.Namespace, raw: Any, config: Config, logs: Logging) -> in
     if args.worker_of is not None:
         path, index, count = args.worker_of.rsplit(":", 2)
         set_process_name(WORKER_NAME)
-        die_with_parent()
+        if not die_with_parent():
+            print("bigpipe: worker: its supervisor is gone already; exiting", file=sys.stderr)
+            return EXIT_FAILED
         slot = WorkerSlot(Board(Path(path), int(count)), int(index), Path(args.snapshot))
         return uvloop.run(serve(config, logs, slot))
     set_process_name()

@@ -19,7 +19,8 @@ import orjson
 import pytest
 
 from bigpipe.node.board import node_directory
-from bigpipe.node.workers import cgroup_cpu_quota
+from bigpipe.node.workers import SUPERVISOR_PID_ENV, cgroup_cpu_quota, write_snapshot
+from bigpipe.stats import NodeCounters
 from tests.support import (
     ACL_NAME,
     ACL_SECRET,
@@ -233,3 +234,32 @@ async def test_files_of_a_killed_supervisor_are_removed_by_the_next_one(
     assert second.process is not None and len(node_files(second.process.pid)) == 2
     assert await second.stop() == 0
     assert node_files(second.process.pid) == []
+
+
+async def test_a_worker_whose_supervisor_died_while_it_started_exits(
+    kafka: str, tmp_path: Path
+) -> None:
+    """Linux sends the supervisor's death signal only to workers that asked for it before
+    the supervisor died: a worker started just before a kill -9 would have run orphaned,
+    listening and consuming, for ever. It checks its parent once it has asked."""
+    config = base_config(kafka, unique("orphan"), free_port())
+    snapshot = tmp_path / "snapshot.json"
+    write_snapshot(snapshot, config, NodeCounters())
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-P",
+        "-m",
+        "bigpipe",
+        "-config",
+        str(tmp_path / "bigpipe.json"),
+        "--worker-of",
+        f"{tmp_path / 'board'}:0:1",  # never opened: the worker stops before
+        "--snapshot",
+        str(snapshot),
+        # Its parent is this test, not the supervisor it names: that one is gone.
+        env={**os.environ, SUPERVISOR_PID_ENV: "1"},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(worker.communicate(), 30)
+    assert worker.returncode == 1, stderr
+    assert b"its supervisor is gone already" in stderr

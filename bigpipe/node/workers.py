@@ -53,6 +53,7 @@ STABLE_SECONDS = 30  # a worker that lived this long resets its restart backoff
 START_ATTEMPTS = 3  # a worker that dies this many times in a row before it is up: give up
 PR_SET_PDEATHSIG = 1
 SUPERVISOR_GONE = signal.SIGHUP  # a worker's drain signal when its supervisor dies
+SUPERVISOR_PID_ENV = "BIGPIPE_SUPERVISOR_PID"  # set for its workers by the supervisor
 EXIT_WORKERS_FAILED = 1
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -110,15 +111,22 @@ def cgroup_cpu_quota(root: Path, cgroup: str | None) -> float | None:
     return min(quotas) if quotas else None
 
 
-def die_with_parent() -> None:
-    """Ask Linux to send this worker SUPERVISOR_GONE if its supervisor dies, even by kill -9.
+def die_with_parent() -> bool:
+    """Ask Linux to send this worker SUPERVISOR_GONE if its supervisor dies, even by kill -9;
+    False when the supervisor is gone already.
 
     Not SIGTERM: Linux sends the signal each time the worker's parent thread exits, and
     it is first reparented to another thread of the dying supervisor, so the signal may
     come twice; a second SIGTERM means "exit now, skip the drain".
+    A supervisor that died while this worker was starting, before the request, never
+    sends it: such a worker would run orphaned for ever (seen after tests killed a
+    supervisor right after it restarted a worker). Its parent is no longer the
+    supervisor that started it, which is what the last line checks.
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, SUPERVISOR_GONE)
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV)
+    return supervisor is None or os.getppid() == int(supervisor)
 
 
 # ---------------------------------------------------------------- the config snapshot
@@ -196,6 +204,7 @@ def worker_environment() -> dict[str, str]:
     cannot shadow the package (it made every worker fail its imports, forever).
     """
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())
     root = str(Path(bigpipe.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
     return env
