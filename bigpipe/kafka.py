@@ -98,6 +98,12 @@ def client_settings(config: Config) -> dict[str, Any]:
     }
 
 
+# The members' budget reports (bigpipe.delivery.budget): one partition, and a minute of
+# them, since a report is stale after two seconds.
+BUDGET_TOPIC = "bigpipe.budget"
+BUDGET_RETENTION_MS = 60_000
+
+
 def wanted_topics(config: Config) -> list[TopicConfig]:
     """Call topics, then per group a dead-letter topic and the delay topics (its ladder's
     rungs, bigpipe.delivery.rungs), shaped like its source topic."""
@@ -106,8 +112,9 @@ def wanted_topics(config: Config) -> list[TopicConfig]:
         source = wanted[consumer.topic]
         for name in (consumer.dead_letter_topic, *rung_topics(consumer)):
             wanted.setdefault(name, source.model_copy(update={"name": name}))
-    index = config.topics[0]  # the idempotency index, made as durable as the first topic
-    wanted.setdefault(INDEX_TOPIC, index.model_copy(update={"name": INDEX_TOPIC, "partitions": 1}))
+    index = config.topics[0]  # Bigpipe's own topics, made as durable as the first topic
+    for name in (INDEX_TOPIC, BUDGET_TOPIC):
+        wanted.setdefault(name, index.model_copy(update={"name": name, "partitions": 1}))
     return list(wanted.values())
 
 
@@ -150,6 +157,7 @@ def ensure_topics(config: Config, timeout: float) -> list[str]:
 # Bigpipe's own topics keep their records by time, whatever the broker's default.
 _OWN_TOPIC_SETTINGS = {
     INDEX_TOPIC: {"cleanup.policy": "delete", "retention.ms": str(INDEX_RETENTION_MS)},
+    BUDGET_TOPIC: {"cleanup.policy": "delete", "retention.ms": str(BUDGET_RETENTION_MS)},
 }
 _RUNG_SETTINGS = {"cleanup.policy": "delete", "retention.ms": str(RETENTION_MS)}
 

@@ -19,7 +19,15 @@ from aiohttp import web
 from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from bigpipe.delivery.budget import FLOOR_FRACTION, Share, shares
+from bigpipe.delivery.budget import (
+    FLOOR_FRACTION,
+    LIVE_SECONDS,
+    GroupState,
+    Holding,
+    Reports,
+    Share,
+    shares,
+)
 from tests.support import (
     Bigpipe,
     Downstream,
@@ -232,3 +240,24 @@ async def test_one_node_keeps_the_group_budget(budgeted: Budgeted) -> None:
     assert math.isclose(measured["rate"], RATE, rel_tol=0.20), measured
     assert measured["busiest second"] <= RATE * 1.2, measured
     assert measured["peak in flight"] <= CONCURRENCY, measured
+
+
+def test_reports_tell_the_group_from_the_live_members_only() -> None:
+    reports = Reports()
+    assert reports.state("me", 0.0) is None, "before this member's own report came back"
+    reports.hear("me", Holding([0, 1], {0: 5, 1: 0}), 0.0)
+    reports.hear("other", Holding([2], {2: 3}), 0.5)
+    state = reports.state("me", 1.0)
+    assert state == GroupState(True, {"me": [0, 1], "other": [2]}, {0: 5, 1: 0, 2: 3})
+    reports.hear("me", Holding([0, 1], {0: 4, 1: 0}), LIVE_SECONDS + 1)
+    state = reports.state("me", LIVE_SECONDS + 1)
+    assert state is not None and set(state.assignment) == {"me"}, "a silent member holds nothing"
+    assert reports.state("me", 2 * LIVE_SECONDS + 2) is None, "own report gone: Kafka away"
+
+
+def test_a_partition_two_members_claim_makes_the_state_unstable() -> None:
+    reports = Reports()
+    reports.hear("me", Holding([0, 1], {}), 0.0)
+    reports.hear("other", Holding([1], {}), 0.0)
+    state = reports.state("me", 0.0)
+    assert state is not None and not state.stable

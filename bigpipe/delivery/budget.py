@@ -1,11 +1,19 @@
 """A consumer group's budget: `rateLimit` and `concurrency` hold for the whole group.
 
 Every worker of every node is a member of the group, and together they stay within
-the budget. No extra service: every member reads the same facts from Kafka, twice a
-second, and works out every member's share from them the same way, so all agree:
+the budget. No extra service: four times a second every member writes what it holds to
+a small topic (bigpipe.budget) and reads what the others wrote, and from those reports
+works out every member's share the same way, so all agree:
 
-- who holds which partitions (the group's description), and
-- which of those partitions have a backlog (high watermark above the committed offset).
+- which partitions each member holds, and
+- which of those partitions have a backlog (calls read and unfinished, or not yet read).
+
+The reports come from what each member knows locally (its assignment, the high
+watermark its fetches brought, its position), so the budget sends no admin request.
+It used to ask the group coordinator (describe_consumer_groups and
+list_consumer_group_offsets): librdkafka 2.16 aborts the process when such a request's
+timeout races its answer (librdkafka issue 4605), which fault tests hit around broker
+restarts and a young cluster's "coordinator load in progress".
 
 Shares follow the partitions, as in Uber's uForwarder, and are work-conserving: the
 budget goes to the members whose partitions have a backlog, in proportion to how many
@@ -21,33 +29,27 @@ gives the members that were cut time to see the cut and stop taking slots.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
-from confluent_kafka import (
-    ConsumerGroupState,
-    ConsumerGroupTopicPartitions,
-    KafkaException,
-    TopicPartition,
-)
-from confluent_kafka.admin import AdminClient, OffsetSpec
+import orjson
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.delivery.limits import Limits
-from bigpipe.kafka import client_settings
+from bigpipe.ingest.producer import ProduceFailed, Producer
+from bigpipe.kafka import BUDGET_TOPIC, client_settings
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
 
-REFRESH_SECONDS = 0.25  # how often each member reads the group's state and its share
-QUERY_TIMEOUT = 2.0
-# While Kafka does not answer, ask again ever more slowly, up to this: an outage must not
-# turn into a stream of admin requests that time out one after another.
-UNKNOWN_BACKOFF_MAX_SECONDS = 5.0
+REFRESH_SECONDS = 0.25  # how often each member reports and works out its share
+# A member not heard from for this long holds nothing (it died, or lost Kafka). When this
+# member's own report has not come back for as long, Kafka is away: shares stay as they are.
+LIVE_SECONDS = 2.0
 # What a member holding partitions without a backlog keeps: one concurrency slot if the
 # slots are at least twice the members that hold partitions (else the slots all go where
 # the backlog is), and with it its part of this fraction of the rate.
@@ -127,51 +129,119 @@ def _largest_remainder(slots: int, weights: Mapping[str, int], least: int) -> di
 
 @dataclass(frozen=True)
 class GroupState:
-    """What every member reads from Kafka to work out the shares."""
+    """What every member knows of the group to work out the shares."""
 
-    stable: bool
+    stable: bool  # no partition is claimed by two members (a rebalance in progress)
     assignment: dict[str, list[int]]  # member id -> partitions of the topic it holds
     backlog: dict[int, int]  # partition -> calls after the committed offset
 
 
-def read_group_state(admin: AdminClient, group_id: str, topic: str) -> GroupState:
-    """The group's members, their partitions and those partitions' backlog. Blocking.
+@dataclass(frozen=True, slots=True)
+class Holding:
+    """One member's report: the partitions it holds, with their backlog."""
 
-    Raises KafkaException when Kafka does not answer.
-    """
-    description = admin.describe_consumer_groups([group_id], request_timeout=QUERY_TIMEOUT)
-    group = description[group_id].result()
-    assignment = {
-        member.member_id: sorted(
-            tp.partition for tp in member.assignment.topic_partitions if tp.topic == topic
+    partitions: list[int]
+    backlog: dict[int, int]
+
+
+class Reports:
+    """The latest report of every member of one group, and when it was heard. Pure."""
+
+    def __init__(self) -> None:
+        self._heard: dict[str, tuple[float, Holding]] = {}
+
+    def hear(self, member: str, holding: Holding, now: float) -> None:
+        self._heard[member] = (now, holding)
+
+    def state(self, me: str, now: float) -> GroupState | None:
+        """The group as the live reports tell it; None while this member's own report
+        has not come back (Kafka away, or just joined): then nothing is known."""
+        mine = self._heard.get(me)
+        if mine is None or now - mine[0] > LIVE_SECONDS:
+            return None
+        live = {m: h for m, (at, h) in self._heard.items() if now - at <= LIVE_SECONDS}
+        for member in [m for m in self._heard if m not in live]:
+            del self._heard[member]  # members come and go with every restart: forget them
+        claimed = [p for holding in live.values() for p in holding.partitions]
+        backlog = {p: n for holding in live.values() for p, n in holding.backlog.items()}
+        return GroupState(
+            len(claimed) == len(set(claimed)),
+            {m: h.partitions for m, h in live.items()},
+            backlog,
         )
-        for member in group.members
-    }
-    partitions = sorted({p for held in assignment.values() for p in held})
-    stable = group.state == ConsumerGroupState.STABLE
-    if not partitions:
-        return GroupState(stable, assignment, {})
-    request = [ConsumerGroupTopicPartitions(group_id)]
-    listed = admin.list_consumer_group_offsets(request, request_timeout=QUERY_TIMEOUT)
-    committed = {
-        tp.partition: tp.offset
-        for tp in listed[group_id].result().topic_partitions
-        if tp.topic == topic
-    }
-    highs = _offsets(admin, topic, partitions, OffsetSpec.latest())
-    never = [p for p in partitions if committed.get(p, -1) < 0]
-    starts = committed | (_offsets(admin, topic, never, OffsetSpec.earliest()) if never else {})
-    backlog = {p: max(0, highs[p] - max(starts.get(p, 0), 0)) for p in partitions}
-    return GroupState(stable, assignment, backlog)
 
 
-def _offsets(admin: AdminClient, topic: str, partitions: list[int], spec: OffsetSpec) -> dict:
-    asked = {TopicPartition(topic, p): spec for p in partitions}
-    futures = admin.list_offsets(asked, request_timeout=QUERY_TIMEOUT)
-    # Every request ends before any result is read: reading stops at the first failure,
-    # and librdkafka's admin requests are not to be left running behind it.
-    concurrent.futures.wait(futures.values())
-    return {tp.partition: future.result().offset for tp, future in futures.items()}
+class Exchange:
+    """Writes this member's reports to BUDGET_TOPIC and reads every member's back."""
+
+    def __init__(self, config: Config, consumer: ConsumerConfig) -> None:
+        self._group = consumer.group_id
+        self._topic = consumer.topic
+        self._reports = Reports()
+        self._sending: asyncio.Task[object] | None = None
+        self._reader = Consumer(
+            {
+                **client_settings(config),
+                "group.id": "bigpipe-budget",  # librdkafka wants one; never joined
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "fetch.wait.max.ms": 50,  # a report is news for LIVE_SECONDS only
+            }
+        )
+        # From the end: older reports are stale, and the live ones come again at once.
+        self._reader.assign([TopicPartition(BUDGET_TOPIC, 0, OFFSET_END)])
+
+    def publish(self, producer: Producer, member: str, holding: Holding) -> None:
+        """Send this member's report, unless the last one is still on its way."""
+        if self._sending is not None and not self._sending.done():
+            return
+        value = orjson.dumps(
+            {
+                "topic": self._topic,
+                "group": self._group,
+                "member": member,
+                "partitions": holding.partitions,
+                "backlog": holding.backlog,
+            },
+            option=orjson.OPT_NON_STR_KEYS,
+        )
+        self._sending = asyncio.ensure_future(
+            producer.send(BUDGET_TOPIC, value, self._group.encode())
+        )
+        self._sending.add_done_callback(_ignore_failure)
+
+    def state(self, me: str) -> GroupState | None:
+        """Read what arrived (without waiting) and tell the group as it stands now."""
+        now = time.monotonic()
+        for message in self._reader.consume(500, timeout=0):
+            if message.error() is None:
+                self._hear(message.value(), now)
+        return self._reports.state(me, now)
+
+    def _hear(self, value: bytes | None, now: float) -> None:
+        try:
+            report = orjson.loads(value or b"")
+            if (report["topic"], report["group"]) != (self._topic, self._group):
+                return
+            holding = Holding(
+                [int(p) for p in report["partitions"]],
+                {int(p): int(n) for p, n in report["backlog"].items()},
+            )
+            self._reports.hear(str(report["member"]), holding, now)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            log.debug("%s: not a budget report: %r", self._group, value)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def _ignore_failure(sending: asyncio.Task[object]) -> None:
+    """A report Kafka did not take is replaced by the next one a moment later."""
+    if sending.cancelled():
+        return
+    error = sending.exception()
+    if error is not None and not isinstance(error, ProduceFailed):
+        log.warning("budget report failed: %r", error)
 
 
 class GroupBudget:
@@ -182,14 +252,18 @@ class GroupBudget:
         config: Config,
         consumer: ConsumerConfig,
         member_id: Callable[[], str | None],
+        holding: Callable[[], Holding],
+        producer: Callable[[], Producer],
         limits: Limits,
         counters: GroupCounters,
     ) -> None:
         self._consumer = consumer
         self._member_id = member_id  # this member's id in the group; None until it joined
+        self._holding = holding  # what this member holds now, for its report
+        self._producer = producer  # the node's producer (a reload may replace it)
         self._limits = limits
         self._counters = counters  # shows the share in /stats and /metrics
-        self._admin = AdminClient(client_settings(config))
+        self._exchange = Exchange(config, consumer)
         self._computed: dict[str, Share] = {}  # every member's share, as last worked out
         self.share = NOTHING  # this member's share in force
         self._enforce(NOTHING)
@@ -207,6 +281,7 @@ class GroupBudget:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._exchange.close()
 
     def update(self, consumer: ConsumerConfig) -> None:
         """A reload changed the group's settings: apply this member's share of the new
@@ -226,21 +301,21 @@ class GroupBudget:
         self._changed.set()
 
     async def _refresh_forever(self) -> None:
-        wait = REFRESH_SECONDS
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), wait)
+                await asyncio.wait_for(self._changed.wait(), REFRESH_SECONDS)
             self._changed.clear()
-            try:
-                state = await asyncio.to_thread(
-                    read_group_state, self._admin, self._consumer.group_id, self._consumer.topic
-                )
-            except KafkaException as exc:  # keep the shares in force; ask again, later
-                log.debug("%s: group state unknown: %s", self._name, exc)
-                wait = min(UNKNOWN_BACKOFF_MAX_SECONDS, wait * 2)
+            me = self._member_id()
+            if not me:  # not in the group yet: nothing to report, no share
                 continue
-            wait = REFRESH_SECONDS
-            self._apply(state)
+            self._exchange.publish(self._producer(), me, self._holding())
+            try:
+                state = self._exchange.state(me)
+            except KafkaException as exc:
+                log.debug("%s: reports unreadable: %s", self._name, exc)
+                continue
+            if state is not None:  # else unknown: the shares in force stay
+                self._apply(state)
 
     def _apply(self, state: GroupState) -> None:
         if not state.stable:  # mid-rebalance: the assignment read may be half old

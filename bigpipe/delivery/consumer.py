@@ -32,7 +32,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from bigpipe.calls.callbacks import send_callback
 from bigpipe.calls.envelope import Call, InvalidRecord, decode_call
 from bigpipe.config import Config, ConsumerConfig
-from bigpipe.delivery.budget import GroupBudget
+from bigpipe.delivery.budget import GroupBudget, Holding
 from bigpipe.delivery.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
 from bigpipe.delivery.dead_letters import DeadLetterWriter, dead_letter_limit
 from bigpipe.delivery.delay_topics import DelayLadder
@@ -108,7 +108,13 @@ class ConsumerGroup:
         self._states = PartitionStates(self._kafka, consumer.topic, counters.partitions)
         # rateLimit and concurrency are the whole group's: this member gets its share.
         self._budget = GroupBudget(
-            config, consumer, self._kafka.memberid, self._client.limits, counters
+            config,
+            consumer,
+            self._kafka.memberid,
+            self._holding,
+            lambda: self.producer,
+            self._client.limits,
+            counters,
         )
         # Calls that wait long wait in the group's delay topics, read back by this ladder.
         self._ladder = DelayLadder(config, consumer, lambda: self.producer, self._process, counters)
@@ -446,6 +452,21 @@ class ConsumerGroup:
         self._counters.lag = lag
         if not self._stopping.is_set():  # else close() may serve this, on the leave thread
             self._states.refresh_high_watermarks()
+
+    def _holding(self) -> Holding:
+        """This member's partitions and their backlog, for the budget: the calls read and
+        unfinished, and those not read yet (past its position, up to the high watermark
+        its fetches brought). Local figures only: no request to Kafka."""
+        backlog = {}
+        for tp in self._kafka.position(self._states.topic_partitions(self._partitions)):
+            try:
+                _, fetched = self._kafka.get_watermark_offsets(tp, cached=True)
+            except KafkaException:  # nothing fetched from it yet
+                fetched = -1
+            high = self._states.high_watermark(tp.partition, fetched)
+            unread = high - tp.offset if tp.offset >= 0 and high > tp.offset else 0
+            backlog[tp.partition] = unread + len(self._partitions[tp.partition].offsets)
+        return Holding(sorted(self._partitions), backlog)
 
     def _on_error(self, error: KafkaError) -> None:
         if (text := self._repeats(error)) is not None:

@@ -49,7 +49,7 @@ class PartitionStates:
         for number in numbers:
             self._paused.pop(number, None)
         if numbers:
-            self._kafka.resume(self._topic_partitions(numbers))
+            self._kafka.resume(self.topic_partitions(numbers))
         self._show()
 
     def removed(self, numbers: list[int]) -> None:
@@ -63,13 +63,13 @@ class PartitionStates:
         """Pause every assigned partition for `reason`, or resume them all for None."""
         if reason is None:
             if self._paused:
-                self._kafka.resume(self._topic_partitions(self._paused))
+                self._kafka.resume(self.topic_partitions(self._paused))
                 self._paused.clear()
                 self._show()
             return
         running = self._assigned - self._paused.keys()
         if running:
-            self._kafka.pause(self._topic_partitions(running))
+            self._kafka.pause(self.topic_partitions(running))
         if running or any(why != reason for why in self._paused.values()):
             self._paused = dict.fromkeys(self._assigned, reason)
             self._show()
@@ -114,5 +114,5 @@ class PartitionStates:
             why = self._paused.get(number)
             self._shown[str(number)] = CONSUMING if why is None else f"paused:{why}"
 
-    def _topic_partitions(self, numbers: Iterable[int]) -> list[TopicPartition]:
+    def topic_partitions(self, numbers: Iterable[int]) -> list[TopicPartition]:
         return [TopicPartition(self._topic, n) for n in sorted(numbers)]
