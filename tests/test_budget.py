@@ -22,6 +22,7 @@ from confluent_kafka.admin import AdminClient
 from bigpipe.delivery.budget import (
     FLOOR_FRACTION,
     LIVE_SECONDS,
+    NOTHING,
     GroupState,
     Holding,
     Reports,
@@ -99,6 +100,14 @@ def test_fewer_slots_than_busy_members_take_turns() -> None:
             seen[member] = seen.get(member, 0) + share.concurrency
             assert (share.concurrency == 0) == (share.rate < 0.01), "rate goes with the slot"
     assert seen == dict.fromkeys("abcde", 2), "each member holds a slot in 2 turns of 5"
+
+
+def test_while_no_member_holds_a_partition_every_share_is_nothing() -> None:
+    """A node restarted after kill -9 hears its own report before the group gives it the
+    partitions the dead member held: that reckoning divided by zero holders, and the
+    budget's task died, leaving the member with no slot for ever (a stall)."""
+    assert shares(40, 4, {"new": []}, {}) == {"new": NOTHING}
+    assert shares(40, 4, {}, {}) == {}
 
 
 def test_every_member_works_out_the_same_split() -> None:

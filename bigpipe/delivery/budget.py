@@ -84,6 +84,8 @@ def shares(
     wall-clock time (used only when the slots are fewer than the members with a backlog).
     """
     holders = sorted(member for member, partitions in assignment.items() if partitions)
+    if not holders:  # say, a restarted node before the group hands it the dead one's part
+        return dict.fromkeys(assignment, NOTHING)
     busy = {m: sum(backlog.get(p, 0) > 0 for p in assignment[m]) for m in holders}
     busy = {m: weight for m, weight in busy.items() if weight}
     weights = busy or {m: len(assignment[m]) for m in holders}
@@ -305,17 +307,23 @@ class GroupBudget:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), REFRESH_SECONDS)
             self._changed.clear()
-            me = self._member_id()
-            if not me:  # not in the group yet: nothing to report, no share
-                continue
-            self._exchange.publish(self._producer(), me, self._holding())
             try:
-                state = self._exchange.state(me)
-            except KafkaException as exc:
-                log.debug("%s: reports unreadable: %s", self._name, exc)
-                continue
-            if state is not None:  # else unknown: the shares in force stay
-                self._apply(state)
+                self._refresh()
+            except Exception:  # a bug here must not end the refreshes: the share would freeze
+                log.exception("%s: budget refresh failed", self._name)
+
+    def _refresh(self) -> None:
+        me = self._member_id()
+        if not me:  # not in the group yet: nothing to report, no share
+            return
+        self._exchange.publish(self._producer(), me, self._holding())
+        try:
+            state = self._exchange.state(me)
+        except KafkaException as exc:
+            log.debug("%s: reports unreadable: %s", self._name, exc)
+            return
+        if state is not None:  # else unknown: the shares in force stay
+            self._apply(state)
 
     def _apply(self, state: GroupState) -> None:
         if not state.stable:  # mid-rebalance: the assignment read may be half old
