@@ -58,6 +58,7 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 DAY_MS = 86_400_000
 MAX_IDEMPOTENCY_WINDOW_MS = 7 * DAY_MS
 DEFAULT_MAX_DELAY_MS = 7 * DAY_MS
+DEFAULT_STATUS_RETENTION_MS = 7 * DAY_MS
 TOPIC_NAME = r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$"  # Kafka's rule; "." and ".." are no names
 # librdkafka settings Bigpipe sets itself: letting them through would break its guarantees.
 # (message.max.bytes follows http.server.body.limit: kafka.record_size_limit.)
@@ -560,6 +561,37 @@ class Config(Section):
         kind="PEM file path",
         doc="the chain's private key",
     )
+    status_enabled: Flag = key(  # bigpipe.calls.status
+        "status.enabled",
+        True,
+        reload=RESTART,
+        doc="write each call's steps to `status.topic` and answer `GET /rpc/call/{id}` (see"
+        " [Call status](#call-status)); `false` turns both off",
+    )
+    status_topic: TopicName = key(
+        "status.topic",
+        "bigpipe.results",
+        reload=RESTART,
+        doc="the results topic: every call's steps, keyed by call id",
+    )
+    status_retention_ms: Int = key(
+        "status.retention",
+        DEFAULT_STATUS_RETENTION_MS,
+        ge=3_600_000,
+        unit="ms",
+        reload=RESTART,
+        invalid="must be at least 3600000 ms (1 h), got {value}",
+        doc="how long a call can be looked up: the results topic's `retention.ms` when Bigpipe"
+        " creates it, and the views'",
+    )
+    status_directory: Text = key(
+        "status.directory",
+        "",
+        reload=RESTART,
+        default_doc='`""`: the system\'s temporary directory',
+        doc="where the node keeps its status view (SQLite), rebuilt from the results topic"
+        " when missing",
+    )
     kafka_client_config: dict[Setting, SettingValue] = key(
         "kafka.client.config", {}, doc="librdkafka settings for every Kafka client (see below)"
     )
@@ -616,6 +648,12 @@ def _rules_across_entries(raw: dict[str, Any]) -> Iterator[str]:
                 "each consumer group may be listed once per topic"
             )
         groups.add((topic, group_id))
+    status_topic = raw.get("status.topic", "bigpipe.results")
+    if isinstance(status_topic, str) and status_topic in (listed or ()):
+        yield (
+            f"status.topic: {status_topic!r} is a call topic in kafka.topics; "
+            "pick a topic used only for call status"
+        )
 
 
 def _listed_topic(path: str, entry: dict[str, Any], listed: set[str] | None) -> Iterator[str]:

@@ -115,6 +115,10 @@ def wanted_topics(config: Config) -> list[TopicConfig]:
     index = config.topics[0]  # Bigpipe's own topics, made as durable as the first topic
     for name in (INDEX_TOPIC, BUDGET_TOPIC):
         wanted.setdefault(name, index.model_copy(update={"name": name, "partitions": 1}))
+    if config.status_enabled:  # as many partitions as the widest call topic: as busy
+        partitions = max(t.partitions for t in config.topics)
+        status = index.model_copy(update={"name": config.status_topic, "partitions": partitions})
+        wanted.setdefault(config.status_topic, status)
     return list(wanted.values())
 
 
@@ -163,6 +167,9 @@ _RUNG_SETTINGS = {"cleanup.policy": "delete", "retention.ms": str(RETENTION_MS)}
 
 
 def _own_settings(config: Config, name: str) -> dict[str, str]:
+    if config.status_enabled and name == config.status_topic:
+        # delete, not compact: compaction would keep only the last step of each call.
+        return {"cleanup.policy": "delete", "retention.ms": str(config.status_retention_ms)}
     rungs = {rung for consumer in config.consumers for rung in rung_topics(consumer)}
     return _RUNG_SETTINGS if name in rungs else _OWN_TOPIC_SETTINGS.get(name, {})
 

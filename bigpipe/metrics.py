@@ -203,6 +203,16 @@ class _StatsCollector(Collector):
         yield GaugeMetricFamily(
             "bigpipe_ready", "1 when the node takes calls", value=int(self._ready)
         )
+        yield CounterMetricFamily(
+            "bigpipe_status_dropped",
+            "Steps of calls not written to the results topic (the calls went on)",
+            value=stats.status.statusDropped,
+        )
+        yield GaugeMetricFamily(
+            "bigpipe_status_view_lag",
+            "Results-topic records this node's status view has not applied yet (-1: unknown)",
+            value=stats.status.viewLag,
+        )
 
     def _groups(self) -> Iterator[Metric]:
         labels = ["topic", "group"]

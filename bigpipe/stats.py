@@ -125,10 +125,21 @@ class NodeCounters:
     reloadFailure: int = 0  # a new config file was rejected; the old one kept running
 
 
+@dataclass(slots=True)
+class StatusCounters:
+    """The call status (bigpipe.calls.status): steps not written, and how far the view lags."""
+
+    statusDropped: int = 0  # steps Kafka did not take (fire-and-forget: the calls went on)
+    # A gauge of the one process per node that builds the view: records in the results
+    # topic it has not applied yet; -1 before it first knew.
+    viewLag: int = -1
+
+
 class Stats:
     def __init__(self) -> None:
         self.server = ServerCounters()
         self.node = NodeCounters()
+        self.status = StatusCounters()
         self._producer: dict[str, ProducerCounters] = {}
         self._groups: dict[tuple[str, str], GroupCounters] = {}
 
@@ -146,6 +157,7 @@ class Stats:
         return {
             "server": asdict(self.server),
             "node": asdict(self.node),
+            "status": asdict(self.status),
             "producer": {topic: asdict(c) for topic, c in self._producer.items()},
             "groups": {f"{t}\t{g}": asdict(c) for (t, g), c in self._groups.items()},
         }
@@ -156,6 +168,9 @@ class Stats:
         stats = cls()
         stats.server = ServerCounters(**data["server"])
         stats.node = NodeCounters(**data["node"])
+        stats.status = StatusCounters(**data.get("status", {}))
+        if counters_only:
+            stats.status.viewLag = -1
         stats._producer = {t: ProducerCounters(**c) for t, c in data["producer"].items()}
         for key, values in data["groups"].items():
             topic, group_id = key.split("\t")
@@ -183,6 +198,8 @@ class Stats:
             # Every worker reloads on the same signal: the node reloaded once, not N times.
             total.node.reloadSuccess = max(total.node.reloadSuccess, part.node.reloadSuccess)
             total.node.reloadFailure = max(total.node.reloadFailure, part.node.reloadFailure)
+            total.status.statusDropped += part.status.statusDropped
+            total.status.viewLag = max(total.status.viewLag, part.status.viewLag)  # one builds it
             for topic, counters in part._producer.items():
                 mine = total.producer(topic)
                 mine.deliverySuccess += counters.deliverySuccess
@@ -209,6 +226,7 @@ class Stats:
             "consumerStats": consumer_stats,
             "clientStats": client_stats,
             "nodeStats": asdict(self.node),
+            "statusStats": asdict(self.status),
         }
 
 

@@ -243,6 +243,8 @@ class Bigpipe:
     """A Bigpipe process started from a config dict; stopped by its PID."""
 
     def __init__(self, config: dict[str, Any], workdir: Path, args: tuple[str, ...] = ()) -> None:
+        # Each node's status view (SQLite) in the test's own directory, not the system's.
+        config.setdefault("status.directory", str(workdir / "status"))
         self.config = config
         self.args = args  # command-line options after -config PATH, say ("--workers", "2")
         self.port = config["http.server.port"]

@@ -194,7 +194,8 @@ def test_bigpipe_config_without_a_command_is_a_usage_error() -> None:
 
 # ---------------------------------------------------------------- declarations
 def test_restart_keys_are_the_http_server_keys_as_in_the_original() -> None:
-    http = {key for key in fields_of(Config) if key.startswith("http.server.")}
+    # and the call status's, new: its writer, view and file are made when a node starts
+    http = {key for key in fields_of(Config) if key.startswith(("http.server.", "status."))}
     assert set(RESTART_FIELDS.values()) == http
     refused = [
         k for k, info in fields_of(Config).items() if metadata(info, Key)[0].reload is REFUSED

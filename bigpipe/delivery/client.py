@@ -15,6 +15,7 @@ from prometheus_client import Histogram
 from yarl import URL
 
 from bigpipe.calls.envelope import Call
+from bigpipe.calls.status import GroupTrail
 from bigpipe.config import AclEntry, ConsumerConfig
 from bigpipe.delivery.limits import Limits
 from bigpipe.delivery.retry import Verdict, backoff_seconds, classify, retry_after_seconds
@@ -44,6 +45,7 @@ class AttemptResult:
     # A success's reply, for a result callback (bigpipe.calls.callbacks)
     headers: Mapping[str, str] | None = None
     body: bytes = b""  # up to RESPONSE_READ_LIMIT, and one chunk more when it was cut
+    latency_s: float = 0.0  # from sending the request to the end of reading its reply
 
 
 # The caller's ACL entry by name and call topic, from the config in force now (None: no
@@ -72,8 +74,10 @@ class DeliveryClient:
         shields: DestinationShields,
         callers: CallerLookup,
         attempt_seconds: Histogram,
+        trail: GroupTrail,
     ) -> None:
         self._counters = counters
+        self._trail = trail  # each attempt's start and end, for the call's status
         self._shields = shields
         self._callers = callers
         self._attempt_seconds = attempt_seconds
@@ -124,9 +128,11 @@ class DeliveryClient:
             if result.verdict is Verdict.EXPIRED:  # not an attempt either
                 return Outcome(False, attempt - 1, result, first_attempt_ms)
             if result.verdict is not Verdict.RETRY or attempt >= max_attempts:
+                self._trail.attempt_ended(call, attempt, result, None)
                 return Outcome(result.verdict is Verdict.SUCCESS, attempt, result, first_attempt_ms)
             self._counters.rpcRetries += 1
             wait = expiry.cap(self._retry_delay(attempt, result))
+            self._trail.attempt_ended(call, attempt, result, int(time.time() * 1000 + wait * 1000))
             if wait * 1000 > self._config.delay_threshold_ms:  # too long to wait in memory
                 return Outcome(False, attempt, result, first_attempt_ms, wait_s=wait)
             await asyncio.sleep(wait)
@@ -158,7 +164,10 @@ class DeliveryClient:
                     return refused
                 if expiry.passed():  # not an attempt: the destination records nothing
                     return AttemptResult(Verdict.EXPIRED, error=expiry.reason())
+                self._trail.attempt_started(call, attempt)
+                started = time.perf_counter()
                 result = await self._attempt(call, body, attempt, caller, destination)
+                result.latency_s = time.perf_counter() - started
             finally:
                 self._limits.release()
         finally:

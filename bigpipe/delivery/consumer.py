@@ -31,10 +31,15 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from bigpipe.calls.callbacks import send_callback
 from bigpipe.calls.envelope import Call, InvalidRecord, decode_call
+from bigpipe.calls.status import GroupTrail
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.delivery.budget import GroupBudget, Holding
 from bigpipe.delivery.client import AttemptResult, CallerLookup, DeliveryClient, Outcome
-from bigpipe.delivery.dead_letters import DeadLetterWriter, dead_letter_limit
+from bigpipe.delivery.dead_letters import (
+    DeadLetterWriter,
+    dead_letter_limit,
+    dead_letter_reason,
+)
 from bigpipe.delivery.delay_topics import DelayLadder
 from bigpipe.delivery.offsets import PartitionOffsets
 from bigpipe.delivery.partitions import BUFFER, HELD, PartitionStates
@@ -84,8 +89,10 @@ class ConsumerGroup:
         latencies: GroupLatencies,
         callers: CallerLookup,
         is_first: IsFirst,
+        trail: GroupTrail,
     ) -> None:
         self.config = consumer
+        self._trail = trail  # the steps of each call's life, for its status (bigpipe.calls.status)
         self._is_first = is_first
         self._counters = counters
         self._latencies = latencies
@@ -93,7 +100,9 @@ class ConsumerGroup:
             self.name, dead_letter_limit(config), producer, counters
         )
         self._shields = DestinationShields(self.name, consumer, counters)
-        self._client = DeliveryClient(consumer, counters, self._shields, callers, latencies.attempt)
+        self._client = DeliveryClient(
+            consumer, counters, self._shields, callers, latencies.attempt, trail
+        )
         self._repeats = RepeatFilter()  # a Kafka outage repeats one error many times a second
         self._kafka = Consumer(
             {
@@ -382,7 +391,9 @@ class ConsumerGroup:
         self, message: Message, call: Call | None, outcome: Outcome | None, reason: str
     ) -> None:
         topic, group_id = self.config.dead_letter_topic, self.config.group_id
-        await self._dead_letters.write(topic, group_id, message, call, outcome, reason)
+        placed = await self._dead_letters.write(topic, group_id, message, call, outcome, reason)
+        if call is not None:
+            self._trail.dead(call, dead_letter_reason(call, outcome), topic, placed)
 
     # ------------------------------------------------------------ offsets
     def _commit(self, asynchronous: bool, only: list[int] | None = None) -> None:

@@ -25,7 +25,7 @@ from bigpipe.calls.envelope import Call, encode_dead_letter
 from bigpipe.config import Config
 from bigpipe.delivery.client import Outcome
 from bigpipe.delivery.retry import Verdict, backoff_seconds
-from bigpipe.ingest.producer import ProduceFailed, Producer
+from bigpipe.ingest.producer import Placed, ProduceFailed, Producer
 from bigpipe.kafka import Throttle
 from bigpipe.stats import GroupCounters
 
@@ -60,8 +60,8 @@ class DeadLetterWriter:
         call: Call | None,
         outcome: Outcome | None,
         reason: str,
-    ) -> None:
-        """Write the dead letter; return once Kafka has it, or the call is skipped."""
+    ) -> Placed | None:
+        """Write the dead letter; return where, once Kafka has it; None if the call is skipped."""
 
         def encode(max_bytes: int) -> bytes:
             return encode_dead_letter(
@@ -75,7 +75,7 @@ class DeadLetterWriter:
                 last_status=outcome.last.status if outcome else None,
                 last_error=reason,
                 first_attempt_ms=outcome.first_attempt_ms if outcome else None,
-                reason=_reason(call, outcome),
+                reason=dead_letter_reason(call, outcome),
                 max_bytes=max_bytes,
             )
 
@@ -83,7 +83,7 @@ class DeadLetterWriter:
         record, bare_tries, failures = encode(self._max_bytes), 0, 0
         while True:
             try:
-                await self.producer.send(topic, record, message.key())
+                placed = await self.producer.send(topic, record, message.key())
                 break
             except ProduceFailed as exc:
                 if not exc.permanent:
@@ -115,10 +115,11 @@ class DeadLetterWriter:
                         exc,
                         reason,
                     )
-                    return
+                    return None
         self._counters.deadLetter += 1
         self._counters.expired += outcome is not None and outcome.last.verdict is Verdict.EXPIRED
         self._log(logging.WARNING, "written", f"{what} dead-lettered to {topic}: {reason}")
+        return placed
 
     def _log(self, level: int, kind: str, text: str) -> None:
         """One line a second per kind at most, saying how many were held back."""
@@ -128,7 +129,7 @@ class DeadLetterWriter:
             log.log(level, "%s: %s%s", self._name, text, suffix)
 
 
-def _reason(call: Call | None, outcome: Outcome | None) -> str:
+def dead_letter_reason(call: Call | None, outcome: Outcome | None) -> str:
     """The dead letter's `reason`: one word a tool can branch on."""
     if call is None:
         return "invalid"

@@ -24,6 +24,7 @@ from yarl import URL
 from bigpipe.calls.callbacks import CALLBACK_FIELDS
 from bigpipe.calls.dedup import MAX_KEY_LENGTH, IdempotencyIndex
 from bigpipe.calls.envelope import encode_call, forwardable_headers, new_call
+from bigpipe.calls.status import StatusLog
 from bigpipe.config import AclEntry, Config
 from bigpipe.ingest.acl import Acl
 from bigpipe.ingest.compat import (
@@ -63,6 +64,7 @@ class ServedNode(Protocol):
     acl: Acl
     producer: Producer | None
     index: IdempotencyIndex
+    status_log: StatusLog | None
     ingest: Ingest
 
     @property
@@ -348,6 +350,8 @@ class Ingest:
             if self._waiting == 0:
                 self._idle.set()
         counters.deliverySuccess += 1
+        if node.status_log is not None:
+            node.status_log.queued(call, entry.topic)
         return {"id": call.id, "partition": partition, "offset": offset}
 
 

@@ -22,6 +22,7 @@ from confluent_kafka import KafkaException
 
 from bigpipe.calls.dedup import IdempotencyIndex
 from bigpipe.calls.envelope import Call
+from bigpipe.calls.status import NO_TRAIL, StatusLog
 from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig, read_config_file
 from bigpipe.delivery.consumer import ConsumerGroup
 from bigpipe.ingest.acl import Acl
@@ -70,6 +71,7 @@ class Node:
         self._inherited: list[Sample] = []  # histograms of the dead worker this one replaces
         self.acl = Acl(config.acl)
         self.producer: Producer | None = None
+        self.status_log: StatusLog | None = None  # the results topic's writer, when tracking
         self.groups: dict[tuple[str, str], ConsumerGroup] = {}
         self._joined = False  # topics exist and the groups started
         self.kafka_lost = False  # every broker unreachable, after start-up (_watch_kafka)
@@ -165,6 +167,8 @@ class Node:
         """Listen first, so the node answers (503) even while Kafka is away."""
         self.producer = Producer(self.config)
         self.index = IdempotencyIndex(self.config)
+        if self.config.status_enabled:
+            self.status_log = StatusLog(self.config, self.stats.status)
         keepalive = self.config.read_timeout_ms / 1000
         server = build_server(
             self,
@@ -249,6 +253,7 @@ class Node:
                 latencies,
                 self.caller,
                 self._is_first,
+                self.status_log.group(consumer.group_id) if self.status_log else NO_TRAIL,
             )
             group.start(self._group_died)
             self.groups[consumer.key] = group
@@ -296,6 +301,8 @@ class Node:
         if self._logs is not None:
             self._logs.apply(config.log_level, config.log_directory, config.log_format)
         self.acl = Acl(config.acl)
+        if self.status_log is not None:
+            self.status_log.update(config)
         if not self._joined:  # still joining Kafka: join again, with the new config
             self.config = config
             await self._restart_bring_up()
@@ -359,6 +366,8 @@ class Node:
             log.error("shutdown: calls still waiting for Kafka after %.0f s", timeout)
         # Groups stop before the producer: a call failing now still needs its dead letter.
         await asyncio.gather(*(group.stop(left()) for group in self.groups.values()))
+        if self.status_log is not None:
+            await self.status_log.close(left())
         if self.producer is not None:
             await self.producer.close(left())
         await self.index.close()
