@@ -14,6 +14,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from bigpipe.config import parse_config
+from bigpipe.node.app import Node
 from tests.support import (
     ACL_NAME,
     ACL_SECRET,
@@ -21,7 +23,9 @@ from tests.support import (
     Downstream,
     Received,
     answer_200,
+    base_config,
     eventually,
+    free_port,
     group_stats,
     own_kafka,
     reload,
@@ -408,3 +412,24 @@ async def test_kafka_client_config_reloads_into_the_consumers(
     print(f"\ndelivery latency: {before:.2f} s, with {waiting} {during:.2f} s, then {after:.2f} s")
     assert before < 1 and after < 1
     assert during > 2, "the consumers run with the reloaded librdkafka settings"
+
+
+async def test_a_reload_before_the_node_joined_kafka_swaps_the_producer(tmp_path: Path) -> None:
+    """Kafka unreachable, so the node has not joined: a reload of producer settings must
+    still give it a producer with them, or the old settings would run until a restart."""
+    raw = base_config(
+        f"127.0.0.1:{free_port()}", unique("calls"), free_port(), **{"kafka.producer.retries": 3}
+    )
+    path = tmp_path / "bigpipe.json"
+    path.write_bytes(orjson.dumps(raw))
+    node = Node(parse_config(raw, source=path))
+    await node.start()
+    try:
+        first = node.producer
+        path.write_bytes(orjson.dumps({**raw, "kafka.producer.retries": 7}))
+        assert await node.reload()
+        assert not node.ready, "still not joined: Kafka is unreachable"
+        assert node.config.producer_retries == 7
+        assert node.producer is not first, "the producer was made with the old settings"
+    finally:
+        await node.stop()

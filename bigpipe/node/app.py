@@ -304,6 +304,8 @@ class Node:
         if self.status_log is not None:
             self.status_log.update(config)
         if not self._joined:  # still joining Kafka: join again, with the new config
+            if plan.new_producer:  # the groups to come take self.producer as it is then
+                await self._swap_producer(config)
             self.config = config
             await self._restart_bring_up()
             return
