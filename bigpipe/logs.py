@@ -8,6 +8,7 @@ a node with workers, who wrote it (`supervisor`, `worker-0`, ...).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import queue
@@ -41,27 +42,36 @@ class HourlyFileHandler(logging.Handler):
         directory.mkdir(parents=True, exist_ok=True)
 
     def emit(self, record: logging.LogRecord) -> None:
-        hour = time.strftime("%Y%m%d_%H", time.localtime(record.created))
-        if hour != self._hour:
-            self._open(hour)
-        assert self._stream is not None
-        self._stream.emit(record)
+        # An exception out of here would end the QueueListener's thread, and with it every
+        # later line: a line that cannot be written is reported on stderr, and only it lost.
+        try:
+            hour = time.strftime("%Y%m%d_%H", time.localtime(record.created))
+            if hour != self._hour:
+                self._open(hour)
+            assert self._stream is not None
+            self._stream.emit(record)
+        except Exception:
+            self.handleError(record)
 
     def _open(self, hour: str) -> None:
         if self._stream is not None:
             self._stream.close()
-        self._hour = hour
+            self._stream = None
+        self._hour = ""  # until the file is open: if opening fails, the next line tries again
         self._stream = logging.FileHandler(
             self._directory / f"bigpipe.{hour}.log", encoding="utf-8"
         )
         self._stream.setFormatter(self.formatter)
+        self._hour = hour
         self._prune()
 
     def _prune(self) -> None:
         cutoff = time.time() - self._retention_seconds
         for path in self._directory.glob("bigpipe.*.log"):
-            if path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
+            # Another process (a second worker, logrotate) may remove it meanwhile.
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._stream is not None:

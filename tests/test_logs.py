@@ -75,3 +75,57 @@ async def test_the_level_changes_on_reload(
     )
     # The log is written by a thread: only now is it sure the first line never came.
     assert bigpipe.log_tail().count("bigpipe.node.reload: reloaded") == 1
+
+
+@pytest.mark.usefixtures("root_logger")
+def test_a_failed_write_costs_that_line_only_not_the_logging_thread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A line that cannot be written (its directory gone when the hour turns) is reported
+    on stderr; the listener thread lives on and writes the lines after it."""
+    directory = tmp_path / "logs"
+    logs = Logging()
+    logs.apply(4, str(directory))
+    logger = logging.getLogger("bigpipe.test")
+    logger.info("first")
+    logs.stop()  # flushes: the first file exists
+    logs.apply(4, str(directory))
+    for path in directory.iterdir():
+        path.unlink()
+    directory.rmdir()
+    next_hour = logging.makeLogRecord(
+        {"name": "bigpipe.test", "levelno": logging.INFO, "msg": "lost"}
+    )
+    next_hour.created = time.time() + 3600  # the hour turns: a new file in a missing directory
+    logger.handle(next_hour)
+    reported = ""
+    deadline = time.monotonic() + 10
+    while "FileNotFoundError" not in reported:  # the listener thread reports the lost line
+        assert time.monotonic() < deadline, "the lost line was never reported on stderr"
+        time.sleep(0.05)
+        reported += capsys.readouterr().err
+    directory.mkdir()
+    logger.info("after")
+    logs.stop()
+    lines = [line for p in directory.glob("bigpipe.*.log") for line in p.read_text().splitlines()]
+    assert any(line.endswith("bigpipe.test: after") for line in lines), "the thread died"
+
+
+def test_a_log_file_removed_while_pruning_is_no_error(tmp_path: Path) -> None:
+    """Another process (logrotate, a second worker) may remove a file between the listing
+    and its stat: pruning skips it."""
+    handler = HourlyFileHandler(tmp_path, retention_hours=1)
+    vanishing = tmp_path / "bigpipe.20000101_00.log"
+    vanishing.write_text("old\n")
+    real_stat = Path.stat
+
+    def stat_after_removal(path: Path, **kwargs: bool) -> os.stat_result:
+        if path == vanishing:
+            path.unlink(missing_ok=True)
+        return real_stat(path, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "stat", stat_after_removal)
+        handler._prune()
+    handler.close()
+    assert not vanishing.exists()
