@@ -234,7 +234,7 @@ class AclEntry(Section):
         if self.secret is None:
             return self
         digest = hashlib.sha256(self.secret.encode()).digest()
-        return self.model_copy(update={"secret": None, "secret_sha256": digest})
+        return self._derive(secret=None, secret_sha256=digest)
 
 
 class BreakerConfig(Section):
@@ -409,7 +409,7 @@ class ConsumerConfig(Section):
         if self.backoff_max_ms < self.backoff_base_ms:
             raise rule("backoffMax", f"must be >= backoffBase ({self.backoff_base_ms})")
         buffered = self.max_buffered or max(100, 4 * self.concurrency)
-        return self.model_copy(update={"dead_letter_topic": dead_letter, "max_buffered": buffered})
+        return self._derive(dead_letter_topic=dead_letter, max_buffered=buffered)
 
 
 def default_dead_letter_topic(topic: str, group_id: str) -> str:

@@ -12,7 +12,7 @@ import difflib
 import enum
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Any, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Self, TypeVar, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationInfo
@@ -101,6 +101,14 @@ class Section(BaseModel):
         validate_by_name=True,  # for objects built in Python; a file is read by alias only
         regex_engine="python-re",  # patterns may look ahead
     )
+
+    def _derive(self, **values: Any) -> Self:
+        """Fill in values worked out from others, from this section's own after-validator.
+        Such a validator must return the instance it was given (pydantic warns about a
+        copy), and the section is frozen: hence the bypass, for validators only."""
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        return self
 
 
 @cache
