@@ -17,8 +17,16 @@ import aiohttp
 from aiohttp import web
 from confluent_kafka import Consumer
 
-from tests.support import Bigpipe, Downstream, eventually, group_stats, start_node
+from tests.support import (
+    Bigpipe,
+    Downstream,
+    eventually,
+    group_stats,
+    start_node,
+    topic_record_count,
+)
 from tests.test_metrics import scrape
+from tests.test_waits import first_call_delivered
 
 BREAKER = {"breakPeriod": 1, "recoverPeriod": 1, "winSize": 2, "minStats": 3, "healthRate": 0.5}
 
@@ -146,3 +154,36 @@ async def test_a_partition_paused_when_revoked_is_resumed_when_it_comes_back(
     consuming = [labels for labels, value in states.items() if value == 1]
     assert len(consuming) == 4 and all(("state", "consuming") in labels for labels in consuming)
     await downstream.stop()
+
+
+async def test_a_delay_rung_paused_when_revoked_is_resumed_when_it_comes_back(
+    kafka: str,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    """The delay ladder pauses a rung's partition at a record not yet ripe. Taken away
+    while paused, and given back after its resume timer has gone off, the partition
+    comes back with librdkafka's pause flag set: the ladder must resume it itself."""
+    bigpipe, topic = await start_node(kafka, tmp_path, processes, partitions=1, delayThreshold=1000)
+    group = bigpipe.config["kafka.consumer.list"][0]["groupId"]
+    rung = f"{topic}.{group}.delay.10s"
+    # The ladder's group is joined once a call has gone through a rung and come back.
+    await first_call_delivered(bigpipe, http, downstream, 1500)
+
+    status, reply = await bigpipe.post_call(http, url=downstream.url(), delay_ms=12_000)
+    assert (status, reply["errno"]) == (200, 0), reply
+    call_id = reply["data"]["id"]
+
+    async def parked() -> bool:
+        return await asyncio.to_thread(topic_record_count, kafka, rung) == 1
+
+    await eventually(parked, 30, "the call to wait in the 10s rung")
+    ripe = time.monotonic() + 10  # the ladder reads it at once and pauses the rung till then
+    joiner = Joiner(kafka, rung, f"{group}.delay")  # only the 10s rung: it takes that one
+    await eventually(lambda: 0 in joiner.assigned, 60, "a second member to take the rung")
+    # Hold the rung past the ladder's resume timer, which then finds it gone.
+    await asyncio.sleep(max(0.0, ripe + 1 - time.monotonic()))
+    await joiner.close()
+    await eventually(lambda: call_id in downstream.call_ids(), 30, "the parked call")

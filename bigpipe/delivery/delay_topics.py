@@ -47,7 +47,7 @@ COMMIT_INTERVAL_SECONDS = 0.5
 
 @dataclass(slots=True)
 class _Rung:
-    generation: int  # a resume timer of an earlier assignment does nothing
+    generation: int  # a resume timer of an earlier assignment does nothing (_resume)
     offsets: PartitionOffsets = field(default_factory=PartitionOffsets)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -200,11 +200,14 @@ class DelayLadder:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            old = self._rungs.get((tp.topic, tp.partition))
-            self._rungs[(tp.topic, tp.partition)] = _Rung(
-                generation=old.generation + 1 if old else 0
-            )
+            # A generation no earlier assignment had, whether or not its rung was forgotten.
+            self._rungs[(tp.topic, tp.partition)] = _Rung(generation=next(self._generations))
         consumer.incremental_assign(partitions)
+        # librdkafka keeps a partition's pause flag across an incremental unassign and
+        # assign: a rung taken away while held back would come back paused for good, its
+        # resume timer having found it gone (as PartitionStates.assigned does for calls).
+        if partitions:
+            consumer.resume(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         places = {(tp.topic, tp.partition) for tp in partitions}
