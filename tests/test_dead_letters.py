@@ -13,8 +13,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from bigpipe.calls.callbacks import send_callback
 from bigpipe.calls.envelope import encode_call, encode_dead_letter, new_call
 from bigpipe.config import parse_config
+from bigpipe.delivery.client import AttemptResult, Outcome
+from bigpipe.delivery.retry import Verdict
 from bigpipe.ingest.producer import ProduceFailed, Producer
 from tests.support import (
     Bigpipe,
@@ -81,6 +84,45 @@ async def test_a_write_pending_when_its_producer_closes_fails_instead_of_waiting
         assert not exc.permanent, "it may still be stored: write it again elsewhere"
     else:
         raise AssertionError("the write cannot have been acknowledged")
+
+
+async def test_a_write_to_a_closed_producer_fails_at_once() -> None:
+    """Nobody polls a closed producer: a write to it would never be answered."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    producer = Producer(parse_config({**EXAMPLE, "kafka.bootstrap.servers": nowhere}))
+    await producer.close(0.2)
+    try:
+        await asyncio.wait_for(producer.send("t", b"late write"), 2)
+    except ProduceFailed as exc:
+        assert not exc.permanent, "another producer may take it"
+    else:
+        raise AssertionError("a closed producer cannot have stored the write")
+
+
+async def test_a_callback_pending_when_a_reload_replaces_the_producer_is_written_by_the_new_one(
+    kafka: str,
+) -> None:
+    """The callback's retries follow the producer in place, as dead letters' and parked
+    calls' do: before, it kept retrying on the closed one and never returned."""
+    topic = unique("callbacks")
+    await asyncio.to_thread(create_topic, kafka, topic)
+    nowhere = f"127.0.0.1:{free_port()}"
+    old = Producer(parse_config({**EXAMPLE, "kafka.bootstrap.servers": nowhere}))
+    new = Producer(parse_config({**EXAMPLE, "kafka.bootstrap.servers": kafka}))
+    current = old
+    call = new_call("http://svc.example/h", "d", "caller", {})
+    call.callbacks = {"callback": "http://svc.example/done"}
+    outcome = Outcome(True, 1, AttemptResult(Verdict.SUCCESS, status=200), None)
+    sending = asyncio.ensure_future(send_callback(lambda: current, topic, "g", call, outcome, None))
+    await eventually(lambda: old._pending == 1, 5, "the callback pending on the old producer")
+    current = new  # what a reload does: the groups get the new producer, the old one closes
+    await old.close(0.2)
+    try:
+        await asyncio.wait_for(sending, 15)
+        [record] = await asyncio.to_thread(read_topic, kafka, topic, 1)
+        assert record.key() == call.id.encode()
+    finally:
+        await new.close(5)
 
 
 async def failing(_request: web.Request, _number: int) -> web.Response:

@@ -10,22 +10,21 @@ never touches the call it reports on.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import orjson
 
 from bigpipe.calls.envelope import Call, encode_call, new_call
 from bigpipe.delivery.client import RESPONSE_READ_LIMIT, Outcome
-from bigpipe.delivery.retry import backoff_seconds
-from bigpipe.ingest.producer import ProduceFailed, Producer
+from bigpipe.ingest.producer import ProduceFailed, Producer, write_until_stored
 
 log = logging.getLogger(__name__)
 
 CALLBACK_FIELDS = ("callback", "failure_callback")
+CALLBACK_BACKOFF_MS = (500, 10_000)  # between tries of a write Kafka did not take
 
 
 def callback_body(
@@ -63,14 +62,15 @@ def _headers(headers: Mapping[str, str] | None) -> dict[str, str]:
 
 
 async def send_callback(
-    producer: Producer,
+    producer: Callable[[], Producer],
     topic: str,
     group_id: str,
     call: Call,
     outcome: Outcome,
     dead_letter_topic: str | None,
 ) -> None:
-    """Write the call's callback, if it asked for one; return once Kafka has it.
+    """Write the call's callback, if it asked for one, through the producer in place
+    (`producer()`, which a reload replaces); return once Kafka has it.
 
     Written before the call's offset is committed: a crash before then delivers the
     call again (at least once), and then writes the callback.
@@ -81,15 +81,9 @@ async def send_callback(
     data = callback_body(call, group_id, outcome, dead_letter_topic).decode()
     report = new_call(url, data, call.caller, {"Content-Type": "application/json"})
     report.group = group_id  # this group delivers it; the topic's other groups skip it
-    record = encode_call(report)
-    failures = 0
-    while True:
-        try:
-            await producer.send(topic, record, call.id.encode())
-            return
-        except ProduceFailed as exc:
-            if exc.permanent:
-                log.error("callback of call %s refused for good by Kafka: %s", call.id, exc)
-                return
-            failures += 1
-            await asyncio.sleep(backoff_seconds(failures, 500, 10_000))
+    try:
+        await write_until_stored(
+            producer, topic, encode_call(report), call.id.encode(), CALLBACK_BACKOFF_MS
+        )
+    except ProduceFailed as refusal:
+        log.error("callback of call %s refused for good by Kafka: %s", call.id, refusal)

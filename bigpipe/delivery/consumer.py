@@ -385,7 +385,9 @@ class ConsumerGroup:
     async def _report(self, call: Call, outcome: Outcome, dead_letter_topic: str | None) -> None:
         if call.callbacks:  # bigpipe.calls.callbacks
             topic, group_id = self.config.topic, self.config.group_id
-            await send_callback(self.producer, topic, group_id, call, outcome, dead_letter_topic)
+            await send_callback(
+                lambda: self.producer, topic, group_id, call, outcome, dead_letter_topic
+            )
 
     async def _dead_letter(
         self, message: Message, call: Call | None, outcome: Outcome | None, reason: str

@@ -16,6 +16,7 @@ field but the call's data, and says what it cut. Kafka's refusals are of two kin
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from urllib.parse import urlsplit
 
@@ -25,7 +26,7 @@ from bigpipe.calls.envelope import Call, encode_dead_letter
 from bigpipe.config import Config
 from bigpipe.delivery.client import Outcome
 from bigpipe.delivery.retry import Verdict, backoff_seconds
-from bigpipe.ingest.producer import Placed, ProduceFailed, Producer
+from bigpipe.ingest.producer import Placed, ProduceFailed, Producer, write_until_stored
 from bigpipe.kafka import Throttle
 from bigpipe.stats import GroupCounters
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 # of at most 100 x 8 KiB, url) plus the metadata. The producer takes twice this.
 METADATA_BYTES = 1 << 20
 BARE_TRIES = 3
+RETRY_BACKOFF_MS = (500, 10_000)  # between tries of a write Kafka did not take
 LOG_INTERVAL_SECONDS = 1.0  # at most one dead-letter line a second per group and kind
 
 
@@ -80,30 +82,20 @@ class DeadLetterWriter:
             )
 
         what = _describe(message, call)
-        record, bare_tries, failures = encode(self._max_bytes), 0, 0
-        while True:
+
+        def retrying(exc: ProduceFailed) -> None:
+            text = f"dead letter of {what} not written ({exc}); retrying"
+            self._log(logging.ERROR, "retry", text)
+
+        record = encode(self._max_bytes)
+        for bare_tries in itertools.count(1):
             try:
-                placed = await self.producer.send(topic, record, message.key())
+                placed = await write_until_stored(
+                    lambda: self.producer, topic, record, message.key(), RETRY_BACKOFF_MS, retrying
+                )
                 break
-            except ProduceFailed as exc:
-                if not exc.permanent:
-                    failures += 1
-                    self._log(
-                        logging.ERROR,
-                        "retry",
-                        f"dead letter of {what} not written ({exc}); retrying",
-                    )
-                    await asyncio.sleep(backoff_seconds(failures, 500, 10_000))
-                elif bare_tries < BARE_TRIES:
-                    record, bare_tries = encode(0), bare_tries + 1
-                    self._log(
-                        logging.ERROR,
-                        "refused",
-                        f"dead letter of {what} refused for "
-                        f"good ({exc}); writing it again without its data",
-                    )
-                    await asyncio.sleep(backoff_seconds(bare_tries, 100, 1000))
-                else:
+            except ProduceFailed as refusal:
+                if bare_tries > BARE_TRIES:
                     # Every one is logged, unthrottled: each is a call neither delivered
                     # nor kept, and its id must be on record.
                     self._counters.deadLetterSkipped += 1
@@ -112,10 +104,18 @@ class DeadLetterWriter:
                         "it failed with: %s",
                         self._name,
                         what,
-                        exc,
+                        refusal,
                         reason,
                     )
                     return None
+                record = encode(0)
+                self._log(
+                    logging.ERROR,
+                    "refused",
+                    f"dead letter of {what} refused for good ({refusal}); writing it again "
+                    "without its data",
+                )
+            await asyncio.sleep(backoff_seconds(bare_tries, 100, 1000))
         self._counters.deadLetter += 1
         self._counters.expired += outcome is not None and outcome.last.verdict is Verdict.EXPIRED
         self._log(logging.WARNING, "written", f"{what} dead-lettered to {topic}: {reason}")

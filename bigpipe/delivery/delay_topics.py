@@ -31,10 +31,9 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from bigpipe.calls.envelope import Call, encode_call
 from bigpipe.config import Config, ConsumerConfig
 from bigpipe.delivery.offsets import PartitionOffsets
-from bigpipe.delivery.retry import backoff_seconds
 from bigpipe.delivery.rungs import RUNGS, rung_for, rung_topics
 from bigpipe.delivery.waits import Due, now_ms
-from bigpipe.ingest.producer import ProduceFailed, Producer
+from bigpipe.ingest.producer import ProduceFailed, Producer, write_until_stored
 from bigpipe.kafka import consumer_settings
 from bigpipe.stats import GroupCounters
 
@@ -43,6 +42,7 @@ log = logging.getLogger(__name__)
 POLL_BATCH = 500
 IDLE_POLL_SECONDS = 0.005
 COMMIT_INTERVAL_SECONDS = 0.5
+PARK_BACKOFF_MS = (200, 5_000)  # between tries of a write Kafka did not take
 
 
 @dataclass(slots=True)
@@ -93,17 +93,12 @@ class DelayLadder:
         """Write the call to its rung; True once Kafka has it, False if Kafka refuses it
         for good (too large, say): it then waits where it is, in memory."""
         topic = self._topics[rung_for(call.due_ms - now_ms())]
-        failures = 0
-        while True:
-            try:
-                await self._producer().send(topic, encode_call(call), key)
-                return True
-            except ProduceFailed as exc:
-                if exc.permanent:
-                    log.warning("%s: call %s waits in memory: %s", topic, call.id, exc)
-                    return False
-                failures += 1
-                await asyncio.sleep(backoff_seconds(failures, 200, 5_000))
+        try:
+            await write_until_stored(self._producer, topic, encode_call(call), key, PARK_BACKOFF_MS)
+        except ProduceFailed as refusal:
+            log.warning("%s: call %s waits in memory: %s", topic, call.id, refusal)
+            return False
+        return True
 
     # ------------------------------------------------------------ reading back
     def start(self) -> None:

@@ -23,6 +23,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka import Producer as KafkaProducer
 
 from bigpipe.config import Config
+from bigpipe.delivery.retry import backoff_seconds
 from bigpipe.kafka import RepeatFilter, client_settings, record_size_limit
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class Producer:
         self._loop = asyncio.get_running_loop()
         self._kafka = KafkaProducer({**producer_settings(config), "error_cb": self._on_error})
         self._pending = 0  # touched on the event loop only
+        self._closed = False  # close() began: no write is taken any more
         self._idle = asyncio.Event()
         self._idle.set()
         # When librdkafka last said every broker is down; None once a probe got through.
@@ -119,8 +121,11 @@ class Producer:
         """Write one record; once Kafka has acknowledged it (acks=all), return where it is.
 
         Past `timeout` s without an answer (checked every DEADLINE_SWEEP_SECONDS), raise
-        ProduceFailed; the record may still land.
+        ProduceFailed; the record may still land. A closed producer fails every write at
+        once: nobody polls it any more, so a write to it would never be answered.
         """
+        if self._closed:
+            raise ProduceFailed("the producer is closed (replaced by a reload, or stopping)")
         future: asyncio.Future[Placed] = self._loop.create_future()
         try:
             self._kafka.produce(topic, value, key, on_delivery=partial(self._queue_ack, future))
@@ -145,6 +150,7 @@ class Producer:
         nobody waits forever on a producer that is gone: a dead letter written through a
         producer a reload replaced is written again through the new one.
         """
+        self._closed = True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -210,6 +216,34 @@ class Producer:
             self.all_brokers_down_at = time.monotonic()
         if (text := self._repeats(error)) is not None:
             log.warning("kafka producer: %s", text)
+
+
+async def write_until_stored(
+    producer: Callable[[], Producer],
+    topic: str,
+    value: bytes,
+    key: bytes | None,
+    backoff_ms: tuple[int, int],
+    on_retry: Callable[[ProduceFailed], None] | None = None,
+) -> Placed:
+    """Write one record until Kafka has it; return where it is. Raise ProduceFailed
+    (permanent) if Kafka refuses it for good: no retry of this record can help.
+
+    Each try goes through `producer()`, the producer in place now: a reload replaces it
+    and closes the old one, whose writes then fail at once. A transient failure is told
+    to `on_retry` and tried again after a backoff in [`backoff_ms`] (base, max).
+    """
+    failures = 0
+    while True:
+        try:
+            return await producer().send(topic, value, key)
+        except ProduceFailed as exc:
+            if exc.permanent:
+                raise
+            failures += 1
+            if on_retry is not None:
+                on_retry(exc)
+            await asyncio.sleep(backoff_seconds(failures, *backoff_ms))
 
 
 def _queue_ack(
