@@ -19,6 +19,7 @@ from aiohttp import web
 from confluent_kafka import ConsumerGroupState, KafkaException
 from confluent_kafka.admin import AdminClient
 
+from bigpipe.calls.status import NO_TRAIL
 from bigpipe.delivery.budget import (
     FLOOR_FRACTION,
     LIVE_SECONDS,
@@ -29,6 +30,10 @@ from bigpipe.delivery.budget import (
     Share,
     shares,
 )
+from bigpipe.delivery.client import DeliveryClient
+from bigpipe.delivery.shields import DestinationShields
+from bigpipe.metrics import Latencies
+from bigpipe.stats import GroupCounters
 from tests.support import (
     Bigpipe,
     Downstream,
@@ -40,6 +45,7 @@ from tests.support import (
     key_for,
     unique,
 )
+from tests.test_destination_shields import group_config
 
 RATE, CONCURRENCY = 40, 4
 BACKLOG = (40, 120, 280)  # calls per partition: uneven, so members run dry one by one
@@ -270,3 +276,31 @@ def test_a_partition_two_members_claim_makes_the_state_unstable() -> None:
     reports.hear("other", Holding([1], {}), 0.0)
     state = reports.state("me", 0.0)
     assert state is not None and not state.stable
+
+
+async def test_a_reload_lets_no_waiting_call_take_a_slot_beyond_the_members_share() -> None:
+    """The budget owns the client's limits. DeliveryClient.update used to set the group's
+    whole concurrency first: calls waiting for a slot took it at once, and kept it after
+    the budget cut the limits back to this member's share."""
+    config = group_config(concurrency=8)
+    counters = GroupCounters()
+    client = DeliveryClient(
+        config,
+        counters,
+        DestinationShields("t/g", config, counters),
+        lambda _name, _topic: None,
+        Latencies().group("t", "g").attempt,
+        NO_TRAIL,
+    )
+    try:
+        client.limits.update(1000, 1)  # this member's share: one slot
+        await client.limits.acquire()
+        waiting = [asyncio.ensure_future(client.limits.acquire()) for _ in range(3)]
+        client.update(config.model_copy(update={"concurrency": 16}))  # a reload
+        done, _ = await asyncio.wait(waiting, timeout=0.5)
+        assert not done, f"{len(done)} calls in flight beyond the member's one slot"
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+    finally:
+        await client.close()

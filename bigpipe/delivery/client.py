@@ -93,9 +93,13 @@ class DeliveryClient:
         return self._limits
 
     def update(self, config: ConsumerConfig) -> None:
-        """Apply a reloaded config; attempts already under way finish under the old one."""
+        """Apply a reloaded config; attempts already under way finish under the old one.
+
+        Not the limits: they are this member's share, which GroupBudget.update sets. Set
+        to the group's whole budget here first, they let waiting calls take slots beyond
+        the share, and keep them, before the budget cut them back.
+        """
         self._config = config
-        self._limits.update(config.rate_limit, config.concurrency)
         # The attempt's deadline covers connect, send and the status line: the verdict.
         # The body then gets a deadline of its own, which cannot change that verdict.
         self._timeout = config.timeout_ms / 1000

@@ -151,7 +151,7 @@ class ConsumerGroup:
         self.config = self._ladder.config = consumer
         self._shields.update(consumer)
         self._client.update(consumer)
-        self._budget.update(consumer)  # the limits just set were the group's, not this share
+        self._budget.update(consumer)  # the limits: this member's share of the new budget
         log.info("%s: applied new settings", self.name)
 
     def start(self, on_poll_death: Callable[[], None]) -> None:
