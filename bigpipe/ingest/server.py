@@ -8,9 +8,11 @@ as JSON, with an HTTP status that matches: a caller can branch on either.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import logging
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from bigpipe.calls.callbacks import CALLBACK_FIELDS
 from bigpipe.calls.dedup import MAX_KEY_LENGTH, IdempotencyIndex
 from bigpipe.calls.envelope import encode_call, forwardable_headers, new_call
 from bigpipe.calls.status import StatusLog
+from bigpipe.calls.status_view import StatusView
 from bigpipe.config import AclEntry, Config
 from bigpipe.ingest.acl import Acl
 from bigpipe.ingest.compat import (
@@ -65,6 +68,7 @@ class ServedNode(Protocol):
     producer: Producer | None
     index: IdempotencyIndex
     status_log: StatusLog | None
+    status_view: StatusView | None
     ingest: Ingest
 
     @property
@@ -355,6 +359,63 @@ class Ingest:
         return {"id": call.id, "partition": partition, "offset": offset}
 
 
+CALL_STATUS_PREFIX = "/rpc/call/"
+CALL_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class CallStatus:
+    """`GET /rpc/call/{id}`: a call's status from this node's view (bigpipe.calls.status_view),
+    for its caller only, who signs in with HTTP Basic (ACL name and secret)."""
+
+    def __init__(self, node: ServedNode) -> None:
+        self._node = node
+
+    async def get(self, request: web.BaseRequest) -> web.Response:
+        view = self._node.status_view
+        if view is None:
+            return reply(404, CALLER_ERROR, "call status is off on this node (status.enabled)")
+        caller = _basic_caller(request, self._node.acl)
+        if isinstance(caller, web.Response):
+            return caller
+        call_id = request.path[len(CALL_STATUS_PREFIX) :]
+        try:
+            status = view.lookup(call_id, caller) if CALL_ID.fullmatch(call_id) else None
+        except sqlite3.Error as exc:
+            return reply(503, INTERNAL_ERROR, f"call status not available yet: {exc}; retry later")
+        if status is None:
+            return reply(
+                404, CALLER_ERROR, f"no call {call_id!r} of yours (unknown, or past the retention)"
+            )
+        return reply(200, OK, "success", status)
+
+
+BASIC_HINT = "HTTP Basic with your ACL name and secret (curl -u NAME:SECRET)"
+
+
+def _basic_caller(request: web.BaseRequest, acl: Acl) -> str | web.Response:
+    """The caller named and proven by HTTP Basic, or the 401 to answer."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return _unauthorized(f"authentication required: {BASIC_HINT}")
+    try:
+        name, colon, secret = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        colon = ""
+    if not colon:
+        return _unauthorized(f"malformed Authorization header: use {BASIC_HINT}")
+    entry = acl.authenticate(name, secret)
+    if entry is None:
+        return _unauthorized("acl refused: unknown name or wrong secret")
+    return entry.name
+
+
+def _unauthorized(msg: str) -> web.Response:
+    response = reply(401, CALLER_ERROR, msg)
+    response.headers["WWW-Authenticate"] = 'Basic realm="bigpipe", charset="UTF-8"'
+    return response
+
+
 def _produce_refusal(exc: ProduceFailed, topic: str) -> Reject:
     """Kafka's refusal as a reply that tells "retry later" from "retrying cannot help"."""
     if exc.too_large:
@@ -399,6 +460,7 @@ class Routes:
 
     def __init__(self) -> None:
         self._table: dict[str, dict[str, Handler]] = {}
+        self._prefixes: list[tuple[str, dict[str, Handler]]] = []  # asked only on a miss
 
     def add(self, method: str, path: str, handler: Handler) -> None:
         methods = self._table.setdefault(path, {})
@@ -406,10 +468,20 @@ class Routes:
         if method == "GET":
             methods["HEAD"] = handler  # aiohttp leaves the body out of a HEAD reply
 
+    def add_prefix(self, method: str, prefix: str, handler: Handler) -> None:
+        """A route for every path under `prefix` (say, /rpc/call/{id})."""
+        self._prefixes.append((prefix, {method: handler}))
+
+    def _methods(self, path: str) -> dict[str, Handler] | None:
+        methods = self._table.get(path)
+        if methods is None:
+            methods = next((m for p, m in self._prefixes if path.startswith(p)), None)
+        return methods
+
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         """Every reply keeps the {errno, msg, data} shape: 404, 405 and crashes too."""
         try:
-            methods = self._table.get(request.path)
+            methods = self._methods(request.path)
             if methods is None:
                 return reply(404, CALLER_ERROR, "not found")
             handler = methods.get(request.method) or methods.get("*")
@@ -494,6 +566,7 @@ def build_server(
     routes.add("GET", "/metrics", metrics)
     routes.add("GET", "/openapi.json", openapi)
     routes.add("GET", "/readyz", readyz)
+    routes.add_prefix("GET", CALL_STATUS_PREFIX, CallStatus(node).get)
     for method, path, handler in extra_routes:  # the admin endpoints, when the node has them
         routes.add(method, path, handler)
     return web.Server(routes.dispatch, request_factory=make_request, **http_settings)

@@ -23,6 +23,7 @@ from confluent_kafka import KafkaException
 from bigpipe.calls.dedup import IdempotencyIndex
 from bigpipe.calls.envelope import Call
 from bigpipe.calls.status import NO_TRAIL, StatusLog
+from bigpipe.calls.status_view import StatusView
 from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig, read_config_file
 from bigpipe.delivery.consumer import ConsumerGroup
 from bigpipe.ingest.acl import Acl
@@ -72,6 +73,7 @@ class Node:
         self.acl = Acl(config.acl)
         self.producer: Producer | None = None
         self.status_log: StatusLog | None = None  # the results topic's writer, when tracking
+        self.status_view: StatusView | None = None  # answers GET /rpc/call/{id}
         self.groups: dict[tuple[str, str], ConsumerGroup] = {}
         self._joined = False  # topics exist and the groups started
         self.kafka_lost = False  # every broker unreachable, after start-up (_watch_kafka)
@@ -169,6 +171,7 @@ class Node:
         self.index = IdempotencyIndex(self.config)
         if self.config.status_enabled:
             self.status_log = StatusLog(self.config, self.stats.status)
+            self.status_view = StatusView(self.config, self.stats.status)
         keepalive = self.config.read_timeout_ms / 1000
         server = build_server(
             self,
@@ -190,6 +193,9 @@ class Node:
 
     async def _join_kafka(self) -> None:
         await self._ensure_topics(self.config)
+        # One process per node builds the view; every worker reads it.
+        if self.status_view is not None and (self.worker is None or self.worker.index == 0):
+            self.status_view.start_building()
         self._start_groups(self.config.consumers)
         self._joined = True
         log.info("ready: %d consumer groups", len(self.groups))
@@ -373,6 +379,8 @@ class Node:
         if self.producer is not None:
             await self.producer.close(left())
         await self.index.close()
+        if self.status_view is not None:
+            await asyncio.to_thread(self.status_view.close)
         if self._runner is not None:
             await self._runner.cleanup()
         if self._publisher is not None:
