@@ -389,6 +389,14 @@ class ConsumerConfig(Section):
         default_doc="none",
         doc="time to live of its calls with no `ttl_ms` of their own (see below)",
     )
+    ordering: Maybe[Literal["key"]] = key(
+        "ordering",
+        None,
+        kind="string",
+        default_doc="none: unordered",
+        doc='`"key"`: calls with one `partition_key` are delivered one at a time, in acceptance'
+        " order (see [Per-key ordering](#per-key-ordering))",
+    )
     max_buffered: Maybe[Int] = key(
         "maxBuffered",
         None,

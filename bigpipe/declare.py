@@ -12,7 +12,7 @@ import difflib
 import enum
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Any, Self, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, Self, TypeVar, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationInfo
@@ -196,7 +196,7 @@ def problem(root: type[Section], error: ErrorDetails) -> str | None:
     if kind in TYPE_ERRORS or (kind == "literal_error" and not isinstance(value, str)):
         return f"{where}: must be {TYPES[TYPE_ERRORS.get(kind, 'str')]}, got {json_type(value)}"
     if kind == "literal_error":
-        return f"{where}: must be one of {', '.join(get_args(info.annotation))}, got {value!r}"
+        return f"{where}: must be one of {', '.join(_choices(info.annotation))}, got {value!r}"
     if kind == "invalid":  # a validator's own line
         return f"{where}: {error['msg']}"
     if kind == "finite_number":
@@ -206,6 +206,13 @@ def problem(root: type[Section], error: ErrorDetails) -> str | None:
     if kind in ("greater_than", "greater_than_equal", "less_than_equal"):
         return f"{where}: {_out_of_bounds(info, value)}"
     return f"{where}: {error['msg']}"
+
+
+def _choices(annotation: Any) -> list[str]:
+    """The values a Literal allows, itself or inside an Annotated or Optional."""
+    if get_origin(annotation) is Literal:
+        return [str(choice) for choice in get_args(annotation)]
+    return [choice for arg in get_args(annotation) for choice in _choices(arg)]
 
 
 def _out_of_bounds(info: FieldInfo | None, value: Any) -> str:

@@ -233,6 +233,11 @@ class _StatsCollector(Collector):
             "Calls held in memory until their destination may be called",
             labels=labels,
         )
+        ordering_held = GaugeMetricFamily(
+            "bigpipe_ordering_held",
+            "Calls held in memory behind an earlier call of their key (ordering: key)",
+            labels=labels,
+        )
         breaker = GaugeMetricFamily(
             "bigpipe_breaker_state",
             "The worst destination's breaker: 0 NORMAL, 1 BREAK, 2 RECOVER",
@@ -258,7 +263,8 @@ class _StatsCollector(Collector):
         )
         states = GaugeMetricFamily(
             "bigpipe_partition_state",
-            "1 for each assigned partition's state: consuming, paused:held, paused:buffer",
+            "1 for each assigned partition's state: consuming, paused:held, paused:ordering,"
+            " paused:buffer",
             labels=[*labels, "partition", "state"],
         )
         for consumer in self._config.consumers:
@@ -270,6 +276,7 @@ class _StatsCollector(Collector):
             finished.add_metric([*key, "fail"], group.rpcFail)
             in_flight.add_metric(key, group.inFlight)
             held.add_metric(key, group.held)
+            ordering_held.add_metric(key, group.orderingHeld)
             breaker.add_metric(key, group.breakerState)
             budget["rate"].add_metric(key, group.budgetRate)
             budget["concurrency"].add_metric(key, group.budgetConcurrency)
@@ -280,7 +287,8 @@ class _StatsCollector(Collector):
             for rung, count in group.waiting.items():
                 waiting.add_metric([*key, rung], count)
         yield from counters.values()
-        yield from (finished, in_flight, held, breaker, *budget.values(), lag, waiting, states)
+        yield from (finished, in_flight, held, ordering_held, breaker, *budget.values())
+        yield from (lag, waiting, states)
         yield from self._destinations()
 
     def _destinations(self) -> Iterator[Metric]:

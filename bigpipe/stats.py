@@ -48,6 +48,7 @@ class GroupCounters:
     duplicateSkipped: int = 0  # keyed calls not delivered: not the first of their key
     inFlight: int = 0  # a gauge: requests open to the downstream now
     held: int = 0  # a gauge: calls held for destinations that may not be called yet
+    orderingHeld: int = 0  # a gauge: calls held behind an earlier call of their key
     circuitIsBreak: int = 0  # a gauge: 1 while any destination's breaker is in BREAK
     breakerState: int = 0  # a gauge: the worst destination's, 0 NORMAL, 1 BREAK, 2 RECOVER
     # Gauges: this member's share of the group's rateLimit and concurrency (bigpipe.delivery.budget)
@@ -176,7 +177,7 @@ class Stats:
             topic, group_id = key.split("\t")
             counters = GroupCounters(**values)
             if counters_only:
-                counters.inFlight = counters.held = 0
+                counters.inFlight = counters.held = counters.orderingHeld = 0
                 counters.circuitIsBreak = counters.breakerState = 0
                 counters.budgetRate = counters.budgetConcurrency = 0
                 counters.lag = {}

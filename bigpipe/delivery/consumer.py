@@ -7,7 +7,8 @@ At-least-once rests on three rules:
   next owner delivers again; a lost partition commits nothing;
 - a full buffer skips consume() for a moment and then pauses the partitions; so do
   too many calls held for destinations that may not be called yet (an open breaker,
-  a Retry-After), which otherwise leave the buffer's room to the other destinations;
+  a Retry-After), which otherwise leave the buffer's room to the other destinations,
+  and too many calls held behind an earlier call of their key (bigpipe.delivery.ordering);
   polling never stops for long, so the broker does not evict the consumer.
 
 librdkafka fetches in its own threads; `consume(timeout=0)` only takes what it
@@ -42,7 +43,8 @@ from bigpipe.delivery.dead_letters import (
 )
 from bigpipe.delivery.delay_topics import DelayLadder
 from bigpipe.delivery.offsets import PartitionOffsets
-from bigpipe.delivery.partitions import BUFFER, HELD, PartitionStates
+from bigpipe.delivery.ordering import UNORDERED, KeyChains, Turn, is_ordered
+from bigpipe.delivery.partitions import BUFFER, HELD, ORDERING, PartitionStates
 from bigpipe.delivery.retry import Verdict
 from bigpipe.delivery.shields import DestinationShields
 from bigpipe.delivery.waits import Due, now_ms
@@ -75,6 +77,7 @@ IsFirst = Callable[[Call], Awaitable[bool]]
 
 @dataclass(slots=True)
 class _Partition:
+    chains: KeyChains  # with `ordering: "key"`: each key's calls, one at a time
     offsets: PartitionOffsets = field(default_factory=PartitionOffsets)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -264,8 +267,9 @@ class ConsumerGroup:
         return sum(len(p.offsets) for p in self._partitions.values())
 
     def _working(self) -> int:
-        """Calls buffered and not held for their destination: they count against maxBuffered."""
-        return self._buffered() - self._counters.held
+        """Calls buffered and not held, for their destination or behind an earlier call of
+        their key: they count against maxBuffered."""
+        return self._buffered() - self._counters.held - self._counters.orderingHeld
 
     def _room(self) -> int:
         """Calls the buffer takes now: none once it holds maxBuffered working calls or
@@ -288,30 +292,38 @@ class ConsumerGroup:
         self._counters.handleMessage += 1
         size = len(message.value() or b"")
         self._buffered_bytes += size
-        task = asyncio.create_task(self._handle(message, partition))
+        # Chained now, as read: read order is the key's acceptance order.
+        ordered = is_ordered(self.config, message)
+        turn = partition.chains.turn(message.key()) if ordered else UNORDERED
+        task = asyncio.create_task(self._handle(message, partition, turn))
         partition.tasks.add(task)
         task.add_done_callback(partition.tasks.discard)
         task.add_done_callback(partial(self._unbuffer, size))
 
     def _steer(self, stalled: bool) -> None:
-        """Pause every partition while destinations hold maxHeld calls or the buffer stays full.
+        """Pause every partition while destinations hold maxHeld calls, keys hold maxBuffered
+        calls behind their heads, or the buffer stays full.
 
-        Resuming waits until both are half empty, so a slow group does not flap
+        Resuming waits until all are half empty, so a slow group does not flap
         between pause and resume on every finished call.
         """
         self._shields.tick()
-        max_held = self.config.destination.max_held
+        max_held, max_buffered = self.config.destination.max_held, self.config.max_buffered
         holding = self._counters.held >= max_held
+        ordering = self._counters.orderingHeld >= max_buffered
         draining = self._states.any_paused and (
-            self._working() > self.config.max_buffered // 2
+            self._working() > max_buffered // 2
             or self._buffered_bytes > BUFFER_BYTES // 2
             or self._counters.held > max_held // 2
+            or self._counters.orderingHeld > max_buffered // 2
         )
-        self._states.hold(HELD if holding else BUFFER if stalled or draining else None)
+        reason = HELD if holding else ORDERING if ordering else BUFFER
+        self._states.hold(reason if holding or ordering or stalled or draining else None)
 
     # ------------------------------------------------------------ one call
-    async def _handle(self, message: Message, partition: _Partition) -> None:
-        await self._process(message)
+    async def _handle(self, message: Message, partition: _Partition, turn: Turn) -> None:
+        async with turn:  # an ordered call: once the call of its key before it has finished
+            await self._process(message)
         partition.offsets.finish(message.offset())
 
     async def _process(self, message: Message) -> None:
@@ -348,8 +360,12 @@ class ConsumerGroup:
                 self._latencies.end_to_end.observe(max(0.0, time.time() - call.created_ms / 1000))
 
     async def _deliver(self, message: Message, call: Call) -> bool:
-        """Deliver or dead-letter the call; False when it went to wait in a delay topic."""
-        if self._ladder.should_park(call) and await self._ladder.park(call, message.key()):
+        """Deliver or dead-letter the call; False when it went to wait in a delay topic.
+
+        An ordered call waits in memory instead: see bigpipe.delivery.ordering for why.
+        """
+        parks = self._ladder.should_park(call) and not is_ordered(self.config, message)
+        if parks and await self._ladder.park(call, message.key()):
             return False
         await Due.wait(call)
         try:
@@ -416,7 +432,7 @@ class ConsumerGroup:
     # ------------------------------------------------------------ rebalance callbacks
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self._partitions[tp.partition] = _Partition()
+            self._partitions[tp.partition] = _Partition(KeyChains(self._counters))
         consumer.incremental_assign(partitions)
         self._states.assigned([tp.partition for tp in partitions])
         self._budget.assignment_changed()

@@ -25,6 +25,7 @@ WATERMARK_TIMEOUT = 2.0  # seconds per partition; the query runs in a thread
 CONSUMING = "consuming"
 HELD = "held"  # destinations hold destination.maxHeld calls (open breakers, Retry-After)
 BUFFER = "buffer"  # maxBuffered calls are waiting in this process
+ORDERING = "ordering"  # maxBuffered calls are held behind an earlier call of their key
 
 
 class PartitionStates:
