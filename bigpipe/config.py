@@ -176,8 +176,19 @@ class TopicConfig(Section):
         None,
         gt=0,
         default_doc="broker default",
-        doc="`min.insync.replicas` of a topic Bigpipe creates",
+        doc="`min.insync.replicas` of a topic Bigpipe creates; at most `replicationFactor`",
     )
+
+    @model_validator(mode="after")
+    def _writable(self) -> TopicConfig:
+        # Kafka 4.3 creates such a topic, and even took acks=all writes on it here: the
+        # promise of minInsyncReplicas would be silently broken, so refuse it up front.
+        if (self.min_insync_replicas or 0) > self.replication_factor:
+            raise rule(
+                "minInsyncReplicas",
+                f"must be at most replicationFactor ({self.replication_factor})",
+            )
+        return self
 
 
 class SigningConfig(Section):

@@ -74,6 +74,11 @@ RULES: list[tuple[str, Callable[[Raw], None], str]] = [
     ("log.level at least 1", top(log_level=0), "log.level"),
     ("log.level at most 5", top(log_level=6), "log.level"),
     ("topic name: no space", extra_topic("bad topic"), "kafka.topics[1].name"),
+    (
+        "minInsyncReplicas <= replicationFactor",  # Kafka 4.3 took acks=all writes anyway
+        lambda raw: raw["kafka.topics"][0].update(replicationFactor=1, minInsyncReplicas=2),
+        "kafka.topics[0].minInsyncReplicas",
+    ),
     ("topic name: no slash", extra_topic("a/b"), "kafka.topics[1].name"),
     ("topic name: not empty", extra_topic(""), "kafka.topics[1].name"),
     ("topic name: not '..'", extra_topic(".."), "kafka.topics[1].name"),
