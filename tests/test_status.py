@@ -141,7 +141,12 @@ async def test_a_calls_state_moves_from_queued_through_waiting_to_delivered(
         return seen[-1] == state
 
     await eventually(lambda: reaches("queued"), 30, "B queued behind the first call")
-    assert await state_of(bigpipe, http, first["data"]["id"]) == "in_flight"
+    # (its steps may be on another partition of the results topic, read a moment later)
+    await eventually(
+        lambda: _is(state_of(bigpipe, http, first["data"]["id"]), "in_flight"),
+        30,
+        "the first call in flight",
+    )
     release_first.set()
     await eventually(lambda: reaches("in_flight"), 30, "B in flight")
     release_attempt.set()
