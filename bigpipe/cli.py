@@ -33,7 +33,7 @@ from bigpipe.node.workers import (
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # First words that make `bigpipe` an operator's command (bigpipe.operate.commands), not a node.
-OPERATOR_COMMANDS = ("dlq", "replay", "top", "config")
+OPERATOR_COMMANDS = ("dlq", "replay", "top", "status", "config")
 PROCESS_NAME = OWNER_NAME.encode()
 
 log = logging.getLogger("bigpipe")

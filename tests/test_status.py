@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from bigpipe.calls.status import status_of
 from tests.support import (
     ACL_NAME,
     ACL_SECRET,
+    REPO,
     Bigpipe,
     Downstream,
     base_config,
@@ -195,6 +198,41 @@ async def test_a_dead_call_says_where_its_dead_letter_is(
     (letter,) = await asyncio.to_thread(read_topic, kafka, where["topic"], 1)
     assert (letter.partition(), letter.offset()) == (where["partition"], where["offset"])
     assert orjson.loads(letter.value())["call"]["id"] == call_id
+
+    # bigpipe status: a table for people, --json for scripts, exit codes that mean something
+    code, table = await status_command(call_id, "--node", bigpipe.url)
+    assert code == 0
+    assert f"call      {call_id}" in table
+    assert "dead at " in table and f"dead letter in {where['topic']} at " in table
+    assert table.count(" 500 ") == 2 and "HTTP 500: boom" in table
+    code, printed = await status_command(call_id, "--node", bigpipe.url, "--json")
+    assert (code, orjson.loads(printed)) == (0, dead["data"])
+    assert (await status_command("0" * 32, "--node", bigpipe.url))[0] == 1
+    assert (await status_command(call_id, "--node", "127.0.0.1:1"))[0] == 1
+    assert (await status_command(call_id, "--node", bigpipe.url, secret="wrong"))[0] == 2
+    assert (await status_command(call_id, "--node", bigpipe.url, secret=None))[0] == 2
+
+
+async def status_command(*args: str, secret: str | None = ACL_SECRET) -> tuple[int, str]:
+    """Run `bigpipe status` as ACL_NAME, the secret in the environment; its exit code and stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BIGPIPE_")}
+    env["BIGPIPE_NAME"] = ACL_NAME
+    if secret is not None:
+        env["BIGPIPE_SECRET"] = secret
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bigpipe",
+        "status",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0 or err.startswith(b"bigpipe"), err  # one line, no traceback
+    return process.returncode, out.decode()
 
 
 async def always_500(_request: web.Request, _number: int) -> web.Response:
