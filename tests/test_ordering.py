@@ -118,11 +118,16 @@ class Flaky:
         return web.Response(status=200)
 
 
-def ordering_entry() -> dict[str, object]:
+async def ordered_node(
+    kafka: str, tmp_path: Path, processes: list[Bigpipe]
+) -> tuple[Flaky, Downstream, Bigpipe]:
+    """A Flaky downstream, and a node whose group orders by key on PARTITIONS partitions."""
+    flaky = Flaky()
+    downstream = await Downstream(behaviour=flaky).start()
     # Backoffs of up to 2 s, past the 1 s delayThreshold: an unordered call would wait
     # them in the delay topics, an ordered one waits them in memory. Retries enough to
     # outlast FAIL_SECONDS.
-    return {
+    entry = {
         "ordering": "key",
         "retries": 30,
         "backoffBase": 300,
@@ -130,13 +135,19 @@ def ordering_entry() -> dict[str, object]:
         "delayThreshold": 1000,
         "concurrency": 40,
     }
+    bigpipe, _ = await start_node(kafka, tmp_path, processes, PARTITIONS, **entry)
+    return flaky, downstream, bigpipe
 
 
 Accepted = dict[str, list[tuple[str, float]]]  # key -> [(call id, accepted at)], in order
 
 
 async def post_keyed(
-    bigpipe: Bigpipe, http: aiohttp.ClientSession, url: str, delivered: Mapping[str, object]
+    bigpipe: Bigpipe,
+    http: aiohttp.ClientSession,
+    url: str,
+    delivered: Mapping[str, object],
+    interval: float = POST_INTERVAL,
 ) -> Accepted:
     """KEYS keys x CALLS_PER_KEY calls, the keys side by side, each key's calls one after
     another (so acceptance order is known), and 100 calls without a key at once; once the group
@@ -148,7 +159,7 @@ async def post_keyed(
         for number in range(count):
             # Paced, as a steady stream: faster than its key is delivered, a key's calls
             # would queue behind its own earlier calls, which is ordering, not blocking.
-            await asyncio.sleep(max(0.0, start + number * POST_INTERVAL - time.monotonic()))
+            await asyncio.sleep(max(0.0, start + number * interval - time.monotonic()))
             extra = {} if key == UNKEYED else {"partition_key": key}
             while True:  # a fresh topic may answer errno 1 at first
                 status, reply = await bigpipe.post_call(
@@ -180,9 +191,7 @@ def assert_in_acceptance_order(accepted: Accepted, first: dict[str, Delivery]) -
 async def test_each_key_is_delivered_in_order_and_a_failing_key_holds_back_only_itself(
     kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
-    flaky = Flaky()
-    downstream = await Downstream(behaviour=flaky).start()
-    bigpipe, _ = await start_node(kafka, tmp_path, processes, PARTITIONS, **ordering_entry())
+    flaky, downstream, bigpipe = await ordered_node(kafka, tmp_path, processes)
     held_seen: list[int] = []
 
     async def watch_held() -> None:
@@ -235,4 +244,34 @@ async def test_each_key_is_delivered_in_order_and_a_failing_key_holds_back_only_
     async with http.get(f"{bigpipe.url}/metrics") as response:
         assert "bigpipe_ordering_held{" in await response.text()
     assert await bigpipe.stop() == 0
+    await downstream.stop()
+
+
+async def test_a_kill_9_mid_run_loses_nothing_and_keeps_each_keys_first_deliveries_in_order(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    flaky, downstream, first = await ordered_node(kafka, tmp_path, processes)
+    # All at once: each key's calls queue behind one another, the failing keys' for seconds.
+    accepted = await post_keyed(first, http, downstream.url(), flaky.first_ok, interval=0)
+    every = {call_id for calls in accepted.values() for call_id, _ in calls}
+    await eventually(lambda: len(flaky.first_ok) >= len(every) // 3, 30, "a third delivered")
+    held_at_kill = (await group_stats(first, http))["orderingHeld"]
+    await first.kill()
+    killed_at = time.monotonic()
+    delivered_at_kill = len(flaky.first_ok.keys() & every)
+
+    second = await Bigpipe(first.config, tmp_path).start()
+    processes.append(second)
+    await eventually(lambda: every <= flaky.first_ok.keys(), 60, "every call delivered")
+    again = {r.call_id for r in downstream.requests if r.at > killed_at} & {
+        call_id for call_id, delivery in flaky.first_ok.items() if delivery.answered < killed_at
+    }
+    print(
+        f"\nordering kill -9: {len(every)} calls, {delivered_at_kill} delivered and"
+        f" {held_at_kill} held at the kill, {len(again)} delivered again after it"
+    )
+    assert delivered_at_kill < len(every), "the kill must land mid-run"
+    assert held_at_kill > 0, "the kill must land while calls wait behind their key"
+    assert_in_acceptance_order(accepted, flaky.first_ok)
+    assert await second.stop() == 0
     await downstream.stop()
