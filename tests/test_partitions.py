@@ -17,10 +17,12 @@ import aiohttp
 from aiohttp import web
 from confluent_kafka import Consumer
 
+from bigpipe.delivery.partitions import BUFFER, WATERMARK_TIMEOUT, PartitionStates
 from tests.support import (
     Bigpipe,
     Downstream,
     eventually,
+    free_port,
     group_stats,
     start_node,
     topic_record_count,
@@ -187,3 +189,22 @@ async def test_a_delay_rung_paused_when_revoked_is_resumed_when_it_comes_back(
     await asyncio.sleep(max(0.0, ripe + 1 - time.monotonic()))
     await joiner.close()
     await eventually(lambda: call_id in downstream.call_ids(), 30, "the parked call")
+
+
+async def test_high_watermarks_from_an_unreachable_broker_take_one_timeout_in_all() -> None:
+    """stop() waits for a query under way (settle): asked one paused partition after
+    another, each with its own timeout, a broker that does not answer held up a stop for
+    WATERMARK_TIMEOUT times the number of partitions."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    kafka = Consumer({"bootstrap.servers": nowhere, "group.id": "g", "log_level": 0})
+    try:
+        states = PartitionStates(kafka, "t", {})
+        states.assigned(list(range(8)))
+        states.hold(BUFFER)
+        started = time.monotonic()
+        states.refresh_high_watermarks()
+        await states.settle()
+        took = time.monotonic() - started
+        assert took < 2 * WATERMARK_TIMEOUT, f"{took:.1f} s for 8 paused partitions"
+    finally:
+        await asyncio.to_thread(kafka.close)

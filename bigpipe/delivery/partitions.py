@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 log = logging.getLogger(__name__)
 
-WATERMARK_TIMEOUT = 2.0  # seconds per partition; the query runs in a thread
+# Seconds for one round of queries, all partitions together; it runs in a thread, and
+# stop() waits for a round under way.
+WATERMARK_TIMEOUT = 2.0
 
 CONSUMING = "consuming"
 HELD = "held"  # destinations hold destination.maxHeld calls (open breakers, Retry-After)
@@ -93,11 +96,17 @@ class PartitionStates:
             await asyncio.gather(self._query, return_exceptions=True)
 
     def _query_highs(self, numbers: list[int]) -> dict[int, int]:
-        highs = {}
+        """One request a partition, within WATERMARK_TIMEOUT in all: a broker that does
+        not answer made each partition wait its own timeout, one after another."""
+        highs: dict[int, int] = {}
+        deadline = time.monotonic() + WATERMARK_TIMEOUT
         for number in numbers:
+            left = deadline - time.monotonic()
+            if left <= 0:  # the rest are asked at the next statistics round
+                break
             tp = TopicPartition(self._topic, number)
             try:
-                highs[number] = self._kafka.get_watermark_offsets(tp, WATERMARK_TIMEOUT)[1]
+                highs[number] = self._kafka.get_watermark_offsets(tp, left)[1]
             except KafkaException as exc:  # next statistics round asks again
                 log.debug("%s/%d: high watermark unknown: %s", self._topic, number, exc)
         return highs
