@@ -95,6 +95,25 @@ async def test_a_broken_destination_holds_its_calls_and_lets_the_others_go() -> 
     assert counters.held == 0 and counters.circuitIsBreak == 0
 
 
+async def test_a_broken_destination_nobody_calls_leaves_break_by_publishing_alone() -> None:
+    """The group moves idle breakers along when it publishes /stats (every commit
+    interval), not on every poll-loop pass: /stats must still see BREAK end."""
+    counters = GroupCounters()
+    breaker = SHORT_BREAK.model_copy(update={"break_period": 0.5, "win_size": 1})
+    shields = DestinationShields("t/g", group_config(breaker=breaker), counters)
+    broken = shields.get("http://broken.example/a")
+    for _ in range(3):
+        broken.record(False, 503, None, 2.0)
+    assert counters.circuitIsBreak == 1
+
+    def published_out_of_break() -> bool:
+        shields.publish()
+        return counters.circuitIsBreak == 0
+
+    await eventually(published_out_of_break, 10, "BREAK to end with no call made")
+    assert counters.destinations["http://broken.example:80"]["breakerState"] != 1
+
+
 async def test_retry_after_pauses_only_its_destination() -> None:
     shields = DestinationShields("t/g", group_config(breaker=None), GroupCounters())
     busy = shields.get("http://busy.example/a")

@@ -307,7 +307,6 @@ class ConsumerGroup:
         Resuming waits until all are half empty, so a slow group does not flap
         between pause and resume on every finished call.
         """
-        self._shields.tick()
         max_held, max_buffered = self.config.destination.max_held, self.config.max_buffered
         holding = self._counters.held >= max_held
         ordering = self._counters.orderingHeld >= max_buffered

@@ -336,14 +336,18 @@ class DestinationShields:
             self._unsettled.clear()
             self._show_state()
 
-    def tick(self) -> None:
-        """Move unsettled breakers along, so a destination nobody calls leaves BREAK too."""
+    def publish(self) -> None:
+        """The DESTINATIONS_SHOWN busiest destinations by attempts, the rest as `other`.
+
+        Unsettled breakers are moved along first, so a destination nobody calls leaves
+        BREAK too. Here, at each commit interval, and not on every poll-loop pass: a
+        call held for its destination asks its breaker itself (Breaker.allows), so only
+        /stats waits for this, and with a thousand broken destinations the pass took
+        4 ms, hundreds of times a second.
+        """
         for destination in list(self._unsettled):
             if destination.breaker is not None:
                 destination.breaker.update()
-
-    def publish(self) -> None:
-        """The DESTINATIONS_SHOWN busiest destinations by attempts, the rest as `other`."""
         destinations = self._destinations.values()
         top = heapq.nlargest(DESTINATIONS_SHOWN, destinations, key=lambda d: d.usage.attempts)
         shown = {d.name: _numbers(d) for d in top}
