@@ -24,7 +24,7 @@ from bigpipe.config import (
     DestinationConfig,
     DestinationOverride,
 )
-from bigpipe.delivery.breaker import BREAK
+from bigpipe.delivery.breaker import BREAK, RECOVER, STATE_NUMBERS
 from bigpipe.delivery.shields import DestinationShields, destination_of
 from bigpipe.ingest.destinations import parse_rule
 from bigpipe.stats import DESTINATIONS_SHOWN, OTHER_DESTINATIONS, GroupCounters, Stats
@@ -174,6 +174,28 @@ def test_metrics_name_the_busiest_destinations_and_add_up_the_rest() -> None:
     total = sum(index + 1 for index in range(DESTINATIONS_SHOWN + 5)) * 2
     assert sum(d["attempts"] for d in merged.values()) == total
     assert sum(sum(d["latency"]) for d in merged.values()) == total
+
+
+async def test_the_other_destinations_row_shows_break_over_recover() -> None:
+    """`other` takes its destinations' worst state as merging workers does (worst_state):
+    BREAK, which holds every call, over RECOVER, which lets some through."""
+    counters = GroupCounters()
+    breaker = SHORT_BREAK.model_copy(
+        update={"break_period": 0.5, "win_size": 1, "recover_period": 60}
+    )
+    shields = DestinationShields("t/g", group_config(breaker=breaker), counters)
+    for index in range(DESTINATIONS_SHOWN):  # busier: shown by name
+        shields.get(f"http://busy{index}.example/").usage.observe(0.01)
+    recovering = shields.get("http://recovering.example/")
+    for _ in range(3):
+        recovering.record(False, 503, None, 2.0)
+    assert recovering.breaker is not None
+    await eventually(lambda: recovering.breaker.update() == RECOVER, 10, "RECOVER after BREAK")
+    broken = shields.get("http://broken.example/")
+    for _ in range(3):
+        broken.record(False, 503, None, 2.0)
+    shields.publish()
+    assert counters.destinations[OTHER_DESTINATIONS]["breakerState"] == STATE_NUMBERS[BREAK]
 
 
 BREAKER = {"breakPeriod": 2, "recoverPeriod": 2, "winSize": 3, "minStats": 5, "healthRate": 0.5}

@@ -35,7 +35,7 @@ from bigpipe.config import ConsumerConfig, DestinationCaps
 from bigpipe.delivery.breaker import BREAK, NORMAL, RECOVER, STATE_NUMBERS, Breaker
 from bigpipe.delivery.limits import Limits
 from bigpipe.metrics import LATENCY_BUCKETS
-from bigpipe.stats import DESTINATIONS_SHOWN, OTHER_DESTINATIONS, GroupCounters
+from bigpipe.stats import DESTINATIONS_SHOWN, OTHER_DESTINATIONS, GroupCounters, worst_state
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # Destinations kept with their state; past this, idle ones (nothing held or in flight,
@@ -358,7 +358,10 @@ class DestinationShields:
             for destination in rest:
                 usage.add(destination.usage)
             shown[OTHER_DESTINATIONS] = {
-                "breakerState": max((STATE_NUMBERS[d.state] for d in rest), default=0),
+                # BREAK (1) over RECOVER (2): as the workers' rows are merged in /stats
+                "breakerState": functools.reduce(
+                    worst_state, (STATE_NUMBERS[d.state] for d in rest), STATE_NUMBERS[NORMAL]
+                ),
                 "inFlight": sum(d.in_flight for d in rest),
                 "held": sum(d.held for d in rest),
                 **_usage_numbers(usage),
