@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from bigpipe.config import (
     BreakerConfig,
@@ -24,6 +25,7 @@ from bigpipe.config import (
     DestinationConfig,
     DestinationOverride,
 )
+from bigpipe.delivery import shields as shields_module
 from bigpipe.delivery.breaker import BREAK, RECOVER, STATE_NUMBERS
 from bigpipe.delivery.shields import DestinationShields, destination_of
 from bigpipe.ingest.destinations import parse_rule
@@ -332,3 +334,14 @@ async def test_a_broken_destination_holds_back_only_its_own_calls(
     kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
     await run_outage(kafka, http, tmp_path, processes, outage_seconds=15)
+
+
+def test_a_destination_made_past_the_bound_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_DESTINATIONS the idle ones are forgotten, but not the one just made for a
+    call: a second object for it would split its breaker, caps and counts in two."""
+    monkeypatch.setattr(shields_module, "MAX_DESTINATIONS", 5)
+    shields = DestinationShields("t/g", group_config(), GroupCounters())
+    for index in range(5):
+        shields.get(f"http://idle{index}.example/")
+    made = shields.get("http://new.example/a")
+    assert shields.get("http://new.example/b") is made

@@ -279,9 +279,11 @@ class DestinationShields:
         name = destination_of(url)
         destination = self._destinations.get(name)
         if destination is None:
-            destination = self._destinations[name] = self._new(name)
-            if len(self._destinations) > MAX_DESTINATIONS:
+            # Before adding it: the new one is idle too, and forgotten it would come back
+            # as a second object for the same destination (its breaker split in two).
+            if len(self._destinations) >= MAX_DESTINATIONS:
                 self._forget_idle()
+            destination = self._destinations[name] = self._new(name)
         return destination
 
     def _new(self, name: str) -> Destination:
