@@ -27,6 +27,7 @@ from tests.support import (
     base_config,
     consumer_entry,
     eventually,
+    free_port,
     group_stats,
     start_node,
 )
@@ -34,10 +35,11 @@ from tests.support import (
 KEYS = 20
 CALLS_PER_KEY = 50
 PARTITIONS = 2
-FAILING_KEYS = ("k0", "k1")  # answered 500 for FAIL_SECONDS from their first request
-FAIL_SECONDS = 4.0
+FAILING_KEYS = ("k0", "k4")  # one per partition; 500 for FAIL_SECONDS from their first request
+FAIL_SECONDS = 5.0
 POST_INTERVAL = 0.06  # seconds between two calls of one key: 50 calls span 3 s
 UNKEYED = "-"  # the key part of an unkeyed call's data
+MAX_BUFFERED = 20  # the bound test's maxBuffered: the failing keys hold more behind them
 
 
 # ---------------------------------------------------------------- units
@@ -119,15 +121,17 @@ class Flaky:
 
 
 async def ordered_node(
-    kafka: str, tmp_path: Path, processes: list[Bigpipe]
+    kafka: str, tmp_path: Path, processes: list[Bigpipe], **entry: object
 ) -> tuple[Flaky, Downstream, Bigpipe]:
-    """A Flaky downstream, and a node whose group orders by key on PARTITIONS partitions."""
+    """A Flaky downstream, and a node whose group orders by key on PARTITIONS partitions
+    (`entry`: more keys of the group)."""
     flaky = Flaky()
     downstream = await Downstream(behaviour=flaky).start()
     # Backoffs of up to 2 s, past the 1 s delayThreshold: an unordered call would wait
     # them in the delay topics, an ordered one waits them in memory. Retries enough to
     # outlast FAIL_SECONDS.
     entry = {
+        **entry,
         "ordering": "key",
         "retries": 30,
         "backoffBase": 300,
@@ -274,4 +278,67 @@ async def test_a_kill_9_mid_run_loses_nothing_and_keeps_each_keys_first_deliveri
     assert held_at_kill > 0, "the kill must land while calls wait behind their key"
     assert_in_acceptance_order(accepted, flaky.first_ok)
     assert await second.stop() == 0
+    await downstream.stop()
+
+
+async def test_a_node_joining_mid_run_keeps_each_keys_first_deliveries_in_order(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """A rebalance hands partitions over while keys wait behind their heads: the old owner
+    stops their calls, the new one reads them again from the commit point, in order."""
+    flaky, downstream, first = await ordered_node(kafka, tmp_path, processes)
+    # Slower: 50 calls of a key span 7.5 s, so the second node joins while calls still come.
+    posting = asyncio.create_task(
+        post_keyed(first, http, downstream.url(), flaky.first_ok, interval=0.15)
+    )
+    await eventually(lambda: len(flaky.first_ok) >= 100, 30, "deliveries to be under way")
+    second = Bigpipe({**first.config, "http.server.port": free_port()}, tmp_path)
+    processes.append(await second.start())
+
+    async def shared() -> bool:
+        return len((await group_stats(first, http))["partitions"]) < PARTITIONS
+
+    await eventually(shared, 30, "the second node to take a partition")
+    assert not posting.done(), "the second node must join mid-run"
+    accepted = await posting
+    every = {call_id for calls in accepted.values() for call_id, _ in calls}
+    await eventually(lambda: every <= flaky.first_ok.keys(), 60, "every call delivered")
+    assert_in_acceptance_order(accepted, flaky.first_ok)
+    assert (await group_stats(second, http))["rpcSuccess"] > 0, "the second node delivered"
+    assert await second.stop() == 0
+    assert await first.stop() == 0
+    await downstream.stop()
+
+
+async def test_calls_held_behind_their_key_are_bounded_and_stats_say_why_the_group_pauses(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    flaky, downstream, bigpipe = await ordered_node(
+        kafka, tmp_path, processes, maxBuffered=MAX_BUFFERED
+    )
+    held: list[int] = []
+
+    async def partition_states() -> set[str]:
+        stats = await group_stats(bigpipe, http)
+        held.append(stats["orderingHeld"])
+        return set(stats["partitions"].values())
+
+    async def paused_for_ordering() -> bool:
+        return "paused:ordering" in await partition_states()
+
+    async def consuming() -> bool:
+        return await partition_states() == {"consuming"}
+
+    posting = asyncio.create_task(
+        post_keyed(bigpipe, http, downstream.url(), flaky.first_ok, interval=0)
+    )
+    await eventually(paused_for_ordering, 30, "the group to pause for ordering")
+    accepted = await posting
+    every = {call_id for calls in accepted.values() for call_id, _ in calls}
+    await eventually(lambda: every <= flaky.first_ok.keys(), 60, "every call delivered")
+    await eventually(consuming, 10, "the group to resume")
+    print(f"\nordering bound: maxBuffered {MAX_BUFFERED}, at most {max(held)} held")
+    assert max(held) <= 2 * MAX_BUFFERED, "held calls stay near the bound"
+    assert_in_acceptance_order(accepted, flaky.first_ok)
+    assert await bigpipe.stop() == 0
     await downstream.stop()
