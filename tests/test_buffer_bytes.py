@@ -9,8 +9,23 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bigpipe.delivery.consumer import BUFFER_BYTES
-from tests.support import Bigpipe, Downstream, eventually, group_stats, rss_mib, start_node
+from bigpipe.calls.status import NO_TRAIL
+from bigpipe.config import parse_config
+from bigpipe.delivery.consumer import BUFFER_BYTES, ConsumerGroup
+from bigpipe.delivery.delay_topics import _Rung
+from bigpipe.ingest.producer import Producer
+from bigpipe.metrics import Latencies
+from bigpipe.stats import GroupCounters
+from tests.support import (
+    Bigpipe,
+    Downstream,
+    eventually,
+    free_port,
+    group_stats,
+    rss_mib,
+    start_node,
+)
+from tests.test_config import EXAMPLE
 
 CALL_BYTES = 900_000
 CALLS = 80  # 72 MB: under maxBuffered (100 here), over the byte bound
@@ -57,3 +72,33 @@ async def test_large_calls_pause_the_group_at_the_byte_bound_before_max_buffered
     release.set()
     await eventually(lambda: set(ids) <= downstream.call_ids(), 120, "every call delivered")
     await downstream.stop()
+
+
+async def test_calls_the_delay_ladder_holds_make_no_room_in_the_call_topics_buffer() -> None:
+    """A call read back from a delay topic and held for its destination counts in the
+    group's `held`, though it is none of the call topic's buffer: subtracted from that
+    buffer, it let the group read one more working call past maxBuffered per such call."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    config = parse_config({**EXAMPLE, "kafka.bootstrap.servers": nowhere})
+    counters = GroupCounters()
+    producer = Producer(config)
+    group = ConsumerGroup(
+        config,
+        config.consumers[0],
+        producer,
+        counters,
+        Latencies().group("t", "g"),
+        lambda _name, _topic: None,
+        lambda _call: asyncio.sleep(0, True),
+        NO_TRAIL,
+    )
+    try:
+        room = group._room()
+        rung = group._ladder._rungs[("t.g.delay.1s", 0)] = _Rung(generation=0)
+        for offset in range(5):  # five calls read back from a rung...
+            rung.offsets.track(offset)
+        counters.held += 5  # ...and held for their destination (Destination.admit)
+        assert group._room() == room
+    finally:
+        await group.stop(0.1)
+        await producer.close(0.1)

@@ -264,7 +264,9 @@ class ConsumerGroup:
             await asyncio.sleep(0 if messages else IDLE_POLL_SECONDS)
 
     def _buffered(self) -> int:
-        return sum(len(p.offsets) for p in self._partitions.values())
+        """Calls read and not finished, those read back from the delay topics included:
+        they too are held for their destination (in the group's `held`) or working."""
+        return sum(len(p.offsets) for p in self._partitions.values()) + self._ladder.buffered
 
     def _working(self) -> int:
         """Calls buffered and not held, for their destination or behind an earlier call of

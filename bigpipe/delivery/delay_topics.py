@@ -86,6 +86,11 @@ class DelayLadder:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def buffered(self) -> int:
+        """Calls read back from the rungs and not finished yet."""
+        return sum(len(rung.offsets) for rung in self._rungs.values())
+
     def should_park(self, call: Call) -> bool:
         return Due.remaining_s(call) * 1000 > self.config.delay_threshold_ms
 
@@ -134,8 +139,7 @@ class DelayLadder:
         loop = asyncio.get_running_loop()
         next_commit = loop.time() + COMMIT_INTERVAL_SECONDS
         while not self._stopping.is_set():
-            held = sum(len(rung.offsets) for rung in self._rungs.values())
-            room = self.config.max_buffered - held
+            room = self.config.max_buffered - self.buffered
             messages = self._kafka.consume(max(1, min(POLL_BATCH, room)), timeout=0)
             paused: set[tuple[str, int]] = set()
             for message in messages:
