@@ -1,0 +1,64 @@
+"""The idempotency index's view, on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bigpipe.calls import dedup
+from bigpipe.calls.dedup import IdempotencyIndex
+from bigpipe.calls.envelope import new_call
+from bigpipe.config import Config, parse_config
+from bigpipe.ingest.producer import Producer
+from tests.support import create_topic, unique
+from tests.test_config import EXAMPLE
+
+TIMEOUT = 5.0
+
+
+@pytest.fixture
+async def index_topic(kafka: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh index topic of its own, so that nothing else writes to it."""
+    topic = unique("idem-index")
+    await asyncio.to_thread(create_topic, kafka, topic)
+    monkeypatch.setattr(dedup, "INDEX_TOPIC", topic)
+    return topic
+
+
+@pytest.fixture
+async def config(kafka: str) -> Config:
+    return parse_config({**EXAMPLE, "kafka.bootstrap.servers": kafka})
+
+
+@pytest.fixture
+async def producer(config: Config) -> AsyncIterator[Producer]:
+    producer = Producer(config)
+    yield producer
+    await producer.close(5)
+
+
+async def test_a_record_just_written_is_seen_within_milliseconds(
+    index_topic: str, config: Config, producer: Producer
+) -> None:
+    """Every keyed call asks the view after a catch-up: the view's poll thread took
+    records in batches of 500 or 200 ms, so each such call waited ~100 ms."""
+    index = IdempotencyIndex(config)
+    try:
+        assert await index.first_at_ingest("caller", "warm-up", TIMEOUT) is None
+        took = []
+        for number in range(15):
+            call = new_call("http://svc/h", "", "caller", {}, idempotency_key=f"k{number}")
+            await index.record(producer, call, 60_000, TIMEOUT)
+            started = time.monotonic()
+            first = await index.first_at_ingest("caller", f"k{number}", TIMEOUT)
+            took.append(time.monotonic() - started)
+            assert first is not None and first.call_id == call.id
+        median = statistics.median(took)
+        print(f"\nindex catch-up: median {median * 1000:.1f} ms, max {max(took) * 1000:.1f} ms")
+        assert median < 0.05, f"median catch-up {median * 1000:.0f} ms"
+    finally:
+        await index.close()
