@@ -1,4 +1,5 @@
-"""The idempotency index's view, on a real broker."""
+"""The idempotency index's view, on a real broker: how soon it sees a record, and that an
+index emptied by retention costs no wait."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from bigpipe.calls import dedup
 from bigpipe.calls.dedup import IdempotencyIndex
@@ -60,5 +63,26 @@ async def test_a_record_just_written_is_seen_within_milliseconds(
         median = statistics.median(took)
         print(f"\nindex catch-up: median {median * 1000:.1f} ms, max {max(took) * 1000:.1f} ms")
         assert median < 0.05, f"median catch-up {median * 1000:.0f} ms"
+    finally:
+        await index.close()
+
+
+async def test_an_index_emptied_by_retention_answers_at_once(
+    kafka: str, index_topic: str, config: Config, producer: Producer
+) -> None:
+    """Its records gone, the index starts past offset 0 with nothing to read: the view
+    waited for offset 0 to reach the end, the whole timeout, on every keyed call."""
+    for number in range(3):
+        await producer.send(index_topic, b"{}", f"gone{number}".encode())
+    admin = AdminClient({"bootstrap.servers": kafka})
+    deleted = admin.delete_records([TopicPartition(index_topic, 0, 3)])
+    [future] = deleted.values()
+    await asyncio.to_thread(future.result, 30)
+    index = IdempotencyIndex(config)
+    try:
+        started = time.monotonic()
+        assert await index.first_at_ingest("caller", "k", TIMEOUT) is None
+        took = time.monotonic() - started
+        assert took < TIMEOUT / 2, f"{took:.1f} s for a miss on an empty index"
     finally:
         await index.close()

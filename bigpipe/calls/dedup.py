@@ -156,7 +156,7 @@ class IdempotencyIndex:
         """Wait until the view has applied every record stored now (or `timeout` passes)."""
         assert self._ends is not None
         try:
-            _, high = await asyncio.to_thread(
+            low, high = await asyncio.to_thread(
                 self._ends.get_watermark_offsets,
                 TopicPartition(INDEX_TOPIC, 0),
                 min(timeout, WATERMARK_TIMEOUT),
@@ -165,6 +165,9 @@ class IdempotencyIndex:
         except KafkaException as exc:
             log.warning("idempotency index: cannot read its end: %s", exc.args[0].str())
             return
+        # Records before the topic's start are gone (retention): nothing to apply there.
+        # Else an index emptied by retention never reaches its end: a full timeout a call.
+        self._position = max(self._position, low)
         await self._wait_until(lambda: self._position >= high, timeout)
 
     # ------------------------------------------------------------ writing
