@@ -98,10 +98,6 @@ class IdempotencyIndex:
             if handle is not None:
                 await asyncio.to_thread(handle.close)
 
-    @property
-    def size(self) -> int:
-        return len(self._firsts)
-
     # ------------------------------------------------------------ questions
     async def first_at_ingest(self, caller: str, key: str, timeout: float) -> First | None:
         """The first call for the key now, reading up to Kafka's end on a miss.
