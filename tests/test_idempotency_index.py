@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -86,3 +87,23 @@ async def test_an_index_emptied_by_retention_answers_at_once(
         assert took < TIMEOUT / 2, f"{took:.1f} s for a miss on an empty index"
     finally:
         await index.close()
+
+
+async def test_eviction_forgets_only_keys_whose_window_has_passed() -> None:
+    index = IdempotencyIndex(parse_config(EXAMPLE))
+
+    def apply(key: str, call_id: str, accepted_ms: int, window_ms: int) -> None:
+        value = orjson.dumps({"id": call_id, "ts": accepted_ms, "w": window_ms})
+        index._apply_one(orjson.dumps(["caller", key]), value)
+
+    apply("short", "s", 1_000, 1_000)  # its window ends at 2,000
+    apply("long", "l", 1_000, 10_000)  # at 11,000
+    apply("again", "a1", 1_000, 1_000)  # at 2,000, then a new first until 3,500
+    apply("again", "a2", 2_500, 1_000)
+    index._evict(2_000)
+    assert index._lookup("caller", "short", 1_500) is None
+    assert index._lookup("caller", "long", 2_000).call_id == "l"
+    assert index._lookup("caller", "again", 3_000).call_id == "a2"
+    index._evict(3_500)
+    assert index._lookup("caller", "again", 3_000) is None
+    assert index._lookup("caller", "long", 3_500).call_id == "l"

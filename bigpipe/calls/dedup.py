@@ -16,6 +16,7 @@ its window, which is what both ingest and delivery ask:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import threading
 import time
@@ -38,7 +39,6 @@ MAX_KEY_LENGTH = 255
 POLL_SECONDS = 0.2  # how long the view's thread blocks when nothing comes
 BATCH = 500  # records handed to the event loop at once, at most
 WATERMARK_TIMEOUT = 5.0
-EVICT_EVERY = 10_000  # records applied between sweeps of expired keys
 
 
 @dataclass(slots=True)
@@ -61,7 +61,8 @@ class IdempotencyIndex:
         self._loop = asyncio.get_running_loop()
         self._firsts: dict[tuple[str, str], First] = {}
         self._position = 0  # the next offset the view will apply
-        self._applied_since_sweep = 0
+        # (window end, key) of each first stored, soonest first: what eviction looks at
+        self._expiries: list[tuple[int, tuple[str, str]]] = []
         self._advanced = asyncio.Event()
         self._stopping = threading.Event()
         self._kafka: Consumer | None = None
@@ -203,9 +204,7 @@ class IdempotencyIndex:
         for message in batch:
             self._apply_one(message.key(), message.value())
             self._position = message.offset() + 1
-        self._applied_since_sweep += len(batch)
-        if self._applied_since_sweep >= EVICT_EVERY:
-            self._evict(int(time.time() * 1000))
+        self._evict(int(time.time() * 1000))
         self._advanced.set()
 
     def _apply_one(self, raw_key: bytes | None, raw_value: bytes | None) -> None:
@@ -218,10 +217,16 @@ class IdempotencyIndex:
         held = self._firsts.get((caller, key))
         if held is None or not held.covers(first.accepted_ms):
             self._firsts[(caller, key)] = first
+            heapq.heappush(self._expiries, (first.accepted_ms + first.window_ms, (caller, key)))
 
     def _evict(self, now_ms: int) -> None:
-        """Forget keys whose window has passed: memory holds only live windows."""
-        self._applied_since_sweep = 0
-        expired = [k for k, f in self._firsts.items() if now_ms - f.accepted_ms >= f.window_ms]
-        for key in expired:
-            del self._firsts[key]
+        """Forget keys whose window has passed: memory holds only live windows. A heap of
+        window ends, so each batch looks only at what has expired (a scan of every key
+        cost O(keys) a sweep)."""
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now_ms:
+            _, key = heapq.heappop(expiries)
+            first = self._firsts.get(key)
+            # A key given a newer first since has its own, later, entry: keep it.
+            if first is not None and now_ms - first.accepted_ms >= first.window_ms:
+                del self._firsts[key]
