@@ -191,10 +191,11 @@ async def test_every_documented_metric_is_scraped_with_its_labels_and_failures_c
             os.kill(broker_pid, signal.SIGCONT)
         assert (status, reply["errno"]) == (503, 1), reply
 
-        async def lag_reported() -> bool:  # librdkafka reports statistics every 5 s
-            return "bigpipe_consumer_lag" in await scrape(bigpipe, http)
+        async def statistics_reported() -> bool:  # librdkafka reports them every 5 s,
+            # the group's consumer and its delay readers each on its own clock
+            return {"bigpipe_consumer_lag", "bigpipe_waiting"} <= set(await scrape(bigpipe, http))
 
-        await eventually(lag_reported, 15, "consumer lag in /metrics")
+        await eventually(statistics_reported, 30, "consumer lag and waiting calls in /metrics")
         samples = await scrape(bigpipe, http)
         await bigpipe.stop()
     await downstream.stop()
