@@ -227,9 +227,12 @@ def bigpipe_config(
 
 
 @asynccontextmanager
-async def bigpipe_node(config: dict[str, Any], workdir: Path) -> AsyncIterator[Bigpipe]:
-    """A running Bigpipe node (`python -m bigpipe -config FILE`); stopped by PID on exit."""
-    node = Bigpipe(config, workdir)
+async def bigpipe_node(
+    config: dict[str, Any], workdir: Path, source: Path = REPO
+) -> AsyncIterator[Bigpipe]:
+    """A running Bigpipe node (`python -m bigpipe -config FILE`) of the tree `source`;
+    stopped by PID on exit."""
+    node = Bigpipe(config, workdir, source=source)
     try:
         await node.start()
         yield node
@@ -432,6 +435,25 @@ def load_average() -> str:
 
 
 # ---------------------------------------------------------------- the run
+def reference_tree(revision: str) -> tuple[str, Path]:
+    """A checkout of `revision` (a commit, tag or branch) to run Bigpipe from, beside this
+    one (a detached git worktree under .local/bench-ref, made once and kept); returns its
+    short commit id and its path. It runs on this tree's venv: the revision must need no
+    library this venv lacks."""
+    commit = _git("rev-parse", "--short", f"{revision}^{{commit}}")
+    path = REPO / ".local" / "bench-ref" / commit
+    if not (path / "bigpipe").is_dir():
+        _git("worktree", "add", "--force", "--detach", str(path), commit)
+    return commit, path
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
 @dataclass
 class Context:
     """What every benchmark of one suite run shares."""
@@ -444,6 +466,8 @@ class Context:
     scale: float = 1.0  # < 1 with --quick: every duration shrinks
     peak: float | None = None  # Bigpipe's ingest calls/s, set by the ingest benchmark
     delivery_peak: float | None = None  # Bigpipe's deliveries/s, set by the delivery benchmark
+    # --against REV: (short commit, tree) of an earlier Bigpipe, measured in the same rounds
+    reference: tuple[str, Path] | None = None
 
     def end_to_end_peak(self) -> float | None:
         """Calls/s one node can both take in and deliver: its worker(s) do both jobs."""

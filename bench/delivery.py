@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 from confluent_kafka import Producer
@@ -140,9 +141,12 @@ class NginxCounter:
 BREAKER = {"breakPeriod": 5, "recoverPeriod": 5, "winSize": 10, "minStats": 100, "healthRate": 0.5}
 
 
-async def bigpipe_rate(ctx: Context, nginx: str, calls: int) -> tuple[float, float]:
-    """Deliveries/s of one Bigpipe node draining `calls` preloaded calls to nginx, and the
-    CPU seconds per 10,000 calls of all its processes, from the preload to the last one."""
+async def bigpipe_rate(
+    ctx: Context, nginx: str, calls: int, source: Path = REPO
+) -> tuple[float, float]:
+    """Deliveries/s of one Bigpipe node (of the tree `source`) draining `calls` preloaded
+    calls to nginx, and the CPU seconds per 10,000 calls of all its processes, from the
+    preload to the last one."""
     topic, group = unique("bench-deliver"), unique("g")
     await asyncio.to_thread(create_topic, ctx.bootstrap, topic, PARTITIONS)
     consumer = consumer_entry(
@@ -152,7 +156,8 @@ async def bigpipe_rate(ctx: Context, nginx: str, calls: int) -> tuple[float, flo
         ctx.bootstrap, topic, workers=ctx.workers, partitions=PARTITIONS, consumers=[consumer]
     )
     preload = await asyncio.to_thread(Preload, ctx.bootstrap, topic, f"{nginx}/hook", calls)
-    async with aiohttp.ClientSession() as session, bigpipe_node(config, ctx.workdir) as node:
+    node_running = bigpipe_node(config, ctx.workdir, source)
+    async with aiohttp.ClientSession() as session, node_running as node:
         assert node.process is not None
         counter = NginxCounter(session, nginx)
         await counter.reset()
@@ -162,6 +167,28 @@ async def bigpipe_rate(ctx: Context, nginx: str, calls: int) -> tuple[float, flo
         await asyncio.to_thread(preload.burst)
         rate = await drain
         return rate, per_10k(cpu_seconds(node.process.pid) - cpu_before, calls)
+
+
+def against_row(
+    ctx: Context, rates: list[float], cpus: list[float], earlier: list[tuple[float, float]]
+) -> Row:
+    """This tree's deliveries against the --against tree's, measured in the same rounds."""
+    assert ctx.reference is not None
+    commit = ctx.reference[0]
+    ratio = median(rates) / median([rate for rate, _ in earlier])
+    return Row(
+        f"delivery vs {commit}",
+        f"{median(rates):,.0f} calls/s",
+        f"{median([rate for rate, _ in earlier]):,.0f}/s at {commit}",
+        ratio,
+        "-",
+        None,
+        [
+            f"the same rounds, alternating which tree goes first; CPU-seconds per 10,000 "
+            f"calls (median): this tree {median(cpus):.2f}, {commit} "
+            f"{median([cpu for _, cpu in earlier]):.2f}"
+        ],
+    )
 
 
 async def _drain_rate(counter: NginxCounter, calls: int, timeout: float) -> float:
@@ -182,18 +209,28 @@ async def _drain_rate(counter: NginxCounter, calls: int, timeout: float) -> floa
 async def run(ctx: Context) -> list[Row]:
     calls = ctx.count(CALLS)
     baseline, bigpipe, baseline_cpu, bigpipe_cpu = [], [], [], []
+    earlier: list[tuple[float, float]] = []  # the --against tree's (rate, CPU-s/10k) per round
     with nginx_204(ctx.workdir / "nginx") as nginx:
         for round_number in range(1, ctx.rounds + 1):
             rate, cpu = await bare_client_rate(ctx, nginx, calls)
             baseline.append(rate)
             baseline_cpu.append(cpu)
+            if ctx.reference and round_number % 2:  # alternate which tree goes first
+                earlier.append(await bigpipe_rate(ctx, nginx, calls, ctx.reference[1]))
             rate, cpu = await bigpipe_rate(ctx, nginx, calls)
             bigpipe.append(rate)
             bigpipe_cpu.append(cpu)
+            if ctx.reference and not round_number % 2:
+                earlier.append(await bigpipe_rate(ctx, nginx, calls, ctx.reference[1]))
             print(
                 f"  delivery round {round_number}: bare client {baseline[-1]:,.0f}/s "
                 f"({baseline_cpu[-1]:.2f} CPU-s/10k), bigpipe {bigpipe[-1]:,.0f}/s "
-                f"({bigpipe_cpu[-1]:.2f} CPU-s/10k)",
+                f"({bigpipe_cpu[-1]:.2f} CPU-s/10k)"
+                + (
+                    f", {ctx.reference[0]} {earlier[-1][0]:,.0f}/s ({earlier[-1][1]:.2f} CPU-s/10k)"
+                    if ctx.reference
+                    else ""
+                ),
                 flush=True,
             )
     ratio = median(bigpipe) / median(baseline)
@@ -224,7 +261,9 @@ async def run(ctx: Context) -> list[Row]:
             "target": TARGET_RATIO,
         },
     )
+    rows = [against_row(ctx, bigpipe, bigpipe_cpu, earlier)] if ctx.reference else []
     return [
+        *rows,
         Row(
             "delivery",
             f"{median(bigpipe):,.0f} calls/s",
@@ -233,7 +272,7 @@ async def run(ctx: Context) -> list[Row]:
             f">= {TARGET_RATIO:.2f}",
             ratio >= TARGET_RATIO,
             [how, cpu],
-        )
+        ),
     ]
 
 

@@ -1,7 +1,7 @@
 """The benchmark suite: `python -m bench` runs every benchmark and prints one summary table.
 
     python -m bench [--workers N] [--rounds R] [--only NAME,...] [--quick] [--keep-kafka]
-                    [--note TEXT]
+                    [--against REV] [--note TEXT]
 
 Benchmarks, in order (each module's docstring says what it measures and how):
 
@@ -59,6 +59,7 @@ from bench.common import (
     load_average,
     machine,
     now,
+    reference_tree,
     save,
     start_kafka,
     stop_kafka,
@@ -104,6 +105,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="ingest calls/s to scale latency and memory from when ingest is not run "
         "(default: bench/results/workers-N/ingest.json)",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        default=None,
+        help="also run the delivery benchmark on Bigpipe at git revision REV, in the same "
+        "rounds, and print this tree against it (say: --against main~5)",
     )
     parser.add_argument(
         "--keep-kafka", action="store_true", help="leave the bench broker running afterwards"
@@ -247,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(WORKDIR, ignore_errors=True)
         WORKDIR.mkdir(parents=True)
         ctx = Context(bootstrap, WORKDIR, args.workers, args.rounds, results, peak=peak)
+        ctx.reference = reference_tree(args.against) if args.against else None
         if args.quick:  # a smoke test: its figures must not replace the recorded ones
             ctx.scale, ctx.results = QUICK_SCALE, WORKDIR / "results"
         print(f"bench: warming the broker up for {WARMUP_SECONDS * ctx.scale:g} s", flush=True)

@@ -242,9 +242,17 @@ async def start_node(
 class Bigpipe:
     """A Bigpipe process started from a config dict; stopped by its PID."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, args: tuple[str, ...] = ()) -> None:
-        # Each node's status view (SQLite) in the test's own directory, not the system's.
-        config.setdefault("status.directory", str(workdir / "status"))
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        args: tuple[str, ...] = (),
+        source: Path = REPO,
+    ) -> None:
+        self.source = source  # the tree it runs from: `python -m bigpipe` imports from its cwd
+        if source == REPO:  # an older tree (bench --against) may not know the key
+            # Each node's status view (SQLite) in the test's own directory, not the system's.
+            config.setdefault("status.directory", str(workdir / "status"))
         self.config = config
         self.args = args  # command-line options after -config PATH, say ("--workers", "2")
         self.port = config["http.server.port"]
@@ -268,7 +276,7 @@ class Bigpipe:
             *self.args,
             stdout=log,
             stderr=log,
-            cwd=REPO,
+            cwd=self.source,
         )
         log.close()
         if wait_ready:
