@@ -33,7 +33,7 @@ from bigpipe.node.workers import (
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # First words that make `bigpipe` an operator's command (bigpipe.operate.commands), not a node.
-OPERATOR_COMMANDS = ("dlq", "replay", "top", "status", "config")
+OPERATOR_COMMANDS = ("dlq", "replay", "top", "status", "config", "completion")
 PROCESS_NAME = OWNER_NAME.encode()
 
 log = logging.getLogger("bigpipe")
@@ -46,6 +46,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="operator commands (each with --help): "
         + ", ".join(f"bigpipe {name}" for name in OPERATOR_COMMANDS),
     )
+    add_node_options(parser)
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be 0 (one per core) or more")
+    return args
+
+
+def add_node_options(parser: argparse.ArgumentParser) -> None:
+    """The options of `bigpipe` running a node (shell completion offers them too)."""
     # -config with one dash is the original bigpipe's spelling; keep it working.
     parser.add_argument(
         "-config",
@@ -68,10 +77,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # node's file, for `ps` and the logs; they never read it.
     parser.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--snapshot", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.workers is not None and args.workers < 0:
-        parser.error("--workers must be 0 (one per core) or more")
-    return args
 
 
 def set_process_name(name: bytes = PROCESS_NAME) -> None:

@@ -1,5 +1,5 @@
 """The operator's commands: `bigpipe dlq list|show|redrive`, `bigpipe replay`, `bigpipe top`,
-`bigpipe status`, `bigpipe config schema|docs|check`.
+`bigpipe status`, `bigpipe config schema|docs|check`, `bigpipe completion bash|zsh|tcsh`.
 
 Each reads the node's config file for the cluster, the topics and the groups, and
 talks to Kafka (or, for top, to the nodes) directly: no node needs to be running
@@ -77,7 +77,7 @@ def filters_from(args: argparse.Namespace) -> Filters:
 
 def parser() -> argparse.ArgumentParser:
     from bigpipe import config_docs
-    from bigpipe.operate import dlq_commands, replay, status, top
+    from bigpipe.operate import completion, dlq_commands, replay, status, top
 
     root = argparse.ArgumentParser(prog="bigpipe", description="Bigpipe's operator commands.")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -86,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_parser(commands)
     status.add_parser(commands)
     config_docs.add_parser(commands)
+    completion.add_parser(commands)
     return root
 
 
