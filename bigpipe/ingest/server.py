@@ -317,7 +317,29 @@ class Ingest:
             node.stats.server.overloadCall += 1
             raise Reject(503, "overloaded: too many calls waiting for Kafka; retry later")
         idempotency_key = _idempotency_key(request, call_request)
-        timeout = config.write_timeout_ms / 1000
+        # Waiting from here: a keyed call's index lookup counts against channel.size and
+        # holds up a drain, as its write does.
+        if self._waiting == 0:
+            self._idle.clear()
+        self._waiting += 1
+        try:
+            return await self._store(request, call_request, entry, idempotency_key, started)
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0:
+                self._idle.set()
+
+    async def _store(
+        self,
+        request: web.BaseRequest,
+        call_request: CallRequest,
+        entry: AclEntry,
+        idempotency_key: str | None,
+        started: float,
+    ) -> dict[str, Any]:
+        """Write the call (unless its key names an earlier one) and index its key."""
+        node = self._node
+        timeout = node.config.write_timeout_ms / 1000
         if idempotency_key is not None:
             first = await node.index.first_at_ingest(entry.name, idempotency_key, timeout)
             if first is not None:
@@ -335,10 +357,6 @@ class Ingest:
         )
         key = call_request.partition_key.encode() if call_request.partition_key else None
         counters = node.stats.producer(entry.topic)
-        latency = node.latencies.ingest_child(entry.topic)
-        if self._waiting == 0:
-            self._idle.clear()
-        self._waiting += 1
         try:
             partition, offset = await node.producer.send(
                 entry.topic, encode_call(call), key, timeout=timeout
@@ -349,10 +367,7 @@ class Ingest:
             counters.deliveryFail += 1
             raise _produce_refusal(exc, entry.topic) from None
         finally:
-            latency.observe(time.perf_counter() - started)
-            self._waiting -= 1
-            if self._waiting == 0:
-                self._idle.set()
+            node.latencies.ingest_child(entry.topic).observe(time.perf_counter() - started)
         counters.deliverySuccess += 1
         if node.status_log is not None:
             node.status_log.queued(call, entry.topic)

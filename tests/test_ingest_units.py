@@ -1,0 +1,88 @@
+"""Units of Ingest: the node around it is a stand-in whose index and producer answer at
+once or wait on events, so the test decides when each lookup and write ends.
+
+What ingest counts as waiting: the bound on calls waiting (channel.size, a 503) and the
+drain (wait_idle) cover a keyed call from its index lookup on, not only its write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+
+import orjson
+from aiohttp import streams, web
+from aiohttp.test_utils import make_mocked_request
+
+from bigpipe.config import parse_config
+from bigpipe.ingest.acl import Acl
+from bigpipe.ingest.server import Ingest
+from bigpipe.metrics import Latencies
+from bigpipe.stats import Stats
+from tests.support import eventually
+from tests.test_config import EXAMPLE
+
+
+class SlowIndex:
+    """Every lookup waits for `go`, then finds no earlier call."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.looking = 0
+
+    async def first_at_ingest(self, _caller: str, _key: str, _timeout: float) -> None:
+        self.looking += 1
+        await self.go.wait()
+
+    async def record(self, *_args: Any) -> None:
+        return None
+
+
+class InstantProducer:
+    async def send(self, *_args: Any, **_kwargs: Any) -> tuple[int, int]:
+        return 0, 0
+
+
+def call_request(key: str | None) -> web.Request:
+    fields: dict[str, Any] = {"acl": {"name": "system-1", "secret": "you are good"}}
+    fields.update(url="http://127.0.0.1:9/h", data="d")
+    if key is not None:
+        fields["idempotency_key"] = key
+    payload = streams.StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=mock.Mock())
+    payload.feed_data(orjson.dumps(fields))
+    payload.feed_eof()
+    return make_mocked_request("POST", "/rpc/call", payload=payload)
+
+
+def ingest_node(index: SlowIndex) -> SimpleNamespace:
+    config = parse_config({**EXAMPLE, "http.server.handler.channel.size": 1})
+    node = SimpleNamespace(
+        config=config,
+        stats=Stats(),
+        latencies=Latencies(),
+        acl=Acl(config.acl),
+        producer=InstantProducer(),
+        index=index,
+        status_log=None,
+        ready=True,
+    )
+    node.ingest = Ingest(node)  # type: ignore[arg-type]
+    return node
+
+
+async def test_a_keyed_call_looking_up_its_key_counts_as_waiting() -> None:
+    index = SlowIndex()
+    node = ingest_node(index)
+    keyed = asyncio.ensure_future(node.ingest.rpc_call(call_request("k1")))
+    await eventually(lambda: index.looking == 1, 5, "the keyed call to look its key up")
+    refused = await node.ingest.rpc_call(call_request(None))
+    assert refused.status == 503, "channel.size 1 is taken by the keyed call"
+    assert orjson.loads(refused.body)["msg"].startswith("overloaded")
+    drained = asyncio.ensure_future(node.ingest.wait_idle())
+    await asyncio.sleep(0.05)
+    assert not drained.done(), "a drain must wait for the keyed call"
+    index.go.set()
+    assert (await keyed).status == 200
+    await asyncio.wait_for(drained, 1)
