@@ -45,7 +45,7 @@ class InstantProducer:
         return 0, 0
 
 
-def call_request(key: str | None) -> web.Request:
+def call_request(key: str | None, headers: dict[str, str] | None = None) -> web.Request:
     fields: dict[str, Any] = {"acl": {"name": "system-1", "secret": "you are good"}}
     fields.update(url="http://127.0.0.1:9/h", data="d")
     if key is not None:
@@ -53,7 +53,7 @@ def call_request(key: str | None) -> web.Request:
     payload = streams.StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=mock.Mock())
     payload.feed_data(orjson.dumps(fields))
     payload.feed_eof()
-    return make_mocked_request("POST", "/rpc/call", payload=payload)
+    return make_mocked_request("POST", "/rpc/call", headers=headers, payload=payload)
 
 
 def ingest_node(index: SlowIndex) -> SimpleNamespace:
@@ -86,3 +86,15 @@ async def test_a_keyed_call_looking_up_its_key_counts_as_waiting() -> None:
     index.go.set()
     assert (await keyed).status == 200
     await asyncio.wait_for(drained, 1)
+
+
+async def test_a_bad_idempotency_key_header_is_a_400_even_when_the_node_cannot_take_calls() -> None:
+    """Bad input is a 400, "retrying cannot help", whatever the node's state: a 503
+    "retry later" would have the caller retry a request that can never pass."""
+    node = ingest_node(SlowIndex())
+    node.ready, node.not_ready_reason = False, lambda: "not ready: joining Kafka"
+    bad = call_request(None, {"Idempotency-Key": "k" * 300})
+    refused = await node.ingest.rpc_call(bad)
+    reply = orjson.loads(refused.body)
+    assert (refused.status, reply["errno"]) == (400, -1)
+    assert reply["msg"].startswith("header Idempotency-Key: must be a string of 1 to 255")

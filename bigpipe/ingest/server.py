@@ -311,12 +311,14 @@ class Ingest:
         _check_destination(entry, call_request.target)
         for url in call_request.callbacks.values():  # the same rules as url: they are calls
             _check_destination(entry, URL(url))
+        # Every check of the input before the node's state: bad input is a 400 ("retrying
+        # cannot help") whatever the node's state, never a 503 "retry later".
+        idempotency_key = _idempotency_key(request, call_request)
         if not node.ready:
             raise Reject(503, node.not_ready_reason(), INTERNAL_ERROR)
         if self._waiting >= config.channel_size:
             node.stats.server.overloadCall += 1
             raise Reject(503, "overloaded: too many calls waiting for Kafka; retry later")
-        idempotency_key = _idempotency_key(request, call_request)
         # Waiting from here: a keyed call's index lookup counts against channel.size and
         # holds up a drain, as its write does.
         if self._waiting == 0:
