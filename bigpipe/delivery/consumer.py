@@ -307,19 +307,23 @@ class ConsumerGroup:
         calls behind their heads, or the buffer stays full.
 
         Resuming waits until all are half empty, so a slow group does not flap
-        between pause and resume on every finished call.
+        between pause and resume on every finished call; meanwhile /stats shows
+        the first reason still over its half.
         """
-        max_held, max_buffered = self.config.destination.max_held, self.config.max_buffered
-        holding = self._counters.held >= max_held
-        ordering = self._counters.orderingHeld >= max_buffered
-        draining = self._states.any_paused and (
-            self._working() > max_buffered // 2
-            or self._buffered_bytes > BUFFER_BYTES // 2
-            or self._counters.held > max_held // 2
-            or self._counters.orderingHeld > max_buffered // 2
+        paused = self._states.any_paused
+        max_buffered = self.config.max_buffered
+        for count, bound, reason in (
+            (self._counters.held, self.config.destination.max_held, HELD),
+            (self._counters.orderingHeld, max_buffered, ORDERING),
+        ):
+            if count >= bound or (paused and count > bound // 2):
+                self._states.hold(reason)
+                return
+        full = stalled or (
+            paused
+            and (self._working() > max_buffered // 2 or self._buffered_bytes > BUFFER_BYTES // 2)
         )
-        reason = HELD if holding else ORDERING if ordering else BUFFER
-        self._states.hold(reason if holding or ordering or stalled or draining else None)
+        self._states.hold(BUFFER if full else None)
 
     # ------------------------------------------------------------ one call
     async def _handle(self, message: Message, partition: _Partition, turn: Turn) -> None:
