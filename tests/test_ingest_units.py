@@ -13,11 +13,13 @@ from typing import Any
 from unittest import mock
 
 import orjson
+import pytest
 from aiohttp import streams, web
 from aiohttp.test_utils import make_mocked_request
 
 from bigpipe.config import parse_config
 from bigpipe.ingest.acl import Acl
+from bigpipe.ingest.compat import GO_BAD_JSON, GO_BAD_PARTITION_KEY
 from bigpipe.ingest.server import Ingest
 from bigpipe.metrics import Latencies
 from bigpipe.stats import Stats
@@ -45,19 +47,21 @@ class InstantProducer:
         return 0, 0
 
 
-def call_request(key: str | None, headers: dict[str, str] | None = None) -> web.Request:
+def call_request(
+    key: str | None, headers: dict[str, str] | None = None, body: bytes | None = None
+) -> web.Request:
     fields: dict[str, Any] = {"acl": {"name": "system-1", "secret": "you are good"}}
     fields.update(url="http://127.0.0.1:9/h", data="d")
     if key is not None:
         fields["idempotency_key"] = key
     payload = streams.StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=mock.Mock())
-    payload.feed_data(orjson.dumps(fields))
+    payload.feed_data(orjson.dumps(fields) if body is None else body)
     payload.feed_eof()
     return make_mocked_request("POST", "/rpc/call", headers=headers, payload=payload)
 
 
-def ingest_node(index: SlowIndex) -> SimpleNamespace:
-    config = parse_config({**EXAMPLE, "http.server.handler.channel.size": 1})
+def ingest_node(index: SlowIndex, **settings: Any) -> SimpleNamespace:
+    config = parse_config({**EXAMPLE, "http.server.handler.channel.size": 1, **settings})
     node = SimpleNamespace(
         config=config,
         stats=Stats(),
@@ -98,3 +102,20 @@ async def test_a_bad_idempotency_key_header_is_a_400_even_when_the_node_cannot_t
     reply = orjson.loads(refused.body)
     assert (refused.status, reply["errno"]) == (400, -1)
     assert reply["msg"].startswith("header Idempotency-Key: must be a string of 1 to 255")
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"{", GO_BAD_JSON),
+        (b"[]", GO_BAD_JSON),
+        (b'{"url": "http://svc/h", "data": "d", "acl": {}}', GO_BAD_PARTITION_KEY),
+    ],
+)
+async def test_compat_replies_name_the_originals_first_problem(body: bytes, problem: str) -> None:
+    """The body is decoded once, for the original's checks and ours alike."""
+    node = ingest_node(SlowIndex(), **{"http.server.compat.replies": True})
+    refused = await node.ingest.rpc_call(call_request(None, body=body))
+    reply = orjson.loads(refused.body)
+    assert (refused.status, reply["errno"]) == (200, -1)
+    assert reply["msg"] == problem

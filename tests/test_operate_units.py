@@ -99,7 +99,7 @@ def test_a_go_record_goes_where_one_of_its_topics_callers_may_call() -> None:
     ],
 )
 def test_the_originals_field_order(body: bytes, problem: str | None) -> None:
-    assert go_field_problem(body) == problem
+    assert go_field_problem(orjson.loads(body)) == problem
 
 
 def test_a_call_sent_again_by_an_operator_is_not_expired_by_its_ttl() -> None:

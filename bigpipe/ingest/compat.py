@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 
@@ -127,16 +128,13 @@ def go_reply_body(errno: int, msg: str) -> bytes:
     return orjson.dumps({"data": "", "errno": errno, "msg": msg})
 
 
-def go_field_problem(body: bytes) -> str | None:
+def go_field_problem(payload: Any) -> str | None:
     """The original's message for the first field it would refuse, in its order, or None.
 
-    Its order differs from ours (url, data and partition_key before acl), and it
-    requires partition_key, so a request with several faults gets the same message.
+    `payload` is the body, decoded (a body that is no JSON is GO_BAD_JSON). Its order
+    differs from ours (url, data and partition_key before acl), and it requires
+    partition_key, so a request with several faults gets the same message.
     """
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return GO_BAD_JSON
     if payload is None:  # Go decodes null into an empty map: every field is missing
         payload = {}
     if not isinstance(payload, dict):
