@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -128,6 +128,18 @@ class Tally:
     # (monotonic time, outcome) of each answer, to tell what happened during a fault
     timeline: list[tuple[float, tuple[Any, Any]]] = field(default_factory=list)
 
+    def record(self, outcome: tuple[Any, Any], call_id: str | None, took: float) -> None:
+        """One answer: `outcome` is (HTTP status, errno), `took` its latency in s."""
+        self.sent += 1
+        self.outcomes[outcome] += 1
+        self.timeline.append((time.monotonic(), outcome))
+        if outcome == (200, 0):
+            assert call_id is not None
+            self.accepted.add(call_id)
+            self.accept_latency.append(took)
+        elif outcome[0] == 503:
+            self.refusal_latency.append(took)
+
     def outcomes_between(self, start: float, end: float) -> Counter[tuple[Any, Any]]:
         return Counter(outcome for at, outcome in self.timeline if start <= at < end)
 
@@ -229,16 +241,7 @@ class Load:
             }
         )
         outcome, call_id, took = await self._post(node, body)
-        tally = self.tally
-        tally.sent += 1
-        tally.outcomes[outcome] += 1
-        tally.timeline.append((time.monotonic(), outcome))
-        if outcome == (200, 0):
-            assert call_id is not None
-            tally.accepted.add(call_id)
-            tally.accept_latency.append(took)
-        elif outcome[0] == 503:
-            tally.refusal_latency.append(took)
+        self.tally.record(outcome, call_id, took)
         return outcome
 
     async def _post(self, node: Bigpipe, body: bytes) -> tuple[tuple[Any, Any], str | None, float]:
@@ -267,36 +270,56 @@ class Accounting:
     lost: int
     duplicated: int
     lost_ids: list[str]
+    excused: int = 0  # see settle_and_account
 
     def line(self) -> str:
+        excused = f" excused={self.excused}" if self.excused else ""
         return (
             f"[fault] {self.name}: sent={self.sent} accepted={self.accepted} "
-            f"delivered={self.delivered} dead-lettered={self.dead_lettered} "
+            f"delivered={self.delivered} dead-lettered={self.dead_lettered}{excused} "
             f"lost={self.lost} duplicated={self.duplicated}"
+            + (f" lost ids (first 10): {' '.join(self.lost_ids)}" if self.lost else "")
         )
 
 
-def _dead_letter_ids(bootstrap: str, topic: str) -> set[str]:
-    """Call ids in a dead-letter topic (blocking: run it in a thread)."""
+def dead_letter_reasons(bootstrap: str, topic: str) -> dict[str, str]:
+    """Call id -> `reason` of each call in a dead-letter topic (blocking: run it in a
+    thread)."""
     count = topic_record_count(bootstrap, topic)
-    ids = set()
+    reasons = {}
     for message in read_topic(bootstrap, topic, count, timeout=30) if count else []:
-        call = orjson.loads(message.value()).get("call")
-        if call:
-            ids.add(call["id"])
-    return ids
+        record = orjson.loads(message.value())
+        if record.get("call"):
+            reasons[record["call"]["id"]] = record["reason"]
+    return reasons
+
+
+def _dead_letter_ids(bootstrap: str, topic: str) -> set[str]:
+    return set(dead_letter_reasons(bootstrap, topic))
+
+
+class Deliveries(Protocol):
+    """What reached the downstreams: a Sink, or several (the soak's Mix)."""
+
+    @property
+    def ok(self) -> Counter[str]: ...
+
+    def delivered(self) -> set[str]: ...
 
 
 async def settle_and_account(
     name: str,
     tally: Tally,
-    sink: Sink,
+    sink: Deliveries,
     bootstrap: str,
     dlq_topic: str,
     timeout: float,
+    excused: Callable[[], set[str]] = set,
 ) -> Accounting:
     """Wait (bounded) until every accepted call is delivered or dead-lettered; count.
 
+    `excused` gives accepted calls that are owed no delivery: copies of one idempotency
+    key answered as two calls, of which Bigpipe delivers only one (the soak's).
     The dead-letter topic is only read when the downstream alone does not account for
     every call, and then at most every few seconds (it takes a Kafka consumer).
     """
@@ -305,7 +328,7 @@ async def settle_and_account(
     dead_seen = -1
     next_dlq_check = 0.0
     while True:
-        missing = tally.accepted - sink.delivered() - dead
+        missing = tally.accepted - sink.delivered() - dead - excused()
         now = time.monotonic()
         if not missing or now > deadline:
             break
@@ -321,8 +344,10 @@ async def settle_and_account(
         dead = await asyncio.to_thread(_dead_letter_ids, bootstrap, dlq_topic)
     delivered = tally.accepted & sink.delivered()
     dead_lettered = (tally.accepted & dead) - delivered
-    lost = tally.accepted - delivered - dead
-    duplicated = sum(1 for call_id in delivered if sink.ok[call_id] > 1)
+    skipped = (tally.accepted - delivered - dead) & excused()
+    lost = tally.accepted - delivered - dead - skipped
+    ok = sink.ok
+    duplicated = sum(1 for call_id in delivered if ok[call_id] > 1)
     accounting = Accounting(
         name,
         tally.sent,
@@ -332,6 +357,7 @@ async def settle_and_account(
         len(lost),
         duplicated,
         sorted(lost)[:10],
+        len(skipped),
     )
     print(f"\n{accounting.line()}", flush=True)
     return accounting
