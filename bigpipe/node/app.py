@@ -414,6 +414,9 @@ async def serve(
         stop.set()
 
     def on_reload_signal() -> None:
+        if stop.is_set():  # a reload would race the drain, and the config ends with it
+            log.info("SIGUSR1 while draining: ignored")
+            return
         task = asyncio.create_task(node.reload())
         reloads.add(task)  # keep a reference until done, or the task may vanish
         task.add_done_callback(reloads.discard)
@@ -425,12 +428,14 @@ async def serve(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         take(loop, signum, on_stop_signal, signum)
+    if worker is not None:  # see bigpipe.node.workers.die_with_parent
+        loop.add_signal_handler(SUPERVISOR_GONE, on_supervisor_gone)
+    await node.start()
+    # Only now: a reload during start() began a second bring-up beside start()'s own.
+    # SIGUSR1 stays blocked until then (bigpipe.node.signals), so one sent earlier waits.
     handle_reloads(loop, on_reload_signal)
     if worker is None:  # a worker's supervisor speaks for the node
         notify_ready()
-    else:  # see bigpipe.node.workers.die_with_parent
-        loop.add_signal_handler(SUPERVISOR_GONE, on_supervisor_gone)
-    await node.start()
     await stop.wait()
     await asyncio.gather(*reloads, return_exceptions=True)
     await node.stop()

@@ -320,6 +320,9 @@ class Supervisor:
         The workers are signalled either way: they take the node's reload counters from
         the snapshot, so /stats counts a refused file too.
         """
+        if self._stopping:  # the workers drain and ignore it too
+            log.info("SIGUSR1 while draining: ignored")
+            return
         source = self._config.source
         assert source is not None
         try:
