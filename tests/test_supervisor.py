@@ -10,7 +10,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,15 @@ import aiohttp
 import orjson
 import pytest
 
+from bigpipe.config import parse_config
+from bigpipe.node import workers as workers_module
 from bigpipe.node.board import node_directory
-from bigpipe.node.workers import SUPERVISOR_PID_ENV, cgroup_cpu_quota, write_snapshot
+from bigpipe.node.workers import (
+    SUPERVISOR_PID_ENV,
+    Supervisor,
+    cgroup_cpu_quota,
+    write_snapshot,
+)
 from bigpipe.stats import NodeCounters
 from tests.support import (
     ACL_NAME,
@@ -263,3 +270,47 @@ async def test_a_worker_whose_supervisor_died_while_it_started_exits(
     _, stderr = await asyncio.wait_for(worker.communicate(), 30)
     assert worker.returncode == 1, stderr
     assert b"its supervisor is gone already" in stderr
+
+
+@contextlib.asynccontextmanager
+async def supervisor_in_process(
+    tmp_path: Path, command: list[str], workers: int = 1
+) -> AsyncIterator[tuple[Supervisor, asyncio.Task[int]]]:
+    """A Supervisor on this test's loop whose workers run `command` instead of bigpipe;
+    its signal handlers are removed afterwards."""
+    raw = base_config("127.0.0.1:1", unique("sup"), free_port())
+    path = tmp_path / "bigpipe.json"
+    path.write_bytes(orjson.dumps(raw))
+    supervisor = Supervisor(raw, parse_config(raw, source=path), workers)
+    supervisor._command = lambda _worker: command  # type: ignore[method-assign]
+    running = asyncio.create_task(supervisor.run())
+    try:
+        yield supervisor, running
+    finally:
+        if not running.done():
+            supervisor._stop()
+            await asyncio.wait_for(running, 60)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            loop.remove_signal_handler(signum)
+
+
+async def test_a_stop_ends_the_restart_backoff_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workers_module, "RESTART_BACKOFF_SECONDS", (30,))
+    dies = [sys.executable, "-c", "raise SystemExit(3)"]
+    async with supervisor_in_process(tmp_path, dies) as (supervisor, running):
+        [worker] = supervisor._workers
+        await eventually(lambda: worker.start_failures == 1, 30, "the worker's first death")
+        supervisor._on_stop(signal.SIGTERM)  # now in its 30 s back-off
+        assert await asyncio.wait_for(running, 5) == 0, "stopped within the back-off"
+
+
+async def test_a_worker_that_cannot_be_spawned_ends_the_supervisor_with_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with supervisor_in_process(tmp_path, [str(tmp_path / "no-such-python")]) as (_, running):
+        assert await asyncio.wait_for(running, 30) == 1, "not a hang: given up, exit 1"
+    assert "worker 0 could not be started: [Errno 2]" in caplog.text, "the reason, logged"
+    assert "giving up" in capsys.readouterr().err

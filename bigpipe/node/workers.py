@@ -55,6 +55,7 @@ PR_SET_PDEATHSIG = 1
 SUPERVISOR_GONE = signal.SIGHUP  # a worker's drain signal when its supervisor dies
 SUPERVISOR_PID_ENV = "BIGPIPE_SUPERVISOR_PID"  # set for its workers by the supervisor
 EXIT_WORKERS_FAILED = 1
+EXIT_SPAWN_FAILED = 127  # a worker that could not even be started, as a shell says it
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -262,10 +263,7 @@ class Supervisor:
     async def _keep_running(self, worker: _Worker) -> int:
         """Run one worker until the node stops; restart it whenever it dies before that."""
         while True:
-            worker.process = WorkerProcess(self._command(worker), self._env)
-            worker.started = time.monotonic()
-            code = await worker.process.wait()
-            self._mark_not_ready(worker)
+            code = await self._run_once(worker)
             if self._stopping:
                 return code
             if self._was_up(worker):
@@ -284,9 +282,24 @@ class Supervisor:
                 else 0
             )
             log.error("worker %d exited with %d; restarting it in %d s", worker.index, code, delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):  # a stop ends the back-off at once
+                await asyncio.wait_for(self._stopped.wait(), delay)
             if self._stopping:
                 return 0
+
+    async def _run_once(self, worker: _Worker) -> int:
+        """Start the worker and wait for its exit code; a spawn that fails (no such
+        interpreter, out of PIDs or memory) counts as a death before it was up."""
+        worker.started = time.monotonic()
+        try:
+            worker.process = WorkerProcess(self._command(worker), self._env)
+        except OSError as exc:
+            worker.process = None
+            log.error("worker %d could not be started: %s", worker.index, exc)
+            return EXIT_SPAWN_FAILED
+        code = await worker.process.wait()
+        self._mark_not_ready(worker)
+        return code
 
     def _mark_not_ready(self, worker: _Worker) -> None:
         """A dead worker's slot keeps its counters for the successor, but not its readiness:
@@ -300,8 +313,9 @@ class Supervisor:
     def _was_up(self, worker: _Worker) -> bool:
         """Did this worker process get as far as listening? It then published its pid."""
         published = self._board.read(worker.index)
-        assert worker.process is not None
-        return published is not None and orjson.loads(published).get("pid") == worker.process.pid
+        if worker.process is None or published is None:
+            return False
+        return orjson.loads(published).get("pid") == worker.process.pid
 
     def _give_up(self, worker: _Worker, code: int) -> None:
         message = (
