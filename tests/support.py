@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_KAFKA = REPO / "deploy" / "kafka" / "local-kafka"
@@ -409,6 +409,22 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30) -> l
     finally:
         consumer.close()
     return records
+
+
+def read_whole_topic(bootstrap: str, topic: str, timeout: float = 120) -> list[Message]:
+    """Every record of a topic now, from its start to its end (blocking): no consumer group."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("reader")})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1] for p in partitions]
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        records: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while len(records) < sum(ends) and time.monotonic() < deadline:
+            records += [m for m in consumer.consume(10_000, 1.0) if m.error() is None]
+        return records
+    finally:
+        consumer.close()
 
 
 async def group_stats(bigpipe: Bigpipe, http: aiohttp.ClientSession) -> dict[str, Any]:

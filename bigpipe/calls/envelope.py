@@ -76,9 +76,12 @@ class Call:
 
 
 def new_call_id() -> str:
-    """128 random bits in hex: unique in practice. Python's generator is seeded from
-    os.urandom at start-up; uuid4 makes a system call per id, six times slower."""
-    return f"{random.getrandbits(128):032x}"
+    """32 hex digits: the acceptance time in Unix ms (48 bits), then 80 random bits, as a
+    UUIDv7 orders them: unique in practice, and ids sort by time, so the status views
+    (bigpipe.calls.status_view) append to their index instead of writing all over it (a
+    sixth of the cost). Python's generator is seeded from os.urandom at start-up; uuid4
+    makes a system call per id, six times slower."""
+    return f"{time.time_ns() // 1_000_000:012x}{random.getrandbits(80):020x}"
 
 
 def new_call(

@@ -3,7 +3,8 @@
 Each record is keyed by the call id and says one thing that happened, as JSON:
 
 - `queued`: accepted at ingest (`topic`, the `groups` that will deliver it, `due`);
-- `in_flight`: an attempt's request is being sent (`group`, `attempt`);
+- `in_flight`: an attempt's request is open (`group`, `attempt`), written only once it has
+  been open for a tick (50-100 ms): most attempts end sooner and write only their end;
 - `attempt`: how it ended (`status` or `error`, `latency_ms`, `retry_after`, and `next`,
   the due time of the retry when one follows); a 2xx is the call delivered;
 - `dead`: written to the dead-letter topic (`reason` failed or expired, `deadLetter`).
@@ -36,7 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.5  # how often failed writes are counted
+# How often failed writes are counted and deferred in_flight steps go out: an attempt
+# that ends sooner (most do) writes no in_flight step at all, only its `attempt`. Nobody
+# could have seen it in flight anyway: the producer's linger and the views lag as long.
+TICK_SECONDS = 0.05
 QUEUED, IN_FLIGHT, ATTEMPT, DEAD = "queued", "in_flight", "attempt", "dead"
 
 
@@ -66,7 +70,11 @@ class StatusLog:
                 "on_delivery": self._on_delivery,
             }
         )
-        self._poller = asyncio.get_running_loop().call_later(POLL_SECONDS, self._poll)
+        # in_flight steps not written yet, by (call id, group, attempt): those of the last
+        # tick, and of this one. Each tick writes the older ones: open for a tick or more.
+        self._older: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self._newer: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self._ticker = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
 
     def update(self, config: Config) -> None:
         """A reload: the groups a topic's calls go to may have changed."""
@@ -89,14 +97,26 @@ class StatusLog:
         except (BufferError, KafkaException):  # a full queue, a refusal: the call goes on
             self._counters.statusDropped += 1
 
+    def defer(self, key: tuple[str, str, int], record: dict[str, Any]) -> None:
+        """An in_flight step, written only if its attempt is still open a tick from now."""
+        self._newer[key] = record
+
+    def undefer(self, key: tuple[str, str, int]) -> None:
+        """The attempt ended: its in_flight step, if not written yet, never will be."""
+        if self._newer.pop(key, None) is None:
+            self._older.pop(key, None)
+
     async def close(self, timeout: float) -> None:
-        self._poller.cancel()
+        self._ticker.cancel()
         left = await asyncio.to_thread(self._kafka.flush, timeout)
         self._counters.statusDropped += left
 
-    def _poll(self) -> None:
+    def _tick(self) -> None:
+        for (call_id, _, _), record in self._older.items():
+            self.write(call_id, record)
+        self._older, self._newer = self._newer, {}
         self._kafka.poll(0)  # serves the error reports below
-        self._poller = asyncio.get_running_loop().call_later(POLL_SECONDS, self._poll)
+        self._ticker = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
 
     def _on_delivery(self, error: KafkaError | None, _message: Message) -> None:
         if error is not None:  # only errors are reported (delivery.report.only.error)
@@ -118,7 +138,7 @@ class GroupTrail:
         if self._log is not None:
             record = {"e": IN_FLIGHT, "caller": call.caller, "at": _now_ms()}
             record.update(group=self._group_id, attempt=attempt)
-            self._log.write(call.id, record)
+            self._log.defer((call.id, self._group_id, attempt), record)
 
     def attempt_ended(
         self, call: Call, attempt: int, result: AttemptResult, next_ms: int | None
@@ -126,6 +146,7 @@ class GroupTrail:
         """An attempt's end; `next_ms`: when the retry that follows it is due."""
         if self._log is None:
             return
+        self._log.undefer((call.id, self._group_id, attempt))
         record = {"e": ATTEMPT, "caller": call.caller, "at": _now_ms(), "group": self._group_id}
         record.update(attempt=attempt, status=result.status)
         record["latency_ms"] = round(result.latency_s * 1000, 1)
