@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from confluent_kafka import Producer
@@ -48,7 +50,7 @@ from bench.common import (
     wait_group_stable,
 )
 from bigpipe.calls.envelope import encode_call, new_call
-from tests.support import ACL_NAME, REPO, consumer_entry, unique
+from tests.support import ACL_NAME, REPO, Bigpipe, consumer_entry, unique
 
 CALLS, CONCURRENCY, PARTITIONS = 20_000, 64, 4
 TARGET_RATIO = 0.70
@@ -142,18 +144,30 @@ BREAKER = {"breakPeriod": 5, "recoverPeriod": 5, "winSize": 10, "minStats": 100,
 
 
 async def bigpipe_rate(
-    ctx: Context, nginx: str, calls: int, source: Path = REPO
+    ctx: Context,
+    nginx: str,
+    calls: int,
+    source: Path = REPO,
+    after: Callable[[Bigpipe], Awaitable[None]] | None = None,
+    **overrides: Any,
 ) -> tuple[float, float]:
     """Deliveries/s of one Bigpipe node (of the tree `source`) draining `calls` preloaded
     calls to nginx, and the CPU seconds per 10,000 calls of all its processes, from the
-    preload to the last one."""
+    preload to the last one.
+
+    `overrides` are top-level config keys; `after` looks at the node once it is measured."""
     topic, group = unique("bench-deliver"), unique("g")
     await asyncio.to_thread(create_topic, ctx.bootstrap, topic, PARTITIONS)
     consumer = consumer_entry(
         topic, group, concurrency=CONCURRENCY, rateLimit=1e9, timeout=5000, circuitBreaker=BREAKER
     )
     config = bigpipe_config(
-        ctx.bootstrap, topic, workers=ctx.workers, partitions=PARTITIONS, consumers=[consumer]
+        ctx.bootstrap,
+        topic,
+        workers=ctx.workers,
+        partitions=PARTITIONS,
+        consumers=[consumer],
+        **overrides,
     )
     preload = await asyncio.to_thread(Preload, ctx.bootstrap, topic, f"{nginx}/hook", calls)
     node_running = bigpipe_node(config, ctx.workdir, source)
@@ -166,7 +180,10 @@ async def bigpipe_rate(
         drain = asyncio.create_task(_drain_rate(counter, calls, timeout=60 + calls / 1000))
         await asyncio.to_thread(preload.burst)
         rate = await drain
-        return rate, per_10k(cpu_seconds(node.process.pid) - cpu_before, calls)
+        cpu = per_10k(cpu_seconds(node.process.pid) - cpu_before, calls)
+        if after is not None:
+            await after(node)
+        return rate, cpu
 
 
 def against_row(

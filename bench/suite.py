@@ -12,6 +12,8 @@ Benchmarks, in order (each module's docstring says what it measures and how):
                                            in as many processes as Bigpipe has workers; CPU-s/10k
     latency        bench/latency.py        ingest p99 at half the peak, reply -> downstream receipt
     memory         bench/memory.py         idle RSS per worker, RSS and refusals under overload
+    status         bench/status.py         calls/s and CPU with the call status on vs off (ingest,
+                                           delivery); bytes per call of the results topic, view
 
 Every figure sits next to a baseline measured in the same run, as a ratio:
 the machines are shared and noisy, so ratios travel better than absolute
@@ -48,7 +50,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench import delivery, ingest, kafka_ceiling, latency, memory
+from bench import delivery, ingest, kafka_ceiling, latency, memory, status
 from bench.common import (
     RESULTS,
     Context,
@@ -74,6 +76,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "delivery": delivery.run,
     "latency": latency.run,
     "memory": memory.run,
+    "status": status.run,
 }
 RESULTS_MD = REPO / "bench" / "RESULTS.md"
 WARMUP_SECONDS = 30  # of small acks=all writes before the first benchmark (see warm_up_broker)
