@@ -510,7 +510,8 @@ class Config(Section):
         10_000,
         gt=0,
         reload=RESTART,
-        doc='calls that may wait for Kafka\'s acknowledgement at once; beyond it, "overloaded"',
+        doc="calls that may wait for Kafka's acknowledgement at once (a keyed call from its"
+        ' idempotency-index lookup on); beyond it, "overloaded"',
     )
     read_timeout_ms: Int = key(
         "http.server.read.timeout",
