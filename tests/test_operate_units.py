@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import orjson
 import pytest
@@ -11,7 +12,11 @@ from bigpipe.calls.envelope import Call, InvalidRecord, decode_call, encode_call
 from bigpipe.config import AclEntry
 from bigpipe.ingest.compat import GO_CALLER, decode_go_record, go_caller_entry, go_field_problem
 from bigpipe.ingest.destinations import AllowRule
+from bigpipe.operate import replay as replay_command
+from bigpipe.operate.commands import main as operate
+from bigpipe.operate.resend import ResendFailed
 from bigpipe.operate.selection import Filters, SelectionError, parse_filters, parse_time
+from tests.support import base_config
 
 NOW = 1_800_000_000_000
 
@@ -109,3 +114,34 @@ def test_a_call_sent_again_by_an_operator_is_not_expired_by_its_ttl() -> None:
     assert Expiry(old, None).passed(), "a day-old call with a 1 s ttl is expired"
     resent = Call("ef" * 16, "http://x/y", "d", "c", 1, {}, "G1", 1, ttl_ms=1000)
     assert not Expiry(resent, 5000).passed(), "a redrive delivers it now, whatever its age"
+
+
+def operator_command(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """Run `bigpipe ARGV -config FILE` on a valid config; its exit code and stderr."""
+    path = tmp_path / "bigpipe.json"
+    path.write_bytes(orjson.dumps(base_config("127.0.0.1:1", "calls", 8080)))
+    code = operate([*argv, "-config", str(path)])
+    return code, capsys.readouterr().err
+
+
+def test_a_negative_limit_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = operator_command(["dlq", "list", "--limit", "-1"], tmp_path, capsys)
+    assert (code, err) == (2, "bigpipe: --limit: must be 0 or more, got -1\n")
+
+
+def test_a_replay_kafka_refused_is_one_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(*_args: object, **_kwargs: object) -> None:
+        raise ResendFailed("Kafka refused 3 of 10 calls: Broker: Message size too large")
+
+    monkeypatch.setattr(replay_command, "replay", refused)
+    code, err = operator_command(["replay", "--group", "g", "--since", "2h"], tmp_path, capsys)
+    assert code == 1
+    assert err.splitlines() == [
+        "bigpipe replay: Kafka refused 3 of 10 calls: Broker: Message size too large"
+    ]

@@ -47,7 +47,11 @@ def add_filters(parser: argparse.ArgumentParser, *, dead_letters: bool) -> None:
         metavar="G",
         help="consumer group id, or topic/groupId; repeat for several (default: all)",
     )
-    group.add_argument("--since", metavar="T", help="from this time: RFC 3339, Unix ms, or 2h ago")
+    group.add_argument(
+        "--since",
+        metavar="T",
+        help="from this time: RFC 3339, Unix ms, or a duration ago (15m, 2h, 7d)",
+    )
     group.add_argument("--until", metavar="T", help="before this time (same forms)")
     group.add_argument("--url-prefix", metavar="P", help="the call's URL starts with P")
     group.add_argument("--host", metavar="H", help="the call's destination host is H")

@@ -29,7 +29,7 @@ from bigpipe.operate.commands import (
 )
 from bigpipe.operate.dlq import DeadLetter, RedriveOptions, dead_letters, find, redrive
 from bigpipe.operate.resend import ResendFailed
-from bigpipe.operate.selection import Filters
+from bigpipe.operate.selection import Filters, SelectionError
 
 
 def add_parser(commands: Any) -> None:
@@ -63,6 +63,8 @@ def add_parser(commands: Any) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 0:
+        raise SelectionError(f"--limit: must be 0 or more, got {args.limit}")
     config = load_config(args)
     letters = islice(dead_letters(config, filters_from(args)), args.limit)
     if args.json:

@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from bigpipe.config import Config
 from bigpipe.ingest.producer import producer_settings
+from bigpipe.operate.commands import Failed
 
 BATCH = 100
 FLUSH_SECONDS = 60.0
@@ -19,8 +20,9 @@ Item = TypeVar("Item")
 Record = tuple[str, bytes, bytes | None]  # topic, value, key
 
 
-class ResendFailed(RuntimeError):
-    """Kafka did not take some records; what it took stays taken."""
+class ResendFailed(Failed):
+    """Kafka did not take some records; what it took stays taken. A Failed: the command
+    says so in one line and exits 1."""
 
 
 class Resender:
