@@ -335,3 +335,32 @@ def test_the_status_does_not_depend_on_the_order_steps_arrive_in() -> None:
     assert (expired["state"], expired["attempts"]) == ("expired", [])
     assert expired["outcome"]["deadLetter"] == {"topic": "t.H.dlq", "partition": 0, "offset": 7}
     assert status_of("id", []) is None
+
+
+async def test_every_worker_of_a_node_answers_from_the_one_view(
+    kafka: str,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+    downstream: Downstream,
+) -> None:
+    """Worker 0 builds the view; the kernel may hand a lookup to any worker."""
+    bigpipe, _ = await start_node(
+        kafka,
+        tmp_path,
+        processes,
+        node={"status.topic": unique("results"), "http.server.workers": 2},
+    )
+    async with aiohttp.ClientSession() as http:
+        _, reply = await bigpipe.post_call(http, "x", downstream.url())
+    call_id = reply["data"]["id"]
+    answers: list[int] = []
+
+    async def on_a_new_connection() -> bool:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            status, body = await call_status(bigpipe, http, call_id)
+        answers.append(status)
+        return status == 200 and body["data"]["groups"] != {}
+
+    await eventually(on_a_new_connection, 30, "the call's status")
+    for _ in range(20):  # fresh connections, spread over both workers by SO_REUSEPORT
+        assert await on_a_new_connection(), answers
