@@ -13,7 +13,7 @@ import gc
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import uvloop
 
@@ -30,6 +30,7 @@ from bigpipe.node.workers import (
     die_with_parent,
     read_snapshot,
 )
+from bigpipe.stats import NodeCounters
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # First words that make `bigpipe` an operator's command (bigpipe.operate.commands), not a node.
@@ -37,6 +38,12 @@ OPERATOR_COMMANDS = ("dlq", "replay", "top", "status", "config", "completion")
 PROCESS_NAME = OWNER_NAME.encode()
 
 log = logging.getLogger("bigpipe")
+
+
+class Loaded(NamedTuple):
+    raw: Any  # the file's JSON; None in a worker
+    config: Config
+    reloads: NodeCounters | None  # in a worker: the node's reload counters, from the snapshot
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,31 +97,39 @@ def worker_count(args: argparse.Namespace, config: Config) -> int:
     return wanted or available_cpus()
 
 
-def run(args: argparse.Namespace, raw: Any, config: Config, logs: Logging) -> int:
+def run(
+    args: argparse.Namespace,
+    loaded: Loaded,
+    workers: int,
+    logs: Logging,
+) -> int:
     """Run as a supervisor of workers, as one of its workers, or as a single process."""
+    raw, config, reloads = loaded
     if args.worker_of is not None:
+        assert reloads is not None
         path, index, count = args.worker_of.rsplit(":", 2)
         set_process_name(WORKER_NAME)
         if not die_with_parent():
             print("bigpipe: worker: its supervisor is gone already; exiting", file=sys.stderr)
             return EXIT_FAILED
-        slot = WorkerSlot(Board(Path(path), int(count)), int(index), Path(args.snapshot))
-        return uvloop.run(serve(config, logs, slot))
+        board = Board(Path(path), int(count))
+        return uvloop.run(
+            serve(config, logs, WorkerSlot(board, int(index), Path(args.snapshot), reloads))
+        )
     set_process_name()
-    workers = worker_count(args, config)
     if workers > 1:
         return uvloop.run(Supervisor(raw, config, workers, logs).run())
     return uvloop.run(serve(config, logs))
 
 
-def log_origin(args: argparse.Namespace, config: Config) -> str | None:
+def log_origin(args: argparse.Namespace, workers: int) -> str | None:
     """Who writes this process's log lines: `worker-N`, `supervisor`, or a lone node (None).
 
     Every worker logs the same events, so without it each line came N times, anonymous.
     """
     if args.worker_of is not None:
         return f"worker-{args.worker_of.rsplit(':', 2)[1]}"
-    return "supervisor" if worker_count(args, config) > 1 else None
+    return "supervisor" if workers > 1 else None
 
 
 def tune_gc() -> None:
@@ -129,6 +144,16 @@ def tune_gc() -> None:
     gc.set_threshold(100_000, 50, 100)
 
 
+def load(args: argparse.Namespace) -> Loaded:
+    """The operator's file (its JSON too, which a supervisor hands on), or, in a worker,
+    the supervisor's snapshot: its config and the node's reload counters, read once."""
+    if args.worker_of is not None:
+        config, reloads = read_snapshot(Path(args.snapshot), Path(args.config))
+        return Loaded(None, config, reloads)
+    raw, config = load_checked(args.config)
+    return Loaded(raw, config, None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in OPERATOR_COMMANDS:
@@ -137,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return operate(argv)
     args = parse_args(argv)
     try:
-        if args.worker_of is not None:
-            raw, (config, _) = None, read_snapshot(Path(args.snapshot), Path(args.config))
-        else:
-            raw, config = load_checked(args.config)
+        loaded = load(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"bigpipe: config error: {problem}", file=sys.stderr)
@@ -148,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print("config ok")
         return EXIT_OK
-    logs = Logging(log_origin(args, config))
+    _, config, _ = loaded
+    workers = 1 if args.worker_of is not None else worker_count(args, config)
+    logs = Logging(log_origin(args, workers))
     logs.apply(config.log_level, config.log_directory, config.log_format)
     try:
         tune_gc()
-        return run(args, raw, config, logs)
+        return run(args, loaded, workers, logs)
     except OSError as exc:
         log.critical("cannot run: %s", exc)
         print(f"bigpipe: cannot run: {exc}", file=sys.stderr)

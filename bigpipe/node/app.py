@@ -38,7 +38,7 @@ from bigpipe.node.reload import ReloadPlan, check_reload, log_reloaded, plan_rel
 from bigpipe.node.signals import handle_reloads, notify_ready, take
 from bigpipe.node.workers import SUPERVISOR_GONE, read_snapshot, share_of
 from bigpipe.operate.admin import admin_routes
-from bigpipe.stats import Stats
+from bigpipe.stats import NodeCounters, Stats
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class WorkerSlot:
     board: Board
     index: int
     snapshot: Path
+    reloads: NodeCounters  # the node's reload counters, as the snapshot had them at start
 
 
 class Node:
@@ -90,8 +91,7 @@ class Node:
         self._publisher: asyncio.Task[None] | None = None
         if worker is not None:
             self._take_over_slot(worker)
-            # The supervisor counts reloads: see bigpipe.node.workers.
-            _, self.stats.node = read_snapshot(worker.snapshot, config.source)
+            self.stats.node = worker.reloads  # the supervisor counts them: bigpipe.node.workers
 
     def _take_over_slot(self, worker: WorkerSlot) -> None:
         """Continue the counters of a dead predecessor, so node-wide totals never drop."""

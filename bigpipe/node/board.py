@@ -38,7 +38,6 @@ def node_directory() -> Path:
 
 def node_file(kind: str, suffix: str = "") -> Path:
     """A new empty file, readable by this user only, named for its kind and this process."""
-    remove_stale_node_files()
     descriptor, name = tempfile.mkstemp(
         prefix=f"bigpipe-{kind}-{os.getpid()}-", suffix=suffix, dir=node_directory()
     )

@@ -40,7 +40,7 @@ import orjson
 import bigpipe
 from bigpipe.config import Config, ConfigError, ConsumerConfig, parse_config, read_config_file
 from bigpipe.logs import Logging
-from bigpipe.node.board import Board, node_file
+from bigpipe.node.board import Board, node_file, remove_stale_node_files
 from bigpipe.node.reload import check_reload, log_reloaded, plan_reload, with_running_http
 from bigpipe.node.signals import handle_reloads, notify_ready
 from bigpipe.stats import NodeCounters
@@ -220,6 +220,7 @@ class Supervisor:
         self._logs = logs
         self._reloads = NodeCounters()
         self._workers = [_Worker(i) for i in range(workers)]
+        remove_stale_node_files()  # once, before this supervisor's own files exist
         self._board = Board.create(workers)
         self._snapshot = node_file("config", ".json")
         write_snapshot(self._snapshot, raw, self._reloads)
