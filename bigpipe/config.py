@@ -765,8 +765,3 @@ def read_config_file(path: str | Path) -> Any:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise ConfigError([f"config {path}: invalid JSON ({exc})"]) from None
-
-
-def load_config(path: str | Path) -> Config:
-    """Read and validate a config file; raise ConfigError with one line per problem."""
-    return parse_config(read_config_file(path), source=Path(path))

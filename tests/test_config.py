@@ -11,7 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from bigpipe.config import ConfigError, load_config, parse_config
+from bigpipe.config import ConfigError, parse_config
+from bigpipe.node.preflight import load_checked
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = orjson.loads((REPO / "config" / "bigpipe.json").read_bytes())
@@ -196,11 +197,11 @@ def test_dead_letter_topic_must_not_be_a_call_topic() -> None:
 
 def test_unreadable_and_invalid_json_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read it"):
-        load_config(tmp_path / "absent.json")
+        load_checked(tmp_path / "absent.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="invalid JSON"):
-        load_config(bad)
+        load_checked(bad)
 
 
 def test_cli_reports_problems_one_per_line_and_exits_2(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bigpipe.config import ConfigError, load_config, parse_config
+from bigpipe.config import ConfigError, parse_config
+from bigpipe.node.preflight import load_checked
 from tests.support import (
     REPO,
     Bigpipe,
@@ -27,7 +28,7 @@ from tests.test_config import EXAMPLE
 
 
 def test_the_shipped_config_gives_each_group_its_own_dead_letter_topic() -> None:
-    groups = load_config(REPO / "config" / "bigpipe.json").consumers
+    groups = load_checked(REPO / "config" / "bigpipe.json")[1].consumers
     assert len(groups) >= 2
     topics = [g.dead_letter_topic for g in groups]
     assert topics == [f"{g.topic}.{g.group_id}.dlq" for g in groups]

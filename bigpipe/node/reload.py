@@ -23,8 +23,8 @@ from bigpipe.node.preflight import parse_checked
 log = logging.getLogger(__name__)
 # Config fields that need a restart (http.server.*), by the key an operator knows them by.
 RESTART_FIELDS = keys_of(Config, Reload.RESTART)
+# Not bootstrap_servers: a reload that changes it is refused (see refusals).
 PRODUCER_FIELDS = (
-    "bootstrap_servers",
     "kafka_client_config",
     "producer_retries",
     "producer_ack_timeout_ms",
