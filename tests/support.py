@@ -389,7 +389,11 @@ def key_for(partition: int, partitions: int) -> str:
 
 
 def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30) -> list[Any]:
-    """Read `count` records from the start of a topic (blocking; for dead-letter checks)."""
+    """Read `count` records from the start of a topic (blocking; for dead-letter checks).
+
+    Fewer within `timeout` s is a failure that says so: returning what came would let a
+    wrong topic name (nothing to read) pass as "no dead letters".
+    """
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -408,6 +412,8 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30) -> l
                 records.append(message)
     finally:
         consumer.close()
+    if len(records) < count:
+        raise AssertionError(f"read {len(records)} of {count} records of {topic} in {timeout} s")
     return records
 
 
