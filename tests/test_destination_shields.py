@@ -89,8 +89,8 @@ async def test_a_broken_destination_holds_its_calls_and_lets_the_others_go() -> 
     assert broken.breaker is not None and broken.breaker.update() == BREAK
     assert counters.circuitIsBreak == 1, "/stats: 1 while any destination is in BREAK"
     waiting = asyncio.ensure_future(broken.admit(give_up=lambda: False))
-    await asyncio.sleep(0.1)
-    assert counters.held == 1 and broken.held == 1, "a held call is counted, not dropped"
+    await eventually(lambda: counters.held == 1, 5, "the call to be held")
+    assert broken.held == 1 and not waiting.done(), "a held call is counted, not dropped"
     healthy = shields.get("http://healthy.example/b")
     await asyncio.wait_for(healthy.admit(give_up=lambda: False), 0.05)
     shields.update(group_config(breaker=None))  # a reload removes the breaker: calls go

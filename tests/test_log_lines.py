@@ -80,6 +80,8 @@ async def test_a_reload_logs_which_keys_changed_and_no_secret(
         },
     )
     await reload(bigpipe, http)
+    # The log is written by a thread: the line may come a moment after the counter.
+    await eventually(lambda: "reloaded" in bigpipe.log_tail(), 10, "the reload's log line")
     line_found = [line for line in bigpipe.log_tail().splitlines() if "reloaded" in line]
     assert len(line_found) == 1
     [line] = line_found

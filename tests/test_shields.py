@@ -52,7 +52,7 @@ async def test_a_higher_rate_speeds_up_the_call_already_waiting() -> None:
     await limit.acquire()
     started = time.monotonic()
     waiting = asyncio.create_task(limit.acquire())  # 2 s away at 0.5/s
-    await asyncio.sleep(0.05)
+    await eventually(lambda: limit._rate_changed is not None, 5, "the call to wait for a token")
     limit.set_rate(100)
     await waiting
     assert time.monotonic() - started < 1.0
