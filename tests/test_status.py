@@ -205,6 +205,7 @@ async def test_a_dead_call_says_where_its_dead_letter_is(
     _, dead = await call_status(bigpipe, http, call_id)
     (group,) = dead["data"]["groups"].values()
     assert [a["status"] for a in group["attempts"]] == [500, 500]
+    assert group["outcome"]["error"] == "HTTP 500: boom"
     where = group["outcome"]["deadLetter"]
     assert where["topic"] == dead_letter_topic(bigpipe)
     (letter,) = await asyncio.to_thread(read_topic, kafka, where["topic"], 1)

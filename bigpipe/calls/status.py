@@ -7,7 +7,8 @@ Each record is keyed by the call id and says one thing that happened, as JSON:
   been open for a tick (50-100 ms): most attempts end sooner and write only their end;
 - `attempt`: how it ended (`status` or `error`, `latency_ms`, `retry_after`, and `next`,
   the due time of the retry when one follows); a 2xx is the call delivered;
-- `dead`: written to the dead-letter topic (`reason` failed or expired, `deadLetter`).
+- `dead`: written to the dead-letter topic (`reason` failed or expired, `error`,
+  `deadLetter`).
 
 Every record has `caller` (only the caller may look the call up) and `at` (Unix ms).
 Writes are fire-and-forget through a producer of their own, which batches them
@@ -158,15 +159,18 @@ class GroupTrail:
             record["next"] = next_ms
         self._log.write(call.id, record)
 
-    def dead(self, call: Call, reason: str, topic: str, placed: tuple[int, int] | None) -> None:
-        """Written to the dead-letter topic `topic` at `placed` (None: skipped, not written)."""
+    def dead(
+        self, call: Call, reason: str, error: str, topic: str, placed: tuple[int, int] | None
+    ) -> None:
+        """Written to the dead-letter topic `topic` at `placed` (None: skipped, not written),
+        for `reason` (failed, expired) with the dead letter's `error` (its lastError)."""
         if self._log is None:
             return
         where = {"topic": topic}
         if placed is not None:
             where.update(partition=placed[0], offset=placed[1])
         record = {"e": DEAD, "caller": call.caller, "at": _now_ms(), "group": self._group_id}
-        record.update(reason=reason, deadLetter=where)
+        record.update(reason=reason, error=error, deadLetter=where)
         self._log.write(call.id, record)
 
 
@@ -246,6 +250,7 @@ def _group_status(group: dict[str, Any], records: list[dict[str, Any]]) -> dict[
                 "result": result,
                 "at": record["at"],
                 "status": group["attempts"][-1]["status"] if group["attempts"] else None,
+                "error": record.get("error"),
                 "deadLetter": record.get("deadLetter"),
             }
     return group

@@ -416,7 +416,7 @@ class ConsumerGroup:
         topic, group_id = self.config.dead_letter_topic, self.config.group_id
         placed = await self._dead_letters.write(topic, group_id, message, call, outcome, reason)
         if call is not None:
-            self._trail.dead(call, dead_letter_reason(call, outcome), topic, placed)
+            self._trail.dead(call, dead_letter_reason(call, outcome), reason, topic, placed)
 
     # ------------------------------------------------------------ offsets
     def _commit(self, asynchronous: bool, only: list[int] | None = None) -> None:

@@ -121,4 +121,6 @@ def _state(status: dict[str, Any]) -> str:
         if where is not None:
             place = "/".join(str(where[k]) for k in ("partition", "offset") if k in where)
             text += f"; dead letter in {where['topic']}" + (f" at {place}" if place else "")
+        if outcome.get("error"):
+            text += f"\n  error: {outcome['error']}"
     return text
