@@ -137,8 +137,9 @@ class Budgeted:
     """Nodes of one group (rateLimit RATE, concurrency CONCURRENCY) and a downstream that
     takes DOWNSTREAM_SECONDS per call and logs every change of its in-flight count."""
 
-    def __init__(self, kafka: str, workdir: Path, workers: int) -> None:
+    def __init__(self, kafka: str, workdir: Path, workers: int, processes: list[Bigpipe]) -> None:
         self.kafka, self.workdir, self.workers = kafka, workdir, workers
+        self._processes = processes  # the fixture kills what a failed test leaves running
         self.topic, self.group = unique("calls"), unique("g")
         self.nodes: list[Bigpipe] = []
         self.backlog = BACKLOG
@@ -160,6 +161,7 @@ class Budgeted:
         )
         config = base_config(self.kafka, self.topic, free_port(), consumers=[entry])
         node = Bigpipe(config, self.workdir, ("--workers", str(self.workers)))
+        self._processes.append(node)  # before start: a node that never gets ready is killed too
         self.nodes.append(await node.start())
 
     async def wait_members(self) -> None:
@@ -229,9 +231,9 @@ class Budgeted:
 
 @pytest.fixture(name="budgeted")
 async def budgeted_run(
-    kafka: str, tmp_path: Path, request: pytest.FixtureRequest
+    kafka: str, tmp_path: Path, request: pytest.FixtureRequest, processes: list[Bigpipe]
 ) -> AsyncIterator[Budgeted]:
-    run = Budgeted(kafka, tmp_path, request.param)
+    run = Budgeted(kafka, tmp_path, request.param, processes)
     await run.downstream.start()
     yield run
     await run.stop()
