@@ -24,6 +24,7 @@ import time
 import aiohttp
 import uvloop
 
+from bench.children import die_with_parent
 from bench.common import DATA
 
 HEADERS = {
@@ -67,10 +68,12 @@ def main() -> None:
     args = parser.parse_args()
     share = math.ceil(args.concurrency / args.processes)
     children = []
+    parent = os.getpid()
     for index in range(args.processes):
         calls = args.calls // args.processes + (index < args.calls % args.processes)
         pid = os.fork()
         if pid == 0:
+            die_with_parent(parent)
             try:
                 one_process(args.url, calls, share)
             except Exception as exc:  # reported, and the exit status says it failed

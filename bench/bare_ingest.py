@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import gc
 import itertools
 import os
@@ -34,7 +33,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-PR_SET_PDEATHSIG = 1
+from bench.children import die_with_parent
 
 
 def make_server() -> web.Server:
@@ -96,11 +95,11 @@ def main() -> None:
         worker(args.port)
         return
     children = []
+    parent = os.getpid()
     for _ in range(args.workers):
         pid = os.fork()
         if pid == 0:
-            with contextlib.suppress(OSError, AttributeError):  # die with the parent
-                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            die_with_parent(parent)
             worker(args.port)
             os._exit(0)
         children.append(pid)
