@@ -24,7 +24,7 @@ from bigpipe.calls.dedup import IdempotencyIndex
 from bigpipe.calls.envelope import Call
 from bigpipe.calls.status import NO_TRAIL, StatusLog
 from bigpipe.calls.status_view import StatusView
-from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig, read_config_file
+from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig
 from bigpipe.delivery.consumer import ConsumerGroup
 from bigpipe.ingest.acl import Acl
 from bigpipe.ingest.listener import HTTP_LIMITS, GuardedSite
@@ -34,7 +34,7 @@ from bigpipe.kafka import ensure_topics
 from bigpipe.logs import Logging
 from bigpipe.metrics import Latencies, Sample, merge_samples
 from bigpipe.node.board import Board
-from bigpipe.node.reload import ReloadPlan, check_reload, log_reloaded, plan_reload
+from bigpipe.node.reload import ReloadPlan, log_rejected, log_reloaded, plan_reload, read_reload
 from bigpipe.node.signals import handle_reloads, notify_ready, take
 from bigpipe.node.workers import SUPERVISOR_GONE, read_snapshot, share_of
 from bigpipe.operate.admin import admin_routes
@@ -279,12 +279,11 @@ class Node:
             assert source is not None
             try:
                 if self.worker is None:
-                    loaded = check_reload(self.config, read_config_file(source), source)
+                    _, loaded = read_reload(self.config, source)
                 else:
                     loaded, counters = read_snapshot(self.worker.snapshot, source)
             except ConfigError as exc:
-                for problem in exc.problems:
-                    log.error("reload rejected, old config kept: %s", problem)
+                log_rejected(exc)
                 self.stats.node.reloadFailure += 1
                 return False
             running, plan = self.config, plan_reload(self.config, loaded)

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bigpipe.config import AclEntry, Config, ConfigError, ConsumerConfig, TopicConfig
+from bigpipe.config import (
+    AclEntry,
+    Config,
+    ConfigError,
+    ConsumerConfig,
+    TopicConfig,
+    read_config_file,
+)
 from bigpipe.declare import Reload, keys_of
 from bigpipe.kafka import wanted_topics
 from bigpipe.node.preflight import parse_checked
@@ -87,6 +94,18 @@ def check_reload(running: Config, raw: Any, source: Path) -> Config:
     if problems := refusals(running, loaded):
         raise ConfigError(problems)
     return loaded
+
+
+def read_reload(running: Config, source: Path) -> tuple[Any, Config]:
+    """The operator's file, read anew and checked for a running node: its JSON and its
+    Config. ConfigError lists every problem; see log_rejected."""
+    raw = read_config_file(source)
+    return raw, check_reload(running, raw, source)
+
+
+def log_rejected(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        log.error("reload rejected, old config kept: %s", problem)
 
 
 def with_running_http(raw: dict[str, Any], running_raw: dict[str, Any]) -> dict[str, Any]:

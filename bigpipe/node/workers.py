@@ -41,7 +41,13 @@ import bigpipe
 from bigpipe.config import Config, ConfigError, ConsumerConfig, parse_config, read_config_file
 from bigpipe.logs import Logging
 from bigpipe.node.board import Board, node_file, remove_stale_node_files
-from bigpipe.node.reload import check_reload, log_reloaded, plan_reload, with_running_http
+from bigpipe.node.reload import (
+    log_rejected,
+    log_reloaded,
+    plan_reload,
+    read_reload,
+    with_running_http,
+)
 from bigpipe.node.signals import handle_reloads, notify_ready
 from bigpipe.stats import NodeCounters
 
@@ -341,11 +347,9 @@ class Supervisor:
         source = self._config.source
         assert source is not None
         try:
-            raw = read_config_file(source)
-            loaded = check_reload(self._config, raw, source)
+            raw, loaded = read_reload(self._config, source)
         except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload rejected, old config kept: %s", problem)
+            log_rejected(exc)
             self._reloads.reloadFailure += 1
         else:
             if self._logs is not None:
