@@ -496,6 +496,13 @@ def create_topic(bootstrap: str, name: str, partitions: int = 1, **settings: str
     admin.create_topics([topic])[name].result(timeout=30)
 
 
+async def dead_letters(kafka: str, bigpipe: Bigpipe, count: int) -> list[dict[str, Any]]:
+    """The first `count` dead letters of the node's first group, decoded (read_topic fails
+    when fewer come)."""
+    records = await asyncio.to_thread(read_topic, kafka, dead_letter_topic(bigpipe), count)
+    return [orjson.loads(r.value()) for r in records]
+
+
 def dead_letter_topic(bigpipe: Bigpipe, index: int = 0) -> str:
     """Where the node's group `index` writes dead letters: its deadLetterTopic, or the
     default, one per group."""

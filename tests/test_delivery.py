@@ -5,21 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 from confluent_kafka import Producer
 
 from tests.support import (
     Bigpipe,
     Downstream,
-    dead_letter_topic,
+    dead_letters,
     eventually,
     free_port,
     group_stats,
-    read_topic,
     start_node,
 )
 from tests.test_metrics import scrape
@@ -39,11 +36,6 @@ async def send(
         assert (status, reply["errno"]) == (200, 0), reply
         ids.append(reply["data"]["id"])
     return ids
-
-
-async def dead_letters(kafka: str, bigpipe: Bigpipe, count: int) -> list[dict[str, Any]]:
-    records = await asyncio.to_thread(read_topic, kafka, dead_letter_topic(bigpipe), count)
-    return [orjson.loads(r.value()) for r in records]
 
 
 async def counted_delivered(bigpipe: Bigpipe, http: aiohttp.ClientSession, timeout: float) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 
 from bigpipe.config import (
@@ -33,10 +32,9 @@ from bigpipe.stats import DESTINATIONS_SHOWN, OTHER_DESTINATIONS, GroupCounters,
 from tests.support import (
     Bigpipe,
     Downstream,
-    dead_letter_topic,
+    dead_letters,
     eventually,
     group_stats,
-    read_topic,
     start_node,
 )
 from tests.test_breaker_end_to_end import Outage
@@ -328,10 +326,8 @@ async def run_outage(
             assert f"bigpipe_destination_{metric}{{" in metrics
             assert any(name in line for line in metrics.splitlines() if metric in line), metric
     assert set(accepted) <= healthy.answered_ids(), "every healthy call delivered"
-    letters = await asyncio.to_thread(
-        read_topic, kafka, dead_letter_topic(bigpipe), stats["deadLetter"]
-    )
-    dead = {orjson.loads(r.value())["call"]["id"] for r in letters}
+    letters = await dead_letters(kafka, bigpipe, stats["deadLetter"])
+    dead = {letter["call"]["id"] for letter in letters}
     assert dead <= set(to_broken), "only the broken host's calls may be dead-lettered"
     lost = set(to_broken) - broken.answered_ids() - dead
     assert not lost, f"{len(lost)} calls to the broken host neither delivered nor dead-lettered"

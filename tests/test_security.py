@@ -25,6 +25,7 @@ from tests.support import (
     base_config,
     consumer_entry,
     dead_letter_topic,
+    dead_letters,
     eventually,
     free_port,
     read_topic,
@@ -208,10 +209,7 @@ async def test_deny_private_checks_resolved_addresses_at_delivery(
     bigpipe, _topic = guarded
     status, _ = await call_as(bigpipe, http, "guarded", f"http://{name}:{downstream.port}/x")
     assert status == 200, "a host name passes ingest: only resolution can judge it"
-    [letter] = [
-        orjson.loads(r.value())
-        for r in await asyncio.to_thread(read_topic, kafka, dead_letter_topic(bigpipe), 1)
-    ]
+    [letter] = await dead_letters(kafka, bigpipe, 1)
     assert letter["lastError"].startswith("destination refused:")
     assert letter["attempts"] == 1, "a refused destination is final, not retried"
     assert downstream.requests == []
