@@ -267,7 +267,12 @@ async def test_a_worker_whose_supervisor_died_while_it_started_exits(
         env={**os.environ, SUPERVISOR_PID_ENV: "1"},
         stderr=asyncio.subprocess.PIPE,
     )
-    _, stderr = await asyncio.wait_for(worker.communicate(), 30)
+    try:
+        _, stderr = await asyncio.wait_for(worker.communicate(), 30)
+    finally:  # a worker that failed to exit would run orphaned, listening, for ever
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
     assert worker.returncode == 1, stderr
     assert b"its supervisor is gone already" in stderr
 

@@ -232,9 +232,17 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
         workers = workers_of(bigpipe.config_path)
         assert len(workers) == 2
         await bigpipe.kill()  # SIGKILL: no chance to forward anything
-        codes = await asyncio.wait_for(
-            asyncio.gather(*(asyncio.to_thread(exit_code, pid) for pid in workers)), 60
-        )
+        try:
+            codes = await asyncio.wait_for(
+                asyncio.gather(*(asyncio.to_thread(exit_code, pid) for pid in workers)), 60
+            )
+        except BaseException:
+            # Orphans that did not exit would run on after the test. Not reaped yet (the
+            # waiting threads still wait), so these PIDs are still theirs.
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise
     print(f"\norphaned workers: exit codes {codes}")
     assert codes == [0, 0], "the kernel's SIGTERM makes each orphan drain and exit 0"
     assert downstream.answered_ids() == accepted, "the drain delivers every call it had read"
