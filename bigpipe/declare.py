@@ -196,7 +196,9 @@ def problem(root: type[Section], error: ErrorDetails) -> str | None:
     if kind in TYPE_ERRORS or (kind == "literal_error" and not isinstance(value, str)):
         return f"{where}: must be {TYPES[TYPE_ERRORS.get(kind, 'str')]}, got {json_type(value)}"
     if kind == "literal_error":
-        return f"{where}: must be one of {', '.join(_choices(info.annotation))}, got {value!r}"
+        choices = _choices(info.annotation)
+        allowed = f"{choices[0]!r}" if len(choices) == 1 else f"one of {', '.join(choices)}"
+        return f"{where}: must be {allowed}, got {value!r}"
     if kind == "invalid":  # a validator's own line
         return f"{where}: {error['msg']}"
     if kind == "finite_number":

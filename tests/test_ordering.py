@@ -47,9 +47,7 @@ def test_ordering_is_key_or_absent_and_a_bad_value_is_one_line_naming_it() -> No
     entry = consumer_entry("t", "g", ordering="keys")
     with pytest.raises(ConfigError) as caught:
         parse_config(base_config("127.0.0.1:9092", "t", 8080, consumers=[entry]))
-    assert caught.value.problems == [
-        "kafka.consumer.list[0].ordering: must be one of key, got 'keys'"
-    ]
+    assert caught.value.problems == ["kafka.consumer.list[0].ordering: must be 'key', got 'keys'"]
     entry["ordering"] = "key"
     config = parse_config(base_config("127.0.0.1:9092", "t", 8080, consumers=[entry]))
     assert config.consumers[0].ordering == "key"
