@@ -23,7 +23,8 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_KAFKA = REPO / "deploy" / "kafka" / "local-kafka"
@@ -508,3 +509,25 @@ def dead_letter_topic(bigpipe: Bigpipe, index: int = 0) -> str:
     default, one per group."""
     entry = bigpipe.config["kafka.consumer.list"][index]
     return entry.get("deadLetterTopic", f"{entry['topic']}.{entry['groupId']}.dlq")
+
+
+def group_members(admin: AdminClient, group: str) -> tuple[bool, list[list[int]]]:
+    """Is the group stable, and the partitions each member holds. Blocking."""
+    description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+    held = [[tp.partition for tp in m.assignment.topic_partitions] for m in description.members]
+    return description.state == ConsumerGroupState.STABLE, held
+
+
+async def group_settled(kafka: str, group: str, members: int, partitions: int) -> None:
+    """Wait until the group is stable with `members` members holding all `partitions`
+    between them: no partition moves after that unless a member comes or goes."""
+    admin = AdminClient({"bootstrap.servers": kafka, "log_level": 3})
+
+    async def settled() -> bool:
+        try:
+            stable, held = await asyncio.to_thread(group_members, admin, group)
+        except KafkaException:  # say, the group's coordinator not known yet
+            return False
+        return stable and len(held) == members and sum(map(len, held)) == partitions
+
+    await eventually(settled, 60, f"{members} members holding {partitions} partitions")

@@ -16,8 +16,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from confluent_kafka import ConsumerGroupState, KafkaException
-from confluent_kafka.admin import AdminClient
 
 from bigpipe.calls.status import NO_TRAIL
 from bigpipe.delivery.budget import (
@@ -41,6 +39,7 @@ from tests.support import (
     consumer_entry,
     eventually,
     free_port,
+    group_settled,
     group_stats,
     key_for,
     unique,
@@ -126,13 +125,6 @@ def test_every_member_works_out_the_same_split() -> None:
 
 
 # ---------------------------------------------------------------- end to end
-def group_members(admin: AdminClient, group: str) -> tuple[bool, list[list[int]]]:
-    """Is the group stable, and the partitions each member holds. Blocking."""
-    description = admin.describe_consumer_groups([group])[group].result(timeout=10)
-    held = [[tp.partition for tp in m.assignment.topic_partitions] for m in description.members]
-    return description.state == ConsumerGroupState.STABLE, held
-
-
 class Budgeted:
     """Nodes of one group (rateLimit RATE, concurrency CONCURRENCY) and a downstream that
     takes DOWNSTREAM_SECONDS per call and logs every change of its in-flight count."""
@@ -145,7 +137,6 @@ class Budgeted:
         self.backlog = BACKLOG
         self.in_flight: list[tuple[float, int]] = []  # (when, requests open from then on)
         self.downstream = Downstream(self._slow)
-        self._admin = AdminClient({"bootstrap.servers": kafka})
 
     async def _slow(self, _request: web.Request, _number: int) -> web.StreamResponse:
         self.in_flight.append((time.monotonic(), self.downstream.in_flight))
@@ -165,16 +156,7 @@ class Budgeted:
         self.nodes.append(await node.start())
 
     async def wait_members(self) -> None:
-        members = len(self.nodes) * self.workers
-
-        async def all_in() -> bool:
-            try:
-                stable, held = await asyncio.to_thread(group_members, self._admin, self.group)
-            except KafkaException:  # say, the group's coordinator not known yet
-                return False
-            return stable and len(held) == members and sum(map(len, held)) == len(BACKLOG)
-
-        await eventually(all_in, 60, f"{members} members in a stable group")
+        await group_settled(self.kafka, self.group, len(self.nodes) * self.workers, len(BACKLOG))
 
     async def shares_add_up(self) -> bool:
         """Do the nodes' shares in /stats add up to the budget? With no backlog, the
