@@ -186,24 +186,43 @@ async def bigpipe_rate(
         return rate, cpu
 
 
+async def against_round(
+    ctx: Context,
+    nginx: str,
+    calls: int,
+    round_number: int,
+    untracked: list[tuple[float, float]],
+    earlier: list[tuple[float, float]],
+) -> None:
+    """This tree untracked and the --against tree, alternating which goes first."""
+    assert ctx.reference is not None
+    runs = [
+        (untracked, bigpipe_rate(ctx, nginx, calls, **{"status.enabled": False})),
+        (earlier, bigpipe_rate(ctx, nginx, calls, ctx.reference[1])),
+    ]
+    for figures, measuring in runs if round_number % 2 else reversed(runs):
+        figures.append(await measuring)
+
+
 def against_row(
-    ctx: Context, rates: list[float], cpus: list[float], earlier: list[tuple[float, float]]
+    ctx: Context, untracked: list[tuple[float, float]], earlier: list[tuple[float, float]]
 ) -> Row:
-    """This tree's deliveries against the --against tree's, measured in the same rounds."""
+    """This tree's deliveries (call tracking off) against the --against tree's."""
     assert ctx.reference is not None
     commit = ctx.reference[0]
-    ratio = median(rates) / median([rate for rate, _ in earlier])
+    ours, theirs = median([r for r, _ in untracked]), median([r for r, _ in earlier])
     return Row(
         f"delivery vs {commit}",
-        f"{median(rates):,.0f} calls/s",
-        f"{median([rate for rate, _ in earlier]):,.0f}/s at {commit}",
-        ratio,
+        f"{ours:,.0f} calls/s",
+        f"{theirs:,.0f}/s at {commit}",
+        ours / theirs,
         "-",
         None,
         [
-            f"the same rounds, alternating which tree goes first; CPU-seconds per 10,000 "
-            f"calls (median): this tree {median(cpus):.2f}, {commit} "
-            f"{median([cpu for _, cpu in earlier]):.2f}"
+            f"this tree with status.enabled false (like for like with an earlier tree), in "
+            f"the same rounds, alternating which goes first; CPU-seconds per 10,000 calls "
+            f"(median): this tree {median([c for _, c in untracked]):.2f}, {commit} "
+            f"{median([c for _, c in earlier]):.2f}"
         ],
     )
 
@@ -226,30 +245,29 @@ async def _drain_rate(counter: NginxCounter, calls: int, timeout: float) -> floa
 async def run(ctx: Context) -> list[Row]:
     calls = ctx.count(CALLS)
     baseline, bigpipe, baseline_cpu, bigpipe_cpu = [], [], [], []
-    earlier: list[tuple[float, float]] = []  # the --against tree's (rate, CPU-s/10k) per round
+    # With --against: this tree with call tracking off (the earlier tree may predate it,
+    # so like for like), and the earlier tree; (rate, CPU-s/10k) per round.
+    untracked: list[tuple[float, float]] = []
+    earlier: list[tuple[float, float]] = []
     with nginx_204(ctx.workdir / "nginx") as nginx:
         for round_number in range(1, ctx.rounds + 1):
             rate, cpu = await bare_client_rate(ctx, nginx, calls)
             baseline.append(rate)
             baseline_cpu.append(cpu)
-            if ctx.reference and round_number % 2:  # alternate which tree goes first
-                earlier.append(await bigpipe_rate(ctx, nginx, calls, ctx.reference[1]))
             rate, cpu = await bigpipe_rate(ctx, nginx, calls)
             bigpipe.append(rate)
             bigpipe_cpu.append(cpu)
-            if ctx.reference and not round_number % 2:
-                earlier.append(await bigpipe_rate(ctx, nginx, calls, ctx.reference[1]))
-            print(
+            line = (
                 f"  delivery round {round_number}: bare client {baseline[-1]:,.0f}/s "
-                f"({baseline_cpu[-1]:.2f} CPU-s/10k), bigpipe {bigpipe[-1]:,.0f}/s "
-                f"({bigpipe_cpu[-1]:.2f} CPU-s/10k)"
-                + (
-                    f", {ctx.reference[0]} {earlier[-1][0]:,.0f}/s ({earlier[-1][1]:.2f} CPU-s/10k)"
-                    if ctx.reference
-                    else ""
-                ),
-                flush=True,
+                f"({baseline_cpu[-1]:.2f} CPU-s/10k), bigpipe {rate:,.0f}/s ({cpu:.2f} CPU-s/10k)"
             )
+            if ctx.reference:
+                await against_round(ctx, nginx, calls, round_number, untracked, earlier)
+                line += (
+                    f", untracked {untracked[-1][0]:,.0f}/s ({untracked[-1][1]:.2f}), "
+                    f"{ctx.reference[0]} {earlier[-1][0]:,.0f}/s ({earlier[-1][1]:.2f})"
+                )
+            print(line, flush=True)
     ratio = median(bigpipe) / median(baseline)
     ctx.delivery_peak = median(bigpipe)
     how = (
@@ -278,7 +296,7 @@ async def run(ctx: Context) -> list[Row]:
             "target": TARGET_RATIO,
         },
     )
-    rows = [against_row(ctx, bigpipe, bigpipe_cpu, earlier)] if ctx.reference else []
+    rows = [against_row(ctx, untracked, earlier)] if ctx.reference else []
     return [
         *rows,
         Row(
