@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -20,14 +19,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from bigpipe.config import parse_config
-from bigpipe.node.app import Node, serve
 from tests.support import (
     ACL_NAME,
     REPO,
@@ -164,56 +160,27 @@ def test_systemd_holds_reloads_until_bigpipe_says_ready() -> None:
 
 
 async def test_a_reload_waits_for_the_start_and_one_during_the_drain_is_ignored(
-    kafka: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    kafka: str, tmp_path: Path
 ) -> None:
-    """In-process, so that the signals come at a known step: SIGUSR1 while Node.start() is
-    under way, then while Node.stop() is. The first used to start a second bring-up
-    (every consumer group twice); the second, a reload racing the drain."""
+    """SIGUSR1 while Node.start() is under way, then while Node.stop() is (a node in a
+    process of its own: tests/reload_during_start.py). The first used to start a second
+    bring-up (every consumer group twice); the second, a reload racing the drain."""
     topic = unique("calls")
     raw = base_config(kafka, topic, free_port(), consumers=[consumer_entry(topic, unique("g"))])
     path = tmp_path / "bigpipe.json"
     path.write_bytes(orjson.dumps(raw))
-    nodes: list[Node] = []
-    started_groups: list[object] = []
-    start, stop, start_groups = Node.start, Node.stop, Node._start_groups
-
-    async def start_signalled(node: Node) -> None:
-        nodes.append(node)
-        edited = [{"name": ACL_NAME, "secret": "the-edited-secret", "topic": topic}]
-        path.write_bytes(orjson.dumps({**raw, "kafka.producer.acl": edited}))
-        os.kill(os.getpid(), signal.SIGUSR1)
-        await asyncio.sleep(0.2)  # a slow start: the loop takes the signal meanwhile
-        await start(node)
-
-    async def stop_signalled(node: Node) -> None:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        await asyncio.sleep(0.2)
-        await stop(node)
-
-    def counted_start_groups(node: Node, consumers: Any) -> None:
-        started_groups.extend(consumers)
-        start_groups(node, consumers)
-
-    monkeypatch.setattr(Node, "start", start_signalled)
-    monkeypatch.setattr(Node, "stop", stop_signalled)
-    monkeypatch.setattr(Node, "_start_groups", counted_start_groups)
-    caplog.set_level(logging.INFO, logger="bigpipe.node.app")
-    loop = asyncio.get_running_loop()
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # as bigpipe/__main__.py does
-    serving = asyncio.create_task(serve(parse_config(raw, source=path)))
-    try:
-        await eventually(lambda: nodes and nodes[0].ready, 60, "the node to be ready")
-        [node] = nodes
-        await eventually(lambda: node.stats.node.reloadSuccess == 1, 30, "the early reload")
-        assert node.acl.authenticate(ACL_NAME, "the-edited-secret"), "the edited ACL in force"
-        assert len(started_groups) == 1, "the group started once, not by two bring-ups"
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert await asyncio.wait_for(serving, 60) == 0
-        assert node.stats.node.reloadSuccess == 1, "no reload while draining"
-        assert "SIGUSR1 while draining: ignored" in caplog.text
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            loop.remove_signal_handler(signum)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tests.reload_during_start", str(path)],
+        capture_output=True,
+        cwd=REPO,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    outcome = orjson.loads(done.stdout.splitlines()[-1])
+    assert outcome["reloads_after_start"] == 1, "the early reload, once the node started"
+    assert outcome["edited_acl_in_force"], "the edited ACL in force"
+    assert outcome["groups_started"] == 1, "the group started once, not by two bring-ups"
+    assert outcome["exit"] == 0
+    assert outcome["reloads_in_all"] == 1, "no reload while draining"
+    assert "SIGUSR1 while draining: ignored" in outcome["log"]
