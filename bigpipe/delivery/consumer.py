@@ -190,7 +190,6 @@ class ConsumerGroup:
         self._stopping.set()
         if self._task is not None:  # a loop that died was reported by _poll_ended
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._budget.stop()  # the share in force stays for the calls still in flight
         ladder = asyncio.create_task(self._ladder.stop(max(0.0, timeout - LEAVE_SECONDS)))
         tasks = [t for p in self._partitions.values() for t in p.tasks]
         if tasks:
@@ -204,6 +203,11 @@ class ConsumerGroup:
                     self.name,
                     len(unfinished),
                 )
+        # Only now: the shares follow the members still draining (this one still holds
+        # its partitions and reports them). Stopped before the drain, a member that had
+        # just joined kept the no-slot share it started with, and its read calls waited
+        # out the whole shutdown timeout undelivered.
+        await self._budget.stop()
         await self._states.settle()
         left = deadline - asyncio.get_running_loop().time()
         await asyncio.gather(self._leave(max(LEAVE_SECONDS, left)), ladder)
