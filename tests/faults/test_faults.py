@@ -175,6 +175,9 @@ async def test_node_killed_its_partitions_move(
 BREAKER = {"breakPeriod": 3, "recoverPeriod": 3, "winSize": 5, "minStats": 10, "healthRate": 0.5}
 
 
+# Long: 40 s, and ./build.sh test has the same path on one broker in test_delivery
+# (test_outage_opens_the_breaker_and_the_backlog_drains_without_loss).
+@pytest.mark.long
 async def test_downstream_outage_breaker_opens_and_backlog_drains(
     cluster: Cluster,
     sink: Sink,
