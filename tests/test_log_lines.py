@@ -25,7 +25,7 @@ from tests.support import (
 
 TEXT_LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
-    r"(?P<origin>supervisor|worker-\d+) bigpipe[.\w]*: "
+    r"(?P<origin>supervisor|worker-\d+) (bigpipe[.\w]*|librdkafka): "
 )
 
 
