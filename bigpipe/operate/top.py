@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 import termios
 import time
@@ -267,7 +268,10 @@ def quit_key() -> Iterator[asyncio.Future[None]]:
     tty.setcbreak(fd)
 
     def on_key() -> None:
-        if sys.stdin.read(1) in ("q", "Q") and not pressed.done():
+        # os.read, not sys.stdin.read(1): that one buffers whatever else is waiting (the
+        # terminal's own replies, other keys), and a `q` behind them would sit in Python's
+        # buffer with the descriptor no longer readable, so add_reader never calls again.
+        if set(os.read(fd, 1024)) & set(b"qQ") and not pressed.done():
             pressed.set_result(None)
 
     loop.add_reader(fd, on_key)
