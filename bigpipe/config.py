@@ -537,6 +537,22 @@ class Config(Section):
         reload=RESTART,
         doc="largest `/rpc/call` body; larger ones get 413",
     )
+    batch_max_calls: Int = key(
+        "http.server.batch.calls",
+        1000,
+        gt=0,
+        reload=RESTART,
+        doc="most calls one `/rpc/calls` batch may hold; more is a 413 for the whole batch",
+    )
+    batch_body_limit: Int = key(
+        "http.server.batch.body.limit",
+        8 << 20,
+        gt=0,
+        unit="bytes",
+        reload=RESTART,
+        doc="largest `/rpc/calls` body; larger ones get 413 (each call in it is still held to"
+        " `http.server.body.limit`)",
+    )
     shutdown_timeout_ms: Int = key(
         "http.server.shutdown.timeout",
         10_000,

@@ -1,5 +1,5 @@
-"""The HTTP side: `/rpc/call` ingest, `/stats`, `/metrics`, health, the dashboard, the
-OpenAPI document and the `/rpc/server/mock` downstream.
+"""The HTTP side: `/rpc/call` and `/rpc/calls` (batch) ingest, `/stats`, `/metrics`, health,
+the dashboard, the OpenAPI document and the `/rpc/server/mock` downstream.
 
 Every API reply (ingest, stats, health, and every error) is `{"errno", "msg", "data"}`
 as JSON, with an HTTP status that matches: a caller can branch on either.
@@ -142,6 +142,21 @@ class CallRequest:
     callbacks: dict[str, str] = field(default_factory=dict)  # field name -> URL
 
 
+@dataclass(slots=True)
+class Batch:
+    """What the calls of one /rpc/calls batch share."""
+
+    entry: AclEntry
+    secret: str
+    headers: dict[str, str]  # forwarded with each call
+    started: float
+    check_size: bool  # the body is over http.server.body.limit: measure each call
+    keyed: dict[str, asyncio.Event] = field(default_factory=dict)  # key -> its last call, done
+
+
+BATCH_PATH = "/rpc/calls"
+
+
 def reply(status: int, errno: int, msg: str, data: Any = None) -> web.Response:
     body = orjson.dumps({"data": data, "errno": errno, "msg": msg})
     return web.Response(body=body, status=status, content_type="application/json")
@@ -151,19 +166,52 @@ def parse_call_request(body: bytes, max_delay_ms: int, compat: bool = False) -> 
     """Decode and check a /rpc/call body; raise Reject naming the first bad field. With
     `compat` (http.server.compat.replies), the field the Go original would name first, in
     its words: from the same decoded body (a large body decoded twice cost as much again)."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise Reject(400, f"invalid JSON body: {exc}", go=(CALLER_ERROR, GO_BAD_JSON)) from None
+    payload = _decode(body)
     if compat and (problem := go_field_problem(payload)) is not None:
         raise Reject(400, problem, go=(CALLER_ERROR, problem))
     if not isinstance(payload, dict):
         raise Reject(400, "body must be a JSON object")
+    name, secret = _acl(payload)
+    return parse_call(payload, name, secret, max_delay_ms)
+
+
+def parse_batch_request(body: bytes, max_calls: int) -> tuple[str, str, list[Any]]:
+    """Decode and check a /rpc/calls body, {acl, calls}: the caller's name and secret, and
+    the calls, each still to be checked on its own (parse_call)."""
+    payload = _decode(body)
+    if not isinstance(payload, dict):
+        raise Reject(400, "body must be a JSON object {acl, calls}")
+    name, secret = _acl(payload)
+    calls = payload.get("calls")
+    if calls is None:
+        raise Reject(400, "field calls: is missing; give an array of calls {url, data, ...}")
+    if not isinstance(calls, list):
+        raise Reject(400, "field calls: must be an array of calls {url, data, ...}")
+    if len(calls) > max_calls:
+        raise Reject(
+            413,
+            f"field calls: {len(calls)} calls, over the limit of {max_calls}"
+            " (http.server.batch.calls); split the batch",
+        )
+    return name, secret, calls
+
+
+def _decode(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Reject(400, f"invalid JSON body: {exc}", go=(CALLER_ERROR, GO_BAD_JSON)) from None
+
+
+def _acl(payload: dict[str, Any]) -> tuple[str, str]:
     acl = payload.get("acl")
     if not isinstance(acl, dict):
         raise Reject(400, "field acl: must be an object {name, secret}")
-    name = _string(acl, "name", "acl.name")
-    secret = _string(acl, "secret", "acl.secret")
+    return _string(acl, "name", "acl.name"), _string(acl, "secret", "acl.secret")
+
+
+def parse_call(payload: dict[str, Any], name: str, secret: str, max_delay_ms: int) -> CallRequest:
+    """Check one call's fields (a /rpc/call body, or one call of a /rpc/calls batch)."""
     url = _string(payload, "url", "url")
     data = _string(payload, "data", "data")
     partition_key = payload.get("partition_key")
@@ -269,9 +317,13 @@ def _valid_host(host: str) -> bool:
     return True
 
 
-def _check_destination(entry: AclEntry, target: URL) -> None:
-    if (reason := refusal(entry.name, entry.allow, entry.deny_private, target)) is not None:
-        raise Reject(403, reason)
+def _check_destinations(entry: AclEntry, call_request: CallRequest) -> None:
+    """The caller's `allow` and `denyPrivate` rules, for the url and each callback (the
+    same rules: callbacks are calls)."""
+    targets = [call_request.target, *map(URL, call_request.callbacks.values())]
+    for target in targets:
+        if (reason := refusal(entry.name, entry.allow, entry.deny_private, target)) is not None:
+            raise Reject(403, reason)
 
 
 class Ingest:
@@ -301,22 +353,104 @@ class Ingest:
             return go_reply(OK, GO_ACCEPTED)
         return reply(200, OK, "success", accepted)
 
+    async def rpc_calls(self, request: web.BaseRequest) -> web.Response:
+        """`POST /rpc/calls`: a batch of calls under one ACL. Each call is checked, refused
+        or written on its own, by the path a /rpc/call takes; all are written at once
+        (librdkafka batches them), and the reply holds each one's outcome, in order."""
+        started = time.perf_counter()
+        config = self._node.config
+        try:
+            body = await _read_body(
+                request, config.batch_body_limit, "http.server.batch.body.limit", config
+            )
+            if "Idempotency-Key" in request.headers:
+                raise Reject(
+                    400,
+                    "header Idempotency-Key: a batch holds many calls; give each call its own"
+                    " idempotency_key field instead",
+                )
+            name, secret, calls = parse_batch_request(body, config.batch_max_calls)
+            entry = self._authenticate(name, secret)
+        except Reject as exc:
+            return reply(exc.status, exc.errno, exc.msg)
+        self._node.stats.server.receivedCall += len(calls)
+        batch = Batch(
+            entry,
+            secret,
+            forwardable_headers(request.headers.items(), secret),
+            started,
+            # Only then can one call be over the limit a /rpc/call body has.
+            check_size=len(body) > config.body_limit,
+        )
+        replies = await asyncio.gather(*(self._batched(call, batch) for call in calls))
+        accepted = sum(1 for one in replies if one["errno"] == OK)
+        return reply(200, OK, f"{accepted} of {len(calls)} calls accepted", replies)
+
+    async def _batched(self, payload: Any, batch: Batch) -> dict[str, Any]:
+        """One call of a batch: its reply as /rpc/call would give it, and that reply's
+        HTTP status. A call repeating an earlier call's idempotency key in the same batch
+        waits for that call, and so sees it in the index as a retry would."""
+        config = self._node.config
+        done: asyncio.Event | None = None  # set when this keyed call is over
+        try:
+            if not isinstance(payload, dict):
+                raise Reject(400, "call must be a JSON object {url, data, ...}")
+            if batch.check_size and len(orjson.dumps(payload)) > config.body_limit:
+                raise Reject(
+                    413,
+                    f"call over the limit of {config.body_limit} bytes (http.server.body.limit)",
+                )
+            call_request = parse_call(payload, batch.entry.name, batch.secret, config.max_delay_ms)
+            _check_destinations(batch.entry, call_request)
+            key = call_request.idempotency_key
+            # Every call runs up to here in batch order (gather starts its tasks in order,
+            # and nothing above waits), so the earlier call of a key is the one registered.
+            if key is not None:
+                earlier = batch.keyed.get(key)
+                done = batch.keyed[key] = asyncio.Event()
+                if earlier is not None:
+                    await earlier.wait()
+            data = await self._admit(call_request, batch.entry, key, batch.headers, batch.started)
+        except Reject as exc:
+            return {"errno": exc.errno, "msg": exc.msg, "data": None, "status": exc.status}
+        finally:
+            if done is not None:
+                done.set()
+        self._node.stats.server.acceptedCall += 1
+        return {"errno": OK, "msg": "success", "data": data, "status": 200}
+
+    def _authenticate(self, name: str, secret: str) -> AclEntry:
+        entry = self._node.acl.authenticate(name, secret)
+        if entry is None:
+            raise Reject(403, "acl refused: unknown name or wrong secret")
+        return entry
+
     async def _accept(self, request: web.BaseRequest) -> dict[str, Any]:
         """The reply's data for a call now in Kafka (or, for a repeated key, the first's)."""
         started = time.perf_counter()
+        config = self._node.config
+        body = await _read_body(request, config.body_limit, "http.server.body.limit", config)
+        call_request = parse_call_request(body, config.max_delay_ms, config.compat_replies)
+        entry = self._authenticate(call_request.name, call_request.secret)
+        _check_destinations(entry, call_request)
+        idempotency_key = _idempotency_key(request, call_request)
+        headers = forwardable_headers(request.headers.items(), call_request.secret)
+        return await self._admit(call_request, entry, idempotency_key, headers, started)
+
+    async def _admit(
+        self,
+        call_request: CallRequest,
+        entry: AclEntry,
+        idempotency_key: str | None,
+        headers: dict[str, str],
+        started: float,
+    ) -> dict[str, Any]:
+        """Write a call, its input checked, if the node can take it: the reply's data.
+
+        Every check of the input comes before the node's state: bad input is a 400
+        ("retrying cannot help") whatever the node's state, never a 503 "retry later"."""
         node = self._node
         config = node.config
-        body = await _read_body(request, config)
-        call_request = parse_call_request(body, config.max_delay_ms, config.compat_replies)
-        entry = node.acl.authenticate(call_request.name, call_request.secret)
-        if entry is None:
-            raise Reject(403, "acl refused: unknown name or wrong secret")
-        _check_destination(entry, call_request.target)
-        for url in call_request.callbacks.values():  # the same rules as url: they are calls
-            _check_destination(entry, URL(url))
-        # Every check of the input before the node's state: bad input is a 400 ("retrying
-        # cannot help") whatever the node's state, never a 503 "retry later".
-        idempotency_key = _idempotency_key(request, call_request)
         if not node.ready:
             raise Reject(503, node.not_ready_reason(), INTERNAL_ERROR)
         if self._waiting >= config.channel_size:
@@ -328,7 +462,7 @@ class Ingest:
             self._idle.clear()
         self._waiting += 1
         try:
-            return await self._store(request, call_request, entry, idempotency_key, started)
+            return await self._store(call_request, entry, idempotency_key, headers, started)
         finally:
             self._waiting -= 1
             if self._waiting == 0:
@@ -336,10 +470,10 @@ class Ingest:
 
     async def _store(
         self,
-        request: web.BaseRequest,
         call_request: CallRequest,
         entry: AclEntry,
         idempotency_key: str | None,
+        headers: dict[str, str],
         started: float,
     ) -> dict[str, Any]:
         """Write the call (unless its key names an earlier one) and index its key."""
@@ -349,7 +483,6 @@ class Ingest:
             first = await node.index.first_at_ingest(entry.name, idempotency_key, timeout)
             if first is not None:
                 return {"id": first.call_id, "duplicate": True}
-        headers = forwardable_headers(request.headers.items(), call_request.secret)
         call = new_call(
             call_request.url,
             call_request.data,
@@ -449,16 +582,15 @@ def _produce_refusal(exc: ProduceFailed, topic: str) -> Reject:
     return Reject(503, f"kafka did not take the call: {exc}", INTERNAL_ERROR)
 
 
-async def _read_body(request: web.BaseRequest, config: Config) -> bytes:
+async def _read_body(request: web.BaseRequest, limit: int, limit_key: str, config: Config) -> bytes:
+    """The body, at most `limit` bytes (the request factory set it, from `limit_key`)."""
     try:
         if request.content.is_eof():  # the whole body came with the headers: no wait
             return await request.read()
         async with asyncio.timeout(config.read_timeout_ms / 1000):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise Reject(
-            413, f"body over the limit of {config.body_limit} bytes (http.server.body.limit)"
-        ) from None
+        raise Reject(413, f"body over the limit of {limit} bytes ({limit_key})") from None
     except TimeoutError:
         raise Reject(
             408, "body not received within http.server.read.timeout", go=GO_UNREADABLE
@@ -543,12 +675,13 @@ def build_server(
 ) -> web.Server:
     """aiohttp's low-level server with Bigpipe's routes; `http_settings` go to its protocol."""
     routes = Routes()
-    body_limit = node.config.body_limit
+    body_limit, batch_body_limit = node.config.body_limit, node.config.batch_body_limit
     loop = asyncio.get_running_loop()
 
-    def make_request(*parts: Any) -> web.BaseRequest:
-        """Like aiohttp's default factory, but with Bigpipe's body limit."""
-        return web.BaseRequest(*parts, loop=loop, client_max_size=body_limit)
+    def make_request(message: Any, *parts: Any) -> web.BaseRequest:
+        """Like aiohttp's default factory, but with Bigpipe's body limits."""
+        limit = batch_body_limit if message.url.path == BATCH_PATH else body_limit
+        return web.BaseRequest(message, *parts, loop=loop, client_max_size=limit)
 
     async def stats(_request: web.BaseRequest) -> web.Response:
         return reply(200, OK, "success", node.view()[0].snapshot(node.config))
@@ -579,6 +712,7 @@ def build_server(
 
     # The original took /rpc/call with any method (a GET has no JSON body: "JSON无效").
     routes.add("*" if node.config.compat_replies else "POST", "/rpc/call", node.ingest.rpc_call)
+    routes.add("POST", BATCH_PATH, node.ingest.rpc_calls)
     routes.add("GET", "/stats", stats)
     routes.add("*", "/rpc/server/mock", mock)
     routes.add("GET", "/healthz", healthz)
