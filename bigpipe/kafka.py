@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -14,6 +17,34 @@ from bigpipe.config import Config, ConsumerConfig, TopicConfig
 from bigpipe.delivery.rungs import RETENTION_MS, rung_topics
 
 log = logging.getLogger(__name__)
+
+
+async def leave_off_loop(name: str, leave: Callable[[], None], timeout: float) -> bool:
+    """Run `leave` (a consumer's final commit and close) on a thread of its own; True if it
+    ended within `timeout` s.
+
+    Leaving a group needs its coordinator, which a rebalance in progress can hold for up to
+    max.poll.interval.ms, and librdkafka's close, started mid-rebalance, was seen to wait
+    for ever inside the revoke it runs. A daemon thread, so that an abandoned close never
+    holds up the exit: an executor thread would, since the interpreter joins those.
+    """
+    loop = asyncio.get_running_loop()
+    left: asyncio.Future[None] = loop.create_future()
+
+    def run() -> None:
+        try:
+            leave()
+        except Exception:  # it must not pass unseen on a thread nobody joins
+            log.exception("%s: leaving the group failed", name)
+        finally:
+            loop.call_soon_threadsafe(lambda: left.done() or left.set_result(None))
+
+    threading.Thread(target=run, name=f"leave {name}", daemon=True).start()
+    try:
+        await asyncio.wait_for(left, timeout)
+    except TimeoutError:
+        return False
+    return True
 
 
 class Throttle:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import subprocess
+import sys
 import time
 
 import orjson
@@ -270,3 +272,43 @@ async def test_a_write_nobody_acknowledges_fails_at_its_timeout_not_before() -> 
     # Well before librdkafka's own message timeout (5 s here) would end the wait.
     assert 0.6 <= waited < 2.5, waited
     await producer.close(0)
+
+
+async def test_a_producer_closed_with_no_time_left_and_nothing_pending_reports_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A drain that used up the shutdown timeout closes the producer with 0 s left; idle,
+    it has nothing unacknowledged, and saying "0 writes still unacknowledged" at ERROR
+    sent operators looking for lost calls."""
+    producer = Producer(
+        parse_config({**EXAMPLE, "kafka.bootstrap.servers": f"127.0.0.1:{free_port()}"})
+    )
+    await producer.close(0)
+    errors = [
+        r for r in caplog.records if r.name == "bigpipe.ingest.producer" and r.levelname == "ERROR"
+    ]
+    assert not errors, caplog.text
+
+
+LEAVE_HANGS = """
+import asyncio, threading
+from bigpipe.kafka import leave_off_loop
+
+async def main():
+    ended = await leave_off_loop("stuck", threading.Event().wait, 0.2)
+    print("ended" if ended else "abandoned", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_close_that_never_ends_is_abandoned_and_never_holds_up_the_exit() -> None:
+    """librdkafka's close, started mid-rebalance, was seen to wait for ever inside its own
+    revoke; run on an executor thread, it kept the worker alive after its loop ended (the
+    interpreter joins those threads), deaf to SIGTERM, until a SIGKILL."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", LEAVE_HANGS], capture_output=True, text=True, timeout=20
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "abandoned"), done.stderr
+    assert time.monotonic() - started < 10

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from bigpipe.delivery.shields import DestinationShields
 from bigpipe.delivery.waits import Due, now_ms
 from bigpipe.ingest.compat import decode_go_record, is_go_record
 from bigpipe.ingest.producer import Producer
-from bigpipe.kafka import RepeatFilter, consumer_settings
+from bigpipe.kafka import RepeatFilter, consumer_settings, leave_off_loop
 from bigpipe.metrics import GroupLatencies
 from bigpipe.stats import GroupCounters
 
@@ -131,6 +130,10 @@ class ConsumerGroup:
         # Calls that wait long wait in the group's delay topics, read back by this ladder.
         self._ladder = DelayLadder(config, consumer, lambda: self.producer, self._process, counters)
         self._stopping = asyncio.Event()
+        # Set once the final close starts: its rebalance callbacks run on the close's
+        # thread, where nothing of the event loop's may be touched (and nothing is left
+        # to cancel or to share out).
+        self._leaving = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -214,32 +217,19 @@ class ConsumerGroup:
         await self._client.close()
 
     async def _leave(self, timeout: float) -> None:
-        """Commit what finished and leave the group, off the event loop and bounded.
-
-        A rebalance in progress can hold the group coordinator (and so a blocking
-        commit) for up to max.poll.interval.ms; the node must exit all the same.
-        A daemon thread, so that an abandoned wait never holds up the exit.
-        """
-        loop = asyncio.get_running_loop()
-        left: asyncio.Future[None] = loop.create_future()
-
-        def commit_and_close() -> None:
-            try:
-                self._commit(asynchronous=False)
-                self._kafka.close()
-            finally:
-                loop.call_soon_threadsafe(lambda: left.done() or left.set_result(None))
-
-        threading.Thread(target=commit_and_close, name=f"leave {self.name}", daemon=True).start()
-        try:
-            await asyncio.wait_for(left, timeout)
-        except TimeoutError:
+        """Commit what finished and leave the group, off the event loop and bounded."""
+        self._leaving = True
+        if not await leave_off_loop(self.name, self._commit_and_close, timeout):
             log.warning(
                 "%s: Kafka did not confirm the final commit within %.0f s; the calls "
                 "it covered will be delivered again",
                 self.name,
                 timeout,
             )
+
+    def _commit_and_close(self) -> None:
+        self._commit(asynchronous=False)
+        self._kafka.close()
 
     # ------------------------------------------------------------ polling
     async def _poll_forever(self) -> None:
@@ -465,6 +455,8 @@ class ConsumerGroup:
         log.warning("%s: lost partitions %s", self.name, [tp.partition for tp in partitions])
 
     def _cancel(self, numbers: list[int]) -> None:
+        if self._leaving:
+            return
         for number in numbers:
             partition = self._partitions.get(number)
             for task in list(partition.tasks) if partition else []:
@@ -475,7 +467,8 @@ class ConsumerGroup:
             self._partitions.pop(tp.partition, None)
             self._counters.lag.pop(str(tp.partition), None)  # its new owner reports it
         self._states.removed([tp.partition for tp in partitions])
-        self._budget.assignment_changed()
+        if not self._leaving:
+            self._budget.assignment_changed()
         consumer.incremental_unassign(partitions)
 
     def _on_statistics(self, raw: str) -> None:

@@ -34,7 +34,7 @@ from bigpipe.delivery.offsets import PartitionOffsets
 from bigpipe.delivery.rungs import RUNGS, rung_for, rung_topics
 from bigpipe.delivery.waits import Due, now_ms
 from bigpipe.ingest.producer import ProduceFailed, Producer, write_until_stored
-from bigpipe.kafka import consumer_settings
+from bigpipe.kafka import consumer_settings, leave_off_loop
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class DelayLadder:
         self._rungs: dict[tuple[str, int], _Rung] = {}
         self._generations = itertools.count()
         self._stopping = asyncio.Event()
+        self._leaving = False  # the close's callbacks run on its thread: see _cancel
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -126,9 +127,8 @@ class DelayLadder:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
-        try:  # a rebalance in progress can hold a blocking commit for long: bounded
-            await asyncio.wait_for(asyncio.to_thread(self._commit_and_close), 2.0)
-        except TimeoutError:
+        self._leaving = True
+        if not await leave_off_loop(f"{self.config.group_id}.delay", self._commit_and_close, 2.0):
             log.warning("%s: delay topics' final commit unconfirmed", self.config.group_id)
 
     def _commit_and_close(self) -> None:
@@ -219,6 +219,8 @@ class DelayLadder:
         self._forget(consumer, partitions)
 
     def _cancel(self, places: set[tuple[str, int]]) -> None:
+        if self._leaving:  # on the close's thread, where no task of the loop's may be
+            return  # touched; stop() has finished them all by then
         for place in places:
             for task in list(self._rungs[place].tasks) if place in self._rungs else []:
                 task.cancel()

@@ -152,7 +152,8 @@ class Producer:
         """
         self._closed = True
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            if self._pending:  # asked with no time left, wait_for times out even when idle
+                await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             log.error("producer: %d writes still unacknowledged at shutdown", self._pending)
         self._stopping.set()
