@@ -65,6 +65,7 @@ class StatusView:
         self._counters = counters
         self.path = view_path(config)
         self._reader: sqlite3.Connection | None = None
+        self._opening = threading.Lock()
         self._stopping = threading.Event()
         self._builder: threading.Thread | None = None
 
@@ -85,18 +86,17 @@ class StatusView:
     def lookup(self, call_id: str, caller: str) -> dict[str, Any] | None:
         """The call's status if `caller` posted it and it is within the retention.
 
-        Raises sqlite3.Error while the view does not exist yet.
+        Raises sqlite3.Error while the view does not exist yet. Blocking (a disk read):
+        call it on a thread, not on the event loop.
         """
-        if self._reader is None:
-            if not self.path.exists():
-                raise sqlite3.OperationalError("the status view is not built yet")
-            self._reader = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
-            )
         key = call_id.encode()
-        rows = self._reader.execute(
-            "SELECT records FROM steps WHERE h = ? AND id = ? ORDER BY rowid", (_h(key), key)
-        ).fetchall()
+        rows = (
+            self._connection()
+            .execute(
+                "SELECT records FROM steps WHERE h = ? AND id = ? ORDER BY rowid", (_h(key), key)
+            )
+            .fetchall()
+        )
         records = [orjson.loads(line) for row in rows for line in row[0].split(b"\n")]
         if any(record.get("caller") != caller for record in records):
             return None  # another caller's call: the same answer as an unknown one
@@ -104,6 +104,18 @@ class StatusView:
         if status is None or status["accepted"] < _now_ms() - self._config.status_retention_ms:
             return None
         return status
+
+    def _connection(self) -> sqlite3.Connection:
+        """The read-only connection lookups share (sqlite3 serialises its use), opened by
+        the first lookup that finds the view built; lookups run on threads, hence the lock."""
+        with self._opening:
+            if self._reader is None:
+                if not self.path.exists():
+                    raise sqlite3.OperationalError("the status view is not built yet")
+                self._reader = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, check_same_thread=False
+                )
+            return self._reader
 
     # ------------------------------------------------------------ building
     def _build(self) -> None:

@@ -532,7 +532,8 @@ class CallStatus:
             return caller
         call_id = request.path[len(CALL_STATUS_PREFIX) :]
         try:
-            status = view.lookup(call_id, caller) if CALL_ID.fullmatch(call_id) else None
+            found = CALL_ID.fullmatch(call_id)
+            status = await asyncio.to_thread(view.lookup, call_id, caller) if found else None
         except sqlite3.Error as exc:
             return reply(503, INTERNAL_ERROR, f"call status not available yet: {exc}; retry later")
         if status is None:
