@@ -33,6 +33,9 @@ from bigpipe.ingest.listener import HeaderDeadline
 from tests.support import REPO, Bigpipe, base_config, free_port, topic_record_count, unique
 
 BODY_LIMIT = 16_384  # http.server.body.limit of the node under test: small, so bodies reach it
+# http.server.batch.body.limit and http.server.batch.calls: small too, for the same reason.
+BATCH_BODY_LIMIT = 4 * BODY_LIMIT
+BATCH_CALLS = 6
 MAX_URL_LENGTH = 8192  # README: url is at most 8192 characters
 ACL_NAME = "hostile-caller"
 # Random per run and 32 hex digits: no strategy below ever draws it by chance, so only
@@ -78,6 +81,8 @@ async def node(
         **{
             "kafka.producer.acl": [{"name": ACL_NAME, "secret": SECRET, "topic": topic}],
             "http.server.body.limit": BODY_LIMIT,
+            "http.server.batch.body.limit": BATCH_BODY_LIMIT,
+            "http.server.batch.calls": BATCH_CALLS,
         },
     )
     bigpipe = await Bigpipe(config, tmp_path_factory.mktemp("hostile")).start()
@@ -117,7 +122,13 @@ def check_reply(
         assert raw == b""
         return None
     reply = json.loads(raw)
-    assert isinstance(reply, dict) and set(reply) == {"data", "errno", "msg"}, reply
+    check_call_reply(status, reply, {"data", "errno", "msg"})
+    return reply
+
+
+def check_call_reply(status: int, reply: Any, fields: set[str]) -> None:
+    """A call's reply: a /rpc/call reply, or one call's outcome in a /rpc/calls reply."""
+    assert isinstance(reply, dict) and set(reply) == fields, reply
     errno, msg, data = reply["errno"], reply["msg"], reply["data"]
     assert type(errno) is int and isinstance(msg, str) and msg, reply
     assert (status, errno) in DOCUMENTED, (status, reply)
@@ -130,7 +141,6 @@ def check_reply(
         assert CALL_ID.match(data["id"]), reply
     else:
         assert data is None, reply
-    return reply
 
 
 # ---------------------------------------------------------------- strategies
@@ -313,20 +323,25 @@ def good_call_in(body: bytes) -> dict[str, Any] | None:
         call = orjson.loads(body)  # the server's decoder: it refuses lone surrogates
     except orjson.JSONDecodeError:
         return None
+    return call if is_good_call(call) else None
+
+
+def is_good_call(call: Any) -> bool:
+    """Must this decoded call (its acl included) be accepted?"""
     if not isinstance(call, dict) or not isinstance(acl := call.get("acl"), dict):
-        return None
+        return False
     strings = [acl.get("name"), acl.get("secret"), call.get("url"), call.get("data")]
     key = call.get("partition_key")
     if not all(isinstance(s, str) for s in strings) or not isinstance(key, str | None):
-        return None
+        return False
     if (acl["name"], acl["secret"]) != (ACL_NAME, SECRET):
-        return None
+        return False
     ok_url = re.fullmatch(
         r"(?i:https?)://(127\.0\.0\.1:1|\[::1\]:1|localhost:1|example\.invalid|例え\.jp)/.*",
         call["url"],
         re.S,
     )
-    return call if ok_url and len(call["url"]) <= MAX_URL_LENGTH else None
+    return bool(ok_url) and len(call["url"]) <= MAX_URL_LENGTH
 
 
 def test_hostile_bodies_get_documented_replies_and_only_accepted_calls_reach_kafka(
@@ -360,6 +375,115 @@ def test_hostile_bodies_get_documented_replies_and_only_accepted_calls_reach_kaf
     assert len(set(accepted)) == len(accepted)
     # The draws reached every outcome, acceptance included.
     assert {200, 400, 403, 413} <= statuses, statuses
+
+
+# ---------------------------------------------------------------- batches
+RIGHT_ACL = {"name": ACL_NAME, "secret": SECRET}
+batch_acls = st.one_of(
+    st.just(RIGHT_ACL),
+    st.just(RIGHT_ACL),
+    st.fixed_dictionaries({"name": st.just(ACL_NAME) | plain_text, "secret": secrets}),
+    json_values,
+)
+# Calls as a batch holds them: their own acl, if any, is just a field the batch ignores.
+batch_calls = st.lists(
+    st.one_of(near_valid_calls, good_calls, json_values), max_size=BATCH_CALLS + 2
+)
+batch_documents = st.one_of(
+    st.fixed_dictionaries({"acl": batch_acls, "calls": batch_calls}),
+    st.fixed_dictionaries({"acl": batch_acls}, optional={"calls": anything}),
+    st.fixed_dictionaries({"calls": batch_calls}, optional={"acl": anything}),
+    json_values,
+)
+
+
+@st.composite
+def batch_padded_to_the_limit(draw: st.DrawFn) -> bytes:
+    """A batch padded to within a few bytes of the batch body limit, either side."""
+    document = draw(st.fixed_dictionaries({"acl": batch_acls, "calls": batch_calls}))
+    target = BATCH_BODY_LIMIT + draw(st.integers(-3, 3))
+    body = encode({**document, "pad": ""}, ascii_only=True)
+    return encode({**document, "pad": "x" * max(0, target - len(body))}, ascii_only=True)
+
+
+right_acl_batches = st.fixed_dictionaries({"acl": st.just(RIGHT_ACL), "calls": batch_calls})
+wrong_acl_batches = st.fixed_dictionaries(
+    {
+        "acl": st.fixed_dictionaries({"name": plain_text, "secret": plain_text}),
+        "calls": batch_calls,
+    }
+)
+batch_bodies = st.one_of(
+    st.binary(max_size=300),
+    st.builds(encode, wrong_acl_batches, st.booleans()),
+    st.builds(encode, right_acl_batches, st.booleans()),
+    st.builds(encode, right_acl_batches, st.booleans()),
+    st.builds(encode, batch_documents, st.booleans()),
+    st.builds(encode, batch_documents, st.booleans()),
+    st.builds(encode, batch_documents, st.booleans()),
+    batch_padded_to_the_limit(),
+    st.builds(  # valid JSON text cut short
+        lambda b, n: b[: max(0, len(b) - n)],
+        st.builds(encode, batch_documents, st.just(True)),
+        st.integers(1, 20),
+    ),
+)
+
+
+def must_accept_in_batch(document: dict[str, Any], call: Any) -> bool:
+    """Must this call of a well-formed batch from the right caller be accepted?"""
+    if not isinstance(call, dict) or len(orjson.dumps(call)) > BODY_LIMIT:
+        return False
+    return is_good_call({**call, "acl": document["acl"]})
+
+
+def test_hostile_batches_get_documented_replies_and_only_accepted_calls_reach_kafka(
+    node: tuple[Bigpipe, str], kafka: str
+) -> None:
+    bigpipe, topic = node
+    before = topic_record_count(kafka, topic)
+    accepted: list[str] = []
+    statuses: set[int] = set()
+    call_statuses: set[int] = set()
+
+    @budget(120)
+    @given(body=batch_bodies)
+    def property_(body: bytes) -> None:
+        status, headers, raw = send(bigpipe.port, "POST", "/rpc/calls", body)
+        assert status != 500, f"internal error: {raw!r}"
+        assert headers.get_content_type() == "application/json", (status, raw)
+        reply = json.loads(raw)
+        event(f"HTTP {status}")
+        statuses.add(status)
+        if len(body) > BATCH_BODY_LIMIT:
+            assert status == 413, (len(body), reply)
+        if SECRET.encode() not in body:
+            assert status != 200, reply  # the batch's ACL cannot be right
+        if status != 200:
+            check_call_reply(status, reply, {"data", "errno", "msg"})
+            assert reply["errno"] == -1, reply  # the whole batch: retrying cannot help
+            return
+        document = orjson.loads(body)
+        calls = document["calls"]
+        assert document["acl"] == RIGHT_ACL and len(calls) <= BATCH_CALLS, reply
+        outcomes = reply["data"]
+        assert reply["errno"] == 0 and len(outcomes) == len(calls), reply
+        for call, outcome in zip(calls, outcomes, strict=True):
+            check_call_reply(outcome.get("status"), outcome, {"data", "errno", "msg", "status"})
+            call_statuses.add(outcome["status"])
+            if must_accept_in_batch(document, call):
+                assert outcome["status"] == 200, (call, outcome)
+            if outcome["errno"] == 0:
+                accepted.append(outcome["data"]["id"])
+        ok = sum(outcome["errno"] == 0 for outcome in outcomes)
+        assert reply["msg"] == f"{ok} of {len(calls)} calls accepted", reply
+
+    property_()
+    # Each errno 0 wrote exactly one record; nothing else wrote any.
+    assert topic_record_count(kafka, topic) - before == len(accepted)
+    assert len(set(accepted)) == len(accepted)
+    assert {200, 400, 403, 413} <= statuses, statuses
+    assert {200, 400} <= call_statuses, call_statuses
 
 
 # ---------------------------------------------------------------- headers and methods

@@ -45,6 +45,7 @@ OPERATIONS = [(m, p) for p, item in DOCUMENT["paths"].items() for m in METHODS i
 # README's endpoints, and the methods each answers.
 EXPECTED = {
     "/rpc/call": {"post"},
+    "/rpc/calls": {"post"},
     "/rpc/call/{id}": {"get"},
     "/stats": {"get"},
     "/metrics": {"get"},
