@@ -30,30 +30,40 @@ STATE_NUMBERS = {NORMAL: 0, BREAK: 1, RECOVER: 2}  # for gauges
 
 
 class HealthWindow:
-    """Success and failure counts in one-second buckets over the last `size` seconds."""
+    """Success and failure counts in one-second buckets over the last `size` seconds.
+
+    With running totals: every attempt asks it (Breaker.allows), so it must not sum
+    the buckets each time.
+    """
 
     def __init__(self, size: int, min_stats: int, health_rate: float) -> None:
         self._size = size
         self._min_stats = min_stats
         self._health_rate = health_rate
         self._buckets: deque[list[int]] = deque()  # [second, successes, failures]
+        self._successes = 0
+        self._total = 0
 
     def record(self, now: float, success: bool) -> None:
         second = int(now)
         if not self._buckets or self._buckets[-1][0] != second:
             self._buckets.append([second, 0, 0])
         self._buckets[-1][1 if success else 2] += 1
+        self._successes += success
+        self._total += 1
         self._expire(second)
 
     def healthy(self, now: float) -> bool:
         self._expire(int(now))
-        successes = sum(b[1] for b in self._buckets)
-        total = successes + sum(b[2] for b in self._buckets)
-        return total < self._min_stats or successes / total >= self._health_rate
+        total = self._total
+        return total < self._min_stats or self._successes / total >= self._health_rate
 
     def _expire(self, second: int) -> None:
-        while self._buckets and self._buckets[0][0] <= second - self._size:
-            self._buckets.popleft()
+        buckets = self._buckets
+        while buckets and buckets[0][0] <= second - self._size:
+            _, successes, failures = buckets.popleft()
+            self._successes -= successes
+            self._total -= successes + failures
 
 
 class Breaker:

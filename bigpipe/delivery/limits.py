@@ -24,28 +24,36 @@ class RateLimit:
 
     def __init__(self, rate: float) -> None:
         self._rate = rate
+        self._size = _bucket_size(rate)
         self._tokens = self._size
         self._filled_at = time.monotonic()
         self._turn = asyncio.Lock()  # first come, first served: one waiter at a time
+        self._queued = 0  # acquirers at or in the lock
         self._rate_changed: asyncio.Future[None] | None = None
-
-    @property
-    def _size(self) -> float:
-        return max(1.0, self._rate * BURST_SECONDS)
 
     def set_rate(self, rate: float) -> None:
         """The time until now earns tokens at the old rate, from now on at the new one."""
         self._refill()
         self._rate = rate
+        self._size = _bucket_size(rate)
         self._tokens = min(self._tokens, self._size)
         if self._rate_changed is not None and not self._rate_changed.done():
             self._rate_changed.set_result(None)  # the waiter works out its wait anew
 
     async def acquire(self) -> None:
-        async with self._turn:
-            while (missing := 1.0 - self._refill()) > 0:
-                await self._sleep(missing / self._rate)
+        # A token at hand and nobody queued: take it without the lock, as most calls
+        # under a generous rate do (the lock was 1-2 % of a delivery's CPU).
+        if not self._queued and self._refill() >= 1.0:
             self._tokens -= 1.0
+            return
+        self._queued += 1
+        try:
+            async with self._turn:
+                while (missing := 1.0 - self._refill()) > 0:
+                    await self._sleep(missing / self._rate)
+                self._tokens -= 1.0
+        finally:
+            self._queued -= 1
 
     def _refill(self) -> float:
         now = time.monotonic()
@@ -63,6 +71,10 @@ class RateLimit:
         finally:
             timer.cancel()
             self._rate_changed = None
+
+
+def _bucket_size(rate: float) -> float:
+    return max(1.0, rate * BURST_SECONDS)
 
 
 def _settle(future: asyncio.Future[None]) -> None:
