@@ -42,6 +42,15 @@ def test_window_is_healthy_below_min_stats_and_judges_the_rate_above() -> None:
     assert window.healthy(3.5), "second 0 has left a 3-second window; only 2 samples remain"
 
 
+def test_an_empty_window_is_healthy_with_min_stats_0() -> None:
+    """minStats 0 is valid: with nothing recorded, the window is healthy, not 0 / 0."""
+    window = HealthWindow(size=3, min_stats=0, health_rate=0.5)
+    assert window.healthy(0)
+    window.record(0, False)
+    assert not window.healthy(0), "with minStats 0 one failure judges the rate"
+    assert window.healthy(3), "and it leaves with its second"
+
+
 def test_every_transition() -> None:
     breaker, clock, transitions = make()
     assert breaker.update() == NORMAL and breaker.allows()

@@ -56,7 +56,9 @@ class HealthWindow:
     def healthy(self, now: float) -> bool:
         self._expire(int(now))
         total = self._total
-        return total < self._min_stats or self._successes / total >= self._health_rate
+        # An empty window is healthy, minStats 0 included (whose 0 / 0 raised in every
+        # allows(), and so dead-lettered the calls of an idle destination as "internal").
+        return total < max(self._min_stats, 1) or self._successes / total >= self._health_rate
 
     def _expire(self, second: int) -> None:
         buckets = self._buckets
