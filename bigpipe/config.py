@@ -299,8 +299,9 @@ class DestinationOverride(DestinationCaps):
     )
 
 
-# Calls a group holds in memory for destinations that may not be called yet (open
-# breaker, Retry-After, their own caps), per node; past it the group pauses its partitions.
+# Calls a group holds in memory for destinations that may not be called yet (an open
+# breaker or Retry-After pause with at most delayThreshold left, their own caps), per node;
+# past it the group pauses its partitions. Longer waits are parked in the delay topics.
 DEFAULT_MAX_HELD = 1000
 
 
@@ -308,7 +309,11 @@ class DestinationConfig(DestinationCaps):
     """The per-destination shields of one group (`destination` in the config)."""
 
     max_held: Int = key(
-        "maxHeld", DEFAULT_MAX_HELD, gt=0, doc="calls the group may hold before it pauses"
+        "maxHeld",
+        DEFAULT_MAX_HELD,
+        gt=0,
+        doc="calls the group may hold in memory for their destination (short waits; longer"
+        " ones wait in the delay topics) before it pauses",
     )
     overrides: tuple[DestinationOverride, ...] = key(
         "overrides", (), doc="caps of the destinations each matches, the first match applying"

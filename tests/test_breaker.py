@@ -93,3 +93,32 @@ def test_an_unhealthy_window_keeps_break_past_the_break_period() -> None:
     assert breaker.update() == BREAK, "break period over but window still unhealthy"
     clock.now += 2
     assert breaker.update() == RECOVER
+
+
+def test_the_window_is_healthy_from_when_enough_old_buckets_have_left() -> None:
+    window = HealthWindow(size=3, min_stats=2, health_rate=0.5)
+    for _ in range(3):
+        window.record(0, False)
+    window.record(1, True)
+    window.record(1, False)
+    assert window.healthy_from(1.5) == 3, "1/5 now; 1/2 once second 0 has left, at 3"
+    window.record(2, False)
+    assert window.healthy_from(2.5) == 4, "1/3 at 3; at 4 one sample, under minStats"
+    window.record(2, False)
+    assert window.healthy_from(2.5) == 5, "2 failures of second 2 too: all must leave"
+    assert window.healthy_from(5.5) == 5.5, "healthy (empty) now"
+
+
+def test_break_left_is_the_rest_of_the_break_period_or_of_an_unhealthy_window() -> None:
+    """What a call held for the breaker would wait: it parks in Kafka past delayThreshold."""
+    breaker, clock, _ = make()
+    assert breaker.break_left_s() == 0.0, "NORMAL: nothing to wait for"
+    fail(breaker, 4)
+    assert breaker.update() == BREAK
+    assert breaker.break_left_s() == 5.0, "the whole breakPeriod"
+    clock.now += 3
+    fail(breaker, 4)  # second 1003's failures leave a 3 s window at 1006
+    assert breaker.break_left_s() == 3.0, "breakPeriod ends at 1005, the window heals at 1006"
+    clock.now += 3
+    assert breaker.break_left_s() == 0.0 and breaker.update() == RECOVER
+    assert breaker.break_left_s() == 0.0, "RECOVER: the ramp lets calls through soon"

@@ -17,13 +17,19 @@ NAMES = {0: "NORMAL", 1: "BREAK", 2: "RECOVER"}
 
 
 class Outage:
-    """A downstream behaviour: 503 while `down`."""
+    """A downstream behaviour: 503 (with `Retry-After`, if given) while `down`, else 200.
+    Records the calls answered 200: delivered."""
 
-    def __init__(self) -> None:
+    def __init__(self, retry_after: int | None = None) -> None:
         self.down = True
+        self._headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+        self.delivered: set[str] = set()
 
-    async def __call__(self, _request: web.Request, _number: int) -> web.Response:
-        return web.Response(status=503 if self.down else 200)
+    async def __call__(self, request: web.Request, _number: int) -> web.Response:
+        if self.down:
+            return web.Response(status=503, headers=self._headers)
+        self.delivered.add(request.headers["X-Bigpipe-Call-Id"])
+        return web.Response(status=200)
 
 
 async def test_the_breaker_holds_calls_through_an_outage_and_recovers_end_to_end(

@@ -26,7 +26,7 @@ from bigpipe.config import (
 )
 from bigpipe.delivery import shields as shields_module
 from bigpipe.delivery.breaker import BREAK, RECOVER, STATE_NUMBERS
-from bigpipe.delivery.shields import DestinationShields, destination_of
+from bigpipe.delivery.shields import PARK_JITTER, DestinationShields, destination_of
 from bigpipe.ingest.destinations import parse_rule
 from bigpipe.stats import DESTINATIONS_SHOWN, OTHER_DESTINATIONS, GroupCounters, Stats
 from tests.support import (
@@ -126,6 +126,41 @@ async def test_retry_after_pauses_only_its_destination() -> None:
     assert time.monotonic() - started < 1.0, "the pause ends at backoffMax"
     busy.record(False, 500, 5.0, most=10)
     await asyncio.wait_for(busy.admit(give_up=lambda: False), 0.05)  # only 429 and 503
+
+
+async def test_a_wait_longer_than_parks_after_is_returned_with_jitter_not_held() -> None:
+    """A long Retry-After pause or BREAK is the call's to wait in Kafka: admit says how long
+    (up to PARK_JITTER more, so a recovered destination gets no herd); short ones it holds."""
+    counters = GroupCounters()
+    breaker = SHORT_BREAK.model_copy(update={"break_period": 30})
+    shields = DestinationShields("t/g", group_config(breaker=breaker), counters)
+    busy = shields.get("http://busy.example/a")
+    busy.record(False, 503, 20.0, most=60)
+    waits = [await busy.admit(lambda: False, parks_after=3.0) for _ in range(50)]
+    assert all(w is not None and 19.5 < w < 20 * (1 + PARK_JITTER) for w in waits), waits
+    assert max(waits) - min(waits) > 0.5, "spread, not one instant"  # type: ignore[type-var]
+    assert counters.held == 0 and busy.held == 0, "parked calls are not held"
+    assert await held(busy.admit(lambda: False)), "no parks_after: held in memory as before"
+
+    broken = shields.get("http://broken.example/a")
+    for _ in range(3):
+        broken.record(False, 503, None, 2.0)
+    wait = await broken.admit(lambda: False, parks_after=3.0)
+    assert wait is not None and 29 < wait < 30 * (1 + PARK_JITTER), "the rest of breakPeriod"
+    assert await held(broken.admit(lambda: False, parks_after=60.0)), "shorter: held"
+
+
+async def test_a_held_call_parks_once_its_wait_grows_past_parks_after() -> None:
+    """A call held for a short pause parks when a longer Retry-After comes meanwhile."""
+    counters = GroupCounters()
+    shields = DestinationShields("t/g", group_config(breaker=None), counters)
+    busy = shields.get("http://busy.example/a")
+    busy.record(False, 429, 1.0, most=60)
+    waiting = asyncio.ensure_future(busy.admit(lambda: False, parks_after=3.0))
+    await eventually(lambda: counters.held == 1, 5, "the call to be held")
+    busy.record(False, 429, 10.0, most=60)
+    wait = await asyncio.wait_for(waiting, 2)
+    assert wait is not None and wait > 9 and counters.held == 0
 
 
 async def test_caps_come_from_the_first_matching_override_else_the_default() -> None:
@@ -231,6 +266,19 @@ async def send_through_outage(
     return accepted, to_broken
 
 
+def watch_stats(
+    bigpipe: Bigpipe, http: aiohttp.ClientSession, seen: list[dict[str, Any]], interval: float
+) -> asyncio.Task[None]:
+    """Sample the group's /stats into `seen` every `interval` s, until cancelled."""
+
+    async def watch() -> None:
+        while True:
+            seen.append(await group_stats(bigpipe, http))
+            await asyncio.sleep(interval)
+
+    return asyncio.create_task(watch())
+
+
 def median_delays(accepted: dict[str, float], healthy: Downstream) -> list[float]:
     """The healthy host's median acceptance-to-delivery delay, per WINDOW_SECONDS of sending."""
     first = {}
@@ -268,13 +316,7 @@ async def run_outage(
         destination={"maxHeld": MAX_HELD},
     )
     seen: list[dict[str, Any]] = []  # /stats of the group, sampled through the outage
-
-    async def watch() -> None:
-        while True:
-            seen.append(await group_stats(bigpipe, http))
-            await asyncio.sleep(0.5)
-
-    watcher = asyncio.create_task(watch())
+    watcher = watch_stats(bigpipe, http, seen, 0.5)
     try:
         accepted, to_broken = await send_through_outage(
             bigpipe, http, healthy, broken, outage_seconds

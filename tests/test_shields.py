@@ -96,21 +96,23 @@ async def test_calls_held_by_the_breaker_follow_it_through_a_reload(
     kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
     """Calls held by an open breaker waited on the old breaker object after a reload that
-    replaced it: here its breakPeriod of 60 s, though the new breaker had let them go."""
+    replaced it: here its breakPeriod of 20 s, though the new breaker had let them go.
+    (Held, not parked: delayThreshold is longer than the break. A parked call comes back
+    when the wait it was parked for ends, whatever a reload says meanwhile.)"""
 
     async def fail_three_times(_request: web.Request, number: int) -> web.Response:
         return web.Response(status=500 if number < 3 else 200)
 
     downstream = await Downstream(behaviour=fail_three_times).start()
     slow_breaker = {
-        "breakPeriod": 60,
+        "breakPeriod": 20,
         "recoverPeriod": 1,
-        "winSize": 60,
+        "winSize": 20,
         "minStats": 3,
         "healthRate": 0.9,
     }
     bigpipe, _ = await start_node(
-        kafka, tmp_path, processes, retries=5, circuitBreaker=slow_breaker
+        kafka, tmp_path, processes, retries=5, circuitBreaker=slow_breaker, delayThreshold=30_000
     )
     for index in range(3):
         await bigpipe.post_call(http, data=str(index), url=downstream.url())

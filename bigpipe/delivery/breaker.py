@@ -55,10 +55,25 @@ class HealthWindow:
 
     def healthy(self, now: float) -> bool:
         self._expire(int(now))
-        total = self._total
+        return self._judge(self._successes, self._total)
+
+    def healthy_from(self, now: float) -> float:
+        """When the window turns healthy if nothing more is recorded (`now` if it is):
+        once enough of its oldest buckets have left it."""
+        self._expire(int(now))
+        successes, total, healthy_at = self._successes, self._total, now
+        for second, bucket_successes, failures in self._buckets:  # the oldest first
+            if self._judge(successes, total):
+                break
+            successes -= bucket_successes
+            total -= bucket_successes + failures
+            healthy_at = max(now, second + self._size)  # when this bucket has left
+        return healthy_at  # once every bucket has left at the latest: empty is healthy
+
+    def _judge(self, successes: int, total: int) -> bool:
         # An empty window is healthy, minStats 0 included (whose 0 / 0 raised in every
         # allows(), and so dead-lettered the calls of an idle destination as "internal").
-        return total < max(self._min_stats, 1) or self._successes / total >= self._health_rate
+        return total < max(self._min_stats, 1) or successes / total >= self._health_rate
 
     def _expire(self, second: int) -> None:
         buckets = self._buckets
@@ -118,6 +133,15 @@ class Breaker:
             self._machine.close()
             return True
         return False
+
+    def break_left_s(self) -> float:
+        """Seconds until BREAK may turn RECOVER if nothing more is recorded: the rest of
+        breakPeriod, or longer while the health window is not healthy. 0 if not in BREAK."""
+        if self.state != BREAK:
+            return 0.0
+        now = self._clock()
+        ends = max(self._break_time + self._config.break_period, self._window.healthy_from(now))
+        return max(0.0, ends - now)
 
     def allows(self) -> bool:
         """May one attempt go out now? In RECOVER the chance ramps up with time."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ class AttemptResult:
     verdict: Verdict
     status: int | None = None
     error: str = ""
-    retry_after: float | None = None  # seconds the downstream asked us to wait
+    # Seconds the downstream asked us to wait; with Verdict.HELD, its destination's wait
+    retry_after: float | None = None
     # A success's reply, for a result callback (bigpipe.calls.callbacks)
     headers: Mapping[str, str] | None = None
     body: bytes = b""  # up to RESPONSE_READ_LIMIT, and one chunk more when it was cut
@@ -116,21 +118,28 @@ class DeliveryClient:
             self._guarded_session = _new_session(PublicOnlyResolver())
         return self._guarded_session
 
-    async def deliver(self, call: Call) -> Outcome:
-        """Try up to retries + 1 times; return how the last attempt ended."""
+    async def deliver(self, call: Call, may_park: bool = True) -> Outcome:
+        """Try up to retries + 1 times; return how the last attempt ended. Or, when the
+        next attempt is due later than delayThreshold from now, when it is due: after a
+        backoff, or, if `may_park`, once the call's destination may be called again (a
+        call that may not park is held for its destination in memory, however long)."""
         body = call.data.encode()
         first_attempt_ms = int(time.time() * 1000)
         max_attempts = self._config.retries + 1
         expiry = Expiry(call, self._config.ttl_ms)
+        parks_after = self._config.delay_threshold_ms / 1000 if may_park else math.inf
         attempt = call.attempts  # made before the call last waited in Kafka
         while True:
             attempt += 1
-            result = await self._attempt_when_allowed(call, body, attempt, expiry)
+            result = await self._attempt_when_allowed(call, body, attempt, expiry, parks_after)
             if isinstance(result, str):  # refused is final, and not an attempt
                 failure = AttemptResult(Verdict.FINAL, error=f"destination refused: {result}")
                 return Outcome(False, attempt - 1, failure, first_attempt_ms)
             if result.verdict is Verdict.EXPIRED:  # not an attempt either
                 return Outcome(False, attempt - 1, result, first_attempt_ms)
+            if result.verdict is Verdict.HELD:  # nor a hold: the call waits in Kafka
+                wait = expiry.cap(result.retry_after or 0.0)
+                return Outcome(False, attempt - 1, result, first_attempt_ms, wait_s=wait)
             if result.verdict is not Verdict.RETRY or attempt >= max_attempts:
                 self._trail.attempt_ended(call, attempt, result, None)
                 return Outcome(result.verdict is Verdict.SUCCESS, attempt, result, first_attempt_ms)
@@ -142,9 +151,10 @@ class DeliveryClient:
             await asyncio.sleep(wait)
 
     async def _attempt_when_allowed(
-        self, call: Call, body: bytes, attempt: int, expiry: Expiry
+        self, call: Call, body: bytes, attempt: int, expiry: Expiry, parks_after: float
     ) -> AttemptResult | str:
-        """One attempt once the shields let it out; or why its destination is refused.
+        """One attempt once the shields let it out; or why its destination is refused;
+        or, held, that its destination may not be called for over `parks_after` s.
 
         The destination is judged by the caller's ACL entry in force: before the waits,
         so a refused call does not queue; while its destination holds it, so a reload that
@@ -158,7 +168,12 @@ class DeliveryClient:
         if expiry.passed():
             return AttemptResult(Verdict.EXPIRED, error=expiry.reason())
         destination = self._shields.get(call.url)
-        await destination.admit(give_up=lambda: self._refusal(call) is not None)
+        wait = await destination.admit(
+            give_up=lambda: self._refusal(call) is not None or expiry.passed(),
+            parks_after=parks_after,
+        )
+        if wait is not None:
+            return AttemptResult(Verdict.HELD, error=f"{destination.name} held", retry_after=wait)
         await destination.acquire()
         try:
             await self._limits.acquire()

@@ -359,16 +359,18 @@ class ConsumerGroup:
                 self._latencies.end_to_end.observe(max(0.0, time.time() - call.created_ms / 1000))
 
     async def _deliver(self, message: Message, call: Call) -> bool:
-        """Deliver or dead-letter the call; False when it went to wait in a delay topic.
+        """Deliver or dead-letter the call; False when it went to wait in a delay topic:
+        for its delay, a backoff, or its destination (an open breaker, a Retry-After).
 
         An ordered call waits in memory instead: see bigpipe.delivery.ordering for why.
         """
-        parks = self._ladder.should_park(call) and not is_ordered(self.config, message)
+        may_park = not is_ordered(self.config, message)
+        parks = may_park and self._ladder.should_park(call)
         if parks and await self._ladder.park(call, message.key()):
             return False
         await Due.wait(call)
         try:
-            outcome = await self._client.deliver(call)
+            outcome = await self._client.deliver(call, may_park)
         except Exception as exc:
             if _cancelling():  # an error raised while cancelled: the call is owed, not failed
                 raise asyncio.CancelledError from exc
@@ -377,7 +379,7 @@ class ConsumerGroup:
             outcome = Outcome(
                 False, 0, AttemptResult(Verdict.FINAL, error=f"internal: {exc!r}"), None
             )
-        if outcome.wait_s is not None:  # a backoff too long to wait here: wait in Kafka
+        if outcome.wait_s is not None:  # a wait too long to wait here: wait in Kafka
             call.attempts, call.due_ms = outcome.attempts, now_ms() + round(outcome.wait_s * 1000)
             return await self._deliver(message, call)
         self._counters.rpcTotal += 1

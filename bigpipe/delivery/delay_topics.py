@@ -1,8 +1,9 @@
 """Calls that wait long wait in Kafka: a ladder of delay topics per consumer group.
 
 A call whose due time is more than the group's `delayThreshold` away (a `delay_ms`,
-or a retry's backoff) is written to the rung whose wait is the longest that does not
-pass its due time, and its source offset may then be committed: the write is
+a retry's backoff, or its destination's open breaker or Retry-After pause) is
+written to the rung whose wait is the longest that does not pass its due time,
+and its source offset may then be committed: the write is
 acknowledged first, so the move is at-least-once. Each rung holds records in the
 order written, and each record is ripe its rung's wait after it was written, so the
 rungs are consumed with *pause until the head is ripe*: nothing is held in memory

@@ -12,6 +12,7 @@ class Verdict(Enum):
     RETRY = "retry"
     FINAL = "final"  # a failure that another attempt will not fix
     EXPIRED = "expired"  # the call's ttl ran out: it is not attempted again
+    HELD = "held"  # its destination may not be called for long: it waits, not an attempt
 
 
 def classify(status: int, retry_status: frozenset[int]) -> Verdict:

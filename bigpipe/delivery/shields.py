@@ -5,13 +5,17 @@ circuit breaker (the group's `circuitBreaker` parameters), its own pause on a
 429 or 503 with `Retry-After`, and optionally its own caps (`destination` in the
 group's config), all under the group's `rateLimit` and `concurrency`.
 
-A call whose destination may not be called yet is *held*: it waits in memory,
-is neither dropped nor dead-lettered, and does not count against `maxBuffered`,
-so the calls to other destinations keep flowing. Held calls are bounded by
-`destination.maxHeld`; at the bound the consumer pauses its partitions (see
-ConsumerGroup._steer). Holding in memory pins the partition's commit point; the
-one place a call is held is Destination.admit, where a call due to wait long can
-instead be parked in Kafka (issue 11).
+A call whose destination may not be called yet waits, and is neither dropped nor
+dead-lettered. If the wait known now (the rest of a Retry-After pause, or of the
+breaker's BREAK: Breaker.break_left_s) is longer than the group's delayThreshold,
+the call is *parked*: Destination.admit returns the wait, and the call goes to the
+group's delay topics due then, like a long backoff, its source offset committed.
+Otherwise it is *held*: it waits in memory, pinning its partition's commit point,
+and does not count against `maxBuffered`, so the calls to other destinations keep
+flowing. Held calls are bounded by `destination.maxHeld`; at the bound the
+consumer pauses its partitions (see ConsumerGroup._steer). A call of a key in a
+group with `ordering: "key"` is always held, however long (see
+bigpipe.delivery.ordering).
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # breaker NORMAL, no pause) are forgotten, their counts folded into `other`.
 MAX_DESTINATIONS = 10_000
 RECHECK_SECONDS = (0.05, 0.25)  # held calls re-check at random in this range: no herd
+# A call parked for its destination's wait comes back up to this fraction of it later,
+# at random: the calls parked together reach a recovered destination spread out.
+PARK_JITTER = 0.1
 # Adaptive concurrency (AIMD on latency): start here, add 1/limit per fast attempt made
 # at the limit (a quarter of that once it has been cut), cut to BACKOFF of it when the
 # recent latency (smoothed, so one late sample is not a congestion) is over TOLERANCE
@@ -216,20 +223,36 @@ class Destination:
             self.breaker is None or self.breaker.allows()
         )
 
-    async def admit(self, give_up: Callable[[], bool]) -> None:
-        """Wait until an attempt may go out, or `give_up()` says the call need not wait.
+    def wait_s(self) -> float:
+        """Seconds before this destination may be called, as far as is known now: the rest
+        of its Retry-After pause, or of its breaker's BREAK. 0 in RECOVER: the ramp lets
+        calls through at random, soon."""
+        breaker = 0.0 if self.breaker is None else self.breaker.break_left_s()
+        return max(0.0, self.paused_until - time.monotonic(), breaker)
+
+    async def admit(
+        self, give_up: Callable[[], bool], parks_after: float = math.inf
+    ) -> float | None:
+        """Wait until an attempt may go out, or `give_up()` says the call need not wait:
+        None. But when the wait ahead is longer than `parks_after` seconds, now or while
+        held (a breaker that trips again, a new Retry-After), return it, with up to
+        PARK_JITTER more so that the calls parked together do not all come back at once:
+        the call is to wait in Kafka, not here (issue 11).
 
         Each check asks the breaker in force now: a reload may replace it while calls wait.
         """
         if self._may_go():
-            return
+            return None
         self._hold(1)
         try:
             while not self._may_go() and not give_up():
+                if (wait := self.wait_s()) > parks_after:
+                    return wait * (1 + random.uniform(0, PARK_JITTER))
                 pause = max(0.0, self.paused_until - time.monotonic())
                 await asyncio.sleep(pause + random.uniform(*RECHECK_SECONDS))
         finally:
             self._hold(-1)
+        return None
 
     async def acquire(self) -> None:
         """A slot and a token under the destination's own caps; waiting for them is held."""
