@@ -1,7 +1,7 @@
 """Kafka ceiling: how fast confluent-kafka alone writes the same records, at the same acks.
 
 One confluent-kafka producer, built with Bigpipe's own producer settings
-(`bigpipe.ingest.producer.producer_settings`: acks=all, enable.idempotence=true,
+(`bigpipe.kafka.producer_settings`: acks=all, enable.idempotence=true,
 linger.ms, queue size), writes 200,000 call envelopes, encoded as Bigpipe
 encodes them, to a fresh topic with as many partitions as the ingest topic,
 in a tight loop with a delivery callback per record. The rate runs from the
@@ -31,7 +31,7 @@ from bench.common import (
 )
 from bigpipe.calls.envelope import encode_call, new_call
 from bigpipe.config import parse_config
-from bigpipe.ingest.producer import producer_settings
+from bigpipe.kafka import producer_settings
 from tests.support import ACL_NAME, unique
 
 RECORDS = 200_000

@@ -20,7 +20,6 @@ import uvloop
 from bigpipe import __version__
 from bigpipe.config import Config, ConfigError
 from bigpipe.logs import Logging
-from bigpipe.node.app import WorkerSlot, serve
 from bigpipe.node.board import OWNER_NAME, Board
 from bigpipe.node.preflight import load_checked
 from bigpipe.node.workers import (
@@ -103,8 +102,17 @@ def run(
     workers: int,
     logs: Logging,
 ) -> int:
-    """Run as a supervisor of workers, as one of its workers, or as a single process."""
+    """Run as a supervisor of workers, as one of its workers, or as a single process.
+
+    Only a node that serves imports bigpipe.node.app, and with it aiohttp and the Kafka
+    library: a supervisor never needs them (tests/test_supervisor_imports.py).
+    """
     raw, config, reloads = loaded
+    if workers > 1 and args.worker_of is None:
+        set_process_name()
+        return uvloop.run(Supervisor(raw, config, workers, logs).run())
+    from bigpipe.node.app import WorkerSlot, serve
+
     if args.worker_of is not None:
         assert reloads is not None
         path, index, count = args.worker_of.rsplit(":", 2)
@@ -117,8 +125,6 @@ def run(
             serve(config, logs, WorkerSlot(board, int(index), Path(args.snapshot), reloads))
         )
     set_process_name()
-    if workers > 1:
-        return uvloop.run(Supervisor(raw, config, workers, logs).run())
     return uvloop.run(serve(config, logs))
 
 

@@ -74,10 +74,13 @@ async def refused(bigpipe: Bigpipe, http: aiohttp.ClientSession, problem: str) -
     await eventually(lambda: line in bigpipe.log_tail(), 10, "the one-line rejection")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_a_reload_with_bad_client_settings_is_refused_and_counted(
-    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe], workers: int
 ) -> None:
-    bigpipe, _ = await start_node(kafka, tmp_path, processes)
+    """With workers, the supervisor checks the file in a child process (bigpipe.node.preflight)."""
+    node = {"http.server.workers": workers}
+    bigpipe, _ = await start_node(kafka, tmp_path, processes, node=node)
     rewrite(bigpipe, **{"kafka.client.config": {"no.such.setting": 1}})
     await refused(bigpipe, http, "kafka.client.config.no.such.setting: librdkafka has no such")
     assert "Traceback" not in bigpipe.log_tail() and "never retrieved" not in bigpipe.log_tail()

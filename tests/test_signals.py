@@ -108,10 +108,8 @@ async def test_sigusr1_while_starting_kills_nothing_and_the_reload_is_applied(
         await bigpipe.wait_ready()
     finally:
         pester.cancel()
-    assert supervisor in signalled and len(signalled) == workers + (workers > 1)
+    assert supervisor in signalled
     assert bigpipe.process.returncode is None
-    if workers > 1:
-        assert signalled - {supervisor} == set(children(supervisor)), "no worker died"
     async with aiohttp.ClientSession() as http:
 
         async def reload_counted() -> bool:
@@ -120,6 +118,13 @@ async def test_sigusr1_while_starting_kills_nothing_and_the_reload_is_applied(
         await eventually(reload_counted, 30, "the signal taken while starting, as a reload")
         status, _ = await bigpipe.post_call(http, url="http://127.0.0.1:1/x")
         assert status == 403, "the old secret is gone: the edited ACL is in force"
+    if workers > 1:
+        # Each worker was signalled while it imported, and none died of it (nor was
+        # restarted: see the log). The child that checks the config with librdkafka,
+        # forked for a moment at start and on the reload (bigpipe.node.preflight), may
+        # have been signalled too; had it died of it, the node would have exited 2.
+        workers_now = set(children(supervisor))
+        assert len(workers_now) == workers and workers_now <= signalled
     assert "exited with" not in bigpipe.log_tail(200)
     assert await bigpipe.stop() == 0
 

@@ -292,7 +292,7 @@ async def test_a_producer_closed_with_no_time_left_and_nothing_pending_reports_n
 
 LEAVE_HANGS = """
 import asyncio, threading
-from bigpipe.kafka import leave_off_loop
+from bigpipe.kafka_client import leave_off_loop
 
 async def main():
     ended = await leave_off_loop("stuck", threading.Event().wait, 0.2)

@@ -30,7 +30,8 @@ from confluent_kafka import Producer as KafkaProducer
 
 from bigpipe.calls.envelope import Call
 from bigpipe.config import Config
-from bigpipe.kafka import RepeatFilter, client_settings
+from bigpipe.kafka import client_settings
+from bigpipe.kafka_client import RepeatFilter
 from bigpipe.stats import StatusCounters
 
 if TYPE_CHECKING:

@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from prometheus_client import Histogram
 from yarl import URL
 
@@ -23,7 +26,7 @@ from bigpipe.delivery.retry import Verdict, backoff_seconds, classify, retry_aft
 from bigpipe.delivery.shields import Destination, DestinationShields
 from bigpipe.delivery.waits import Expiry
 from bigpipe.ingest.compat import GO_CALLER
-from bigpipe.ingest.destinations import DestinationRefused, PublicOnlyResolver, refusal
+from bigpipe.ingest.destinations import DestinationRefused, is_public, literal_refusal, refusal
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
@@ -291,6 +294,31 @@ def _refusal(call: Call, caller: AclEntry | None) -> str | None:
     except ValueError:
         return None  # not a URL: the attempt fails on it as an invalid url
     return refusal(caller.name, caller.allow, caller.deny_private, url)
+
+
+class PublicOnlyResolver(AbstractResolver):
+    """Resolves like aiohttp's default resolver, but refuses non-public addresses.
+
+    Here, not in bigpipe.ingest.destinations: the config imports that module, and the
+    supervisor, which reads the config, must not load aiohttp (bigpipe.node.workers).
+    """
+
+    def __init__(self) -> None:
+        self._inner = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if (reason := literal_refusal(URL.build(scheme="http", host=host))) is not None:
+            raise DestinationRefused(reason)
+        results = await self._inner.resolve(host, port, family)
+        private = [r["host"] for r in results if not is_public(r["host"])]
+        if private:
+            raise DestinationRefused(f"{host} resolves to non-public {', '.join(private)}")
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 def _new_session(resolver: aiohttp.abc.AbstractResolver | None = None) -> aiohttp.ClientSession:

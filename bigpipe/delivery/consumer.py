@@ -49,7 +49,8 @@ from bigpipe.delivery.shields import DestinationShields
 from bigpipe.delivery.waits import Due, now_ms
 from bigpipe.ingest.compat import decode_go_record, is_go_record
 from bigpipe.ingest.producer import Producer
-from bigpipe.kafka import RepeatFilter, consumer_settings, leave_off_loop
+from bigpipe.kafka import consumer_settings
+from bigpipe.kafka_client import RepeatFilter, leave_off_loop
 from bigpipe.metrics import GroupLatencies
 from bigpipe.stats import GroupCounters
 

@@ -35,7 +35,8 @@ from bigpipe.delivery.offsets import PartitionOffsets
 from bigpipe.delivery.rungs import RUNGS, rung_for, rung_topics
 from bigpipe.delivery.waits import Due, now_ms
 from bigpipe.ingest.producer import ProduceFailed, Producer, write_until_stored
-from bigpipe.kafka import consumer_settings, leave_off_loop
+from bigpipe.kafka import consumer_settings
+from bigpipe.kafka_client import leave_off_loop
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)

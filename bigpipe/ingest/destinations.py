@@ -21,8 +21,6 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 HOST_PATTERN = re.compile(r"^(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.?$|^[0-9a-fA-F:.\[\]]+$")
@@ -152,24 +150,3 @@ def literal_refusal(url: URL) -> str | None:
         return None  # a name is judged when it resolves
     shown = host if address == host else f"{host} ({address})"
     return f"{shown} is not a public address"
-
-
-class PublicOnlyResolver(AbstractResolver):
-    """Resolves like aiohttp's default resolver, but refuses non-public addresses."""
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        if (reason := literal_refusal(URL.build(scheme="http", host=host))) is not None:
-            raise DestinationRefused(reason)
-        results = await self._inner.resolve(host, port, family)
-        private = [r["host"] for r in results if not is_public(r["host"])]
-        if private:
-            raise DestinationRefused(f"{host} resolves to non-public {', '.join(private)}")
-        return results
-
-    async def close(self) -> None:
-        await self._inner.close()

@@ -17,14 +17,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka import Producer as KafkaProducer
 
 from bigpipe.config import Config
 from bigpipe.delivery.retry import backoff_seconds
-from bigpipe.kafka import RepeatFilter, client_settings, record_size_limit
+from bigpipe.kafka import producer_settings
+from bigpipe.kafka_client import RepeatFilter
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +73,6 @@ class ProduceFailed(Exception):
     @property
     def too_large(self) -> bool:
         return self.code in TOO_LARGE_ERRORS
-
-
-def producer_settings(config: Config) -> dict[str, Any]:
-    return {
-        **client_settings(config),
-        "client.id": "bigpipe",
-        # Idempotence gives acks=all and no duplicates or reordering from librdkafka's own
-        # retries: "accepted" then means every in-sync replica has the call.
-        "enable.idempotence": True,
-        "acks": "all",
-        "message.timeout.ms": config.producer_ack_timeout_ms,
-        # librdkafka insists on at least one retry when idempotence is on.
-        "message.send.max.retries": max(1, config.producer_retries),
-        # Callers wait for the acknowledgement, so linger is latency: 1 ms measured best
-        # (0.2 and 0.5 ms make many more requests and cost more CPU, 2 and 3 ms wait).
-        "linger.ms": 1,
-        "message.max.bytes": record_size_limit(config),
-        "queue.buffering.max.messages": 4 * config.channel_size + 10_000,
-        "socket.keepalive.enable": True,
-    }
 
 
 class Producer:

@@ -30,7 +30,7 @@ from bigpipe.ingest.acl import Acl
 from bigpipe.ingest.listener import HTTP_LIMITS, GuardedSite
 from bigpipe.ingest.producer import Producer
 from bigpipe.ingest.server import Ingest, build_server
-from bigpipe.kafka import ensure_topics
+from bigpipe.kafka_client import ensure_topics
 from bigpipe.logs import Logging
 from bigpipe.metrics import Latencies, Sample, merge_samples
 from bigpipe.node.board import Board

@@ -11,7 +11,7 @@ from typing import TypeVar
 from confluent_kafka import KafkaError, Message, Producer
 
 from bigpipe.config import Config
-from bigpipe.ingest.producer import producer_settings
+from bigpipe.kafka import producer_settings
 from bigpipe.operate.commands import Failed
 
 BATCH = 100

@@ -1,0 +1,80 @@
+"""The supervisor carries only what it needs: no Kafka library, no aiohttp, no Prometheus.
+
+It reads and checks the config and keeps its workers running; everything else is the
+workers' (bigpipe.node.workers). Each of these libraries cost it megabytes of RSS for
+its whole life, and a stray top-level import brings one back silently: these tests say so.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.support import REPO, Bigpipe, base_config, consumer_entry, free_port, reload, unique
+
+# Modules (in sys.modules) and shared objects (in /proc/PID/maps) a supervisor must not load.
+WORKER_ONLY_MODULES = ("confluent_kafka", "aiohttp", "prometheus_client", "sqlite3")
+WORKER_ONLY_LIBRARIES = ("librdkafka", "/aiohttp/", "libsqlite3")
+
+# What a supervisor does before it supervises: import the CLI and the supervisor, read
+# and check the config (librdkafka's check included), then list what it has loaded.
+SUPERVISOR_START = """
+import sys
+import bigpipe.cli
+import bigpipe.node.workers
+from bigpipe.node.preflight import load_checked
+load_checked(sys.argv[1])
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_a_supervisor_imports_and_checks_its_config_without_the_worker_libraries() -> None:
+    """In a fresh interpreter, as a supervisor starts: none of them is imported."""
+    done = subprocess.run(
+        [sys.executable, "-c", SUPERVISOR_START, str(REPO / "config" / "bigpipe.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=REPO,
+    )
+    loaded = set(done.stdout.split())
+    assert "bigpipe.node.workers" in loaded  # the script did run
+    assert [name for name in WORKER_ONLY_MODULES if name in loaded] == []
+
+
+async def test_a_running_supervisor_maps_no_worker_library_even_after_a_reload(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """A 2-worker node with a consumer group and call status on, after a SIGUSR1 reload
+    (the config checked again): the supervisor's memory maps hold none of them."""
+    topic = unique("lean")
+    config = base_config(
+        kafka,
+        topic,
+        free_port(),
+        consumers=[consumer_entry(topic, unique("g"))],
+        **{"http.server.workers": 2, "status.enabled": True},
+    )
+    bigpipe = await Bigpipe(config, tmp_path).start()
+    processes.append(bigpipe)
+    await reload(bigpipe, http)
+    assert bigpipe.process is not None
+    maps = mapped_files(bigpipe.process.pid)
+    assert [name for name in WORKER_ONLY_LIBRARIES if name in maps] == []
+    # The workers, by contrast, do load them: the needle would find them.
+    assert "librdkafka" in mapped_files(worker_of(bigpipe.process.pid))
+
+
+def worker_of(supervisor: int) -> int:
+    """One of the supervisor's child processes."""
+    path = Path(f"/proc/{supervisor}/task/{supervisor}/children")
+    return int(path.read_text().split()[0])
+
+
+def mapped_files(pid: int) -> str:
+    """/proc/PID/maps: every file mapped into the process, one mapping a line."""
+    return Path(f"/proc/{pid}/maps").read_text()
