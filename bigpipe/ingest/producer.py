@@ -104,16 +104,28 @@ class Producer:
         ProduceFailed; the record may still land. A closed producer fails every write at
         once: nobody polls it any more, so a write to it would never be answered.
         """
-        if self._closed:
-            raise ProduceFailed("the producer is closed (replaced by a reload, or stopping)")
+        return await self.write(topic, value, key, timeout)
+
+    def write(
+        self, topic: str, value: bytes, key: bytes | None = None, timeout: float | None = None
+    ) -> asyncio.Future[Placed]:
+        """Hand one record to Kafka now; the future is `send`'s answer (where Kafka put it,
+        or ProduceFailed). Many writes made before any is awaited go out together."""
         future: asyncio.Future[Placed] = self._loop.create_future()
+        if self._closed:
+            future.set_exception(
+                ProduceFailed("the producer is closed (replaced by a reload, or stopping)")
+            )
+            return future
         try:
             self._kafka.produce(topic, value, key, on_delivery=partial(self._queue_ack, future))
         except BufferError as exc:
-            raise ProduceFailed(f"local queue refused the write: {exc}") from None
+            future.set_exception(ProduceFailed(f"local queue refused the write: {exc}"))
+            return future
         except KafkaException as exc:
             error = exc.args[0]
-            raise ProduceFailed(f"refused the write: {error.str()}", error.code()) from None
+            future.set_exception(ProduceFailed(f"refused the write: {error.str()}", error.code()))
+            return future
         if self._pending == 0:
             self._idle.clear()
         self._pending += 1
@@ -121,7 +133,7 @@ class Producer:
             self._deadlines.append((self._loop.time() + timeout, future))
             if self._sweeper is None:
                 self._sweeper = self._loop.call_later(DEADLINE_SWEEP_SECONDS, self._sweep)
-        return await future
+        return future
 
     async def close(self, timeout: float) -> None:
         """Wait up to `timeout` s for pending writes, then stop polling.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import ipaddress
 import logging
 import re
@@ -25,7 +26,7 @@ from yarl import URL
 
 from bigpipe.calls.callbacks import CALLBACK_FIELDS
 from bigpipe.calls.dedup import MAX_KEY_LENGTH, IdempotencyIndex
-from bigpipe.calls.envelope import encode_call, forwardable_headers, new_call
+from bigpipe.calls.envelope import Call, encode_call, forwardable_headers, new_call
 from bigpipe.calls.status import StatusLog
 from bigpipe.calls.status_view import StatusView
 from bigpipe.config import AclEntry, Config
@@ -44,7 +45,7 @@ from bigpipe.ingest.compat import (
 )
 from bigpipe.ingest.destinations import refusal
 from bigpipe.ingest.listener import request_done
-from bigpipe.ingest.producer import ProduceFailed, Producer
+from bigpipe.ingest.producer import Placed, ProduceFailed, Producer
 from bigpipe.metrics import CONTENT_TYPE, Latencies, Sample, render
 from bigpipe.stats import Stats
 
@@ -152,6 +153,7 @@ class Batch:
     started: float
     check_size: bool  # the body is over http.server.body.limit: measure each call
     keyed: dict[str, asyncio.Event] = field(default_factory=dict)  # key -> its last call, done
+    admitted: int = 0  # places it holds among the calls waiting for Kafka
 
 
 BATCH_PATH = "/rpc/calls"
@@ -382,16 +384,25 @@ class Ingest:
             # Only then can one call be over the limit a /rpc/call body has.
             check_size=len(body) > config.body_limit,
         )
-        replies = await asyncio.gather(*(self._batched(call, batch) for call in calls))
+        # Every call is checked and written (or, keyed, started) in batch order before any
+        # is awaited: Kafka gets them all at once.
+        pending: list[Awaitable[dict[str, Any]] | Reject] = []
+        try:
+            pending += (self._start(call, batch) for call in calls)
+            replies = [await self._outcome(one) for one in pending]
+        finally:
+            self._release(batch.admitted)
+            for one in pending:  # after a cancel or a bug, those never awaited are dropped
+                if inspect.iscoroutine(one):
+                    one.close()
         accepted = sum(1 for one in replies if one["errno"] == OK)
         return reply(200, OK, f"{accepted} of {len(calls)} calls accepted", replies)
 
-    async def _batched(self, payload: Any, batch: Batch) -> dict[str, Any]:
-        """One call of a batch: its reply as /rpc/call would give it, and that reply's
-        HTTP status. A call repeating an earlier call's idempotency key in the same batch
-        waits for that call, and so sees it in the index as a retry would."""
+    def _start(self, payload: Any, batch: Batch) -> Awaitable[dict[str, Any]] | Reject:
+        """Check one call of a batch and, if the node takes it, write it now: its reply's
+        data to await, or its refusal. The batch holds its place among the calls waiting
+        for Kafka until the batch is answered."""
         config = self._node.config
-        done: asyncio.Event | None = None  # set when this keyed call is over
         try:
             if not isinstance(payload, dict):
                 raise Reject(400, "call must be a JSON object {url, data, ...}")
@@ -402,20 +413,44 @@ class Ingest:
                 )
             call_request = parse_call(payload, batch.entry.name, batch.secret, config.max_delay_ms)
             _check_destinations(batch.entry, call_request)
+            self._admit()
+        except Reject as exc:
+            return exc
+        batch.admitted += 1
+        key = call_request.idempotency_key
+        if key is None:  # no task: a coroutine awaited in turn costs a tenth of one
+            call, placed = self._write(call_request, batch.entry, None, batch.headers)
+            return self._stored(call, placed, batch.entry, batch.started)
+        # A keyed call looks its key up first, so it runs as a task: after the batch's
+        # earlier call with the same key, whom it then finds in the index as a retry would.
+        earlier = batch.keyed.get(key)
+        done = batch.keyed[key] = asyncio.Event()
+        return asyncio.ensure_future(self._store_after(earlier, done, call_request, batch))
+
+    async def _store_after(
+        self,
+        earlier: asyncio.Event | None,
+        done: asyncio.Event,
+        call_request: CallRequest,
+        batch: Batch,
+    ) -> dict[str, Any]:
+        try:
+            if earlier is not None:
+                await earlier.wait()
             key = call_request.idempotency_key
-            # Every call runs up to here in batch order (gather starts its tasks in order,
-            # and nothing above waits), so the earlier call of a key is the one registered.
-            if key is not None:
-                earlier = batch.keyed.get(key)
-                done = batch.keyed[key] = asyncio.Event()
-                if earlier is not None:
-                    await earlier.wait()
-            data = await self._admit(call_request, batch.entry, key, batch.headers, batch.started)
+            return await self._store(call_request, batch.entry, key, batch.headers, batch.started)
+        finally:
+            done.set()
+
+    async def _outcome(self, call: Awaitable[dict[str, Any]] | Reject) -> dict[str, Any]:
+        """One call's outcome in a batch's reply: the reply /rpc/call would give it, and
+        that reply's HTTP status."""
+        try:
+            if isinstance(call, Reject):
+                raise call
+            data = await call
         except Reject as exc:
             return {"errno": exc.errno, "msg": exc.msg, "data": None, "status": exc.status}
-        finally:
-            if done is not None:
-                done.set()
         self._node.stats.server.acceptedCall += 1
         return {"errno": OK, "msg": "success", "data": data, "status": 200}
 
@@ -435,38 +470,34 @@ class Ingest:
         _check_destinations(entry, call_request)
         idempotency_key = _idempotency_key(request, call_request)
         headers = forwardable_headers(request.headers.items(), call_request.secret)
-        return await self._admit(call_request, entry, idempotency_key, headers, started)
-
-    async def _admit(
-        self,
-        call_request: CallRequest,
-        entry: AclEntry,
-        idempotency_key: str | None,
-        headers: dict[str, str],
-        started: float,
-    ) -> dict[str, Any]:
-        """Write a call, its input checked, if the node can take it: the reply's data.
-
-        Every check of the input comes before the node's state: bad input is a 400
-        ("retrying cannot help") whatever the node's state, never a 503 "retry later"."""
-        node = self._node
-        config = node.config
-        if not node.ready:
-            raise Reject(503, node.not_ready_reason(), INTERNAL_ERROR)
-        if self._waiting >= config.channel_size:
-            node.stats.server.overloadCall += 1
-            raise Reject(503, "overloaded: too many calls waiting for Kafka; retry later")
-        # Waiting from here: a keyed call's index lookup counts against channel.size and
-        # holds up a drain, as its write does.
-        if self._waiting == 0:
-            self._idle.clear()
-        self._waiting += 1
+        self._admit()
         try:
             return await self._store(call_request, entry, idempotency_key, headers, started)
         finally:
-            self._waiting -= 1
-            if self._waiting == 0:
-                self._idle.set()
+            self._release(1)
+
+    def _admit(self) -> None:
+        """Take a place among the calls waiting for Kafka, or refuse the call: the node is
+        not ready, or overloaded.
+
+        Every check of the input comes before this: bad input is a 400 ("retrying
+        cannot help") whatever the node's state, never a 503 "retry later". A keyed
+        call waits from its index lookup on: it counts against channel.size and holds
+        up a drain, as its write does."""
+        node = self._node
+        if not node.ready:
+            raise Reject(503, node.not_ready_reason(), INTERNAL_ERROR)
+        if self._waiting >= node.config.channel_size:
+            node.stats.server.overloadCall += 1
+            raise Reject(503, "overloaded: too many calls waiting for Kafka; retry later")
+        if self._waiting == 0:
+            self._idle.clear()
+        self._waiting += 1
+
+    def _release(self, places: int) -> None:
+        self._waiting -= places
+        if self._waiting == 0:
+            self._idle.set()
 
     async def _store(
         self,
@@ -477,12 +508,23 @@ class Ingest:
         started: float,
     ) -> dict[str, Any]:
         """Write the call (unless its key names an earlier one) and index its key."""
-        node = self._node
-        timeout = node.config.write_timeout_ms / 1000
         if idempotency_key is not None:
-            first = await node.index.first_at_ingest(entry.name, idempotency_key, timeout)
+            timeout = self._node.config.write_timeout_ms / 1000
+            first = await self._node.index.first_at_ingest(entry.name, idempotency_key, timeout)
             if first is not None:
                 return {"id": first.call_id, "duplicate": True}
+        call, placed = self._write(call_request, entry, idempotency_key, headers)
+        return await self._stored(call, placed, entry, started)
+
+    def _write(
+        self,
+        call_request: CallRequest,
+        entry: AclEntry,
+        idempotency_key: str | None,
+        headers: dict[str, str],
+    ) -> tuple[Call, asyncio.Future[Placed]]:
+        """Make the call and hand it to Kafka now; the future is Kafka's answer."""
+        node = self._node
         call = new_call(
             call_request.url,
             call_request.data,
@@ -494,12 +536,19 @@ class Ingest:
             callbacks=call_request.callbacks,
         )
         key = call_request.partition_key.encode() if call_request.partition_key else None
+        timeout = node.config.write_timeout_ms / 1000
+        return call, node.producer.write(entry.topic, encode_call(call), key, timeout=timeout)
+
+    async def _stored(
+        self, call: Call, placed: asyncio.Future[Placed], entry: AclEntry, started: float
+    ) -> dict[str, Any]:
+        """Once Kafka has the call, index its key: the reply's data."""
+        node = self._node
         counters = node.stats.producer(entry.topic)
         try:
-            partition, offset = await node.producer.send(
-                entry.topic, encode_call(call), key, timeout=timeout
-            )
-            if idempotency_key is not None:
+            partition, offset = await placed
+            if call.idempotency_key is not None:
+                timeout = node.config.write_timeout_ms / 1000
                 await node.index.record(node.producer, call, entry.idempotency_window_ms, timeout)
         except ProduceFailed as exc:
             counters.deliveryFail += 1
