@@ -184,11 +184,13 @@ async def test_duplicate_idempotency_keys_within_and_across_batches(
     bigpipe: Bigpipe, http: aiohttp.ClientSession, kafka: str, topics: tuple[str, str]
 ) -> None:
     topic, _ = topics
+    # Keys unique to this run: the test broker's index outlives a session.
+    key_a, key_b, key_c = unique("key-a"), unique("key-b"), unique("key-c")
     first_batch = batch(
-        call("a", idempotency_key="key-a"),
-        call("a again", idempotency_key="key-a"),
-        call("b", idempotency_key="key-b"),
-        call("a third time", idempotency_key="key-a"),
+        call("a", idempotency_key=key_a),
+        call("a again", idempotency_key=key_a),
+        call("b", idempotency_key=key_b),
+        call("a third time", idempotency_key=key_a),
     )
     status, reply = await post(bigpipe, http, first_batch)
     assert status == 200, reply
@@ -201,7 +203,7 @@ async def test_duplicate_idempotency_keys_within_and_across_batches(
     status, reply = await post(
         bigpipe,
         http,
-        batch(call("b later", idempotency_key="key-b"), call("new", idempotency_key="c")),
+        batch(call("b later", idempotency_key=key_b), call("new", idempotency_key=key_c)),
     )
     b_later, new = reply["data"]
     assert b_later["data"] == {"id": b["data"]["id"], "duplicate": True}
@@ -210,7 +212,7 @@ async def test_duplicate_idempotency_keys_within_and_across_batches(
 
     # Keys are per caller: another caller's same key is a call of its own.
     other = {"name": OTHER_NAME, "secret": OTHER_SECRET}
-    status, reply = await post(bigpipe, http, batch(call(idempotency_key="key-a"), acl=other))
+    status, reply = await post(bigpipe, http, batch(call(idempotency_key=key_a), acl=other))
     assert "duplicate" not in reply["data"][0]["data"]
 
 
