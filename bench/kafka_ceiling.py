@@ -72,15 +72,20 @@ def produce_rate(settings: dict, topic: str, records: list[bytes], count: int) -
     return count / elapsed
 
 
+async def ceiling_records(bootstrap: str, topic: str) -> list[bytes]:
+    """Create `topic` and make the envelopes to write to it, as Bigpipe encodes them."""
+    await asyncio.to_thread(create_topic, bootstrap, topic, PARTITIONS)
+    return [
+        encode_call(new_call("http://127.0.0.1:9/hook", DATA, ACL_NAME, {}))
+        for _ in range(DISTINCT)
+    ]
+
+
 async def run(ctx: Context) -> list[Row]:
     topic = unique("bench-ceiling")
     config = parse_config(bigpipe_config(ctx.bootstrap, topic, workers=1))
     settings = producer_settings(config)
-    await asyncio.to_thread(create_topic, ctx.bootstrap, topic, PARTITIONS)
-    records = [
-        encode_call(new_call("http://127.0.0.1:9/hook", DATA, ACL_NAME, {}))
-        for _ in range(DISTINCT)
-    ]
+    records = await ceiling_records(ctx.bootstrap, topic)
     count = ctx.count(RECORDS)
     rates = []
     for round_number in range(1, ctx.rounds + 1):

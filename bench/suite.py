@@ -8,6 +8,8 @@ Benchmarks, in order (each module's docstring says what it measures and how):
     ingest         bench/ingest.py         /rpc/call calls/s vs a bare aiohttp handler served
                                            as Bigpipe serves (wrk); CPU-s per 10,000 calls
     kafka_ceiling  bench/kafka_ceiling.py  raw confluent-kafka produce rate, same records and acks
+    batch_ingest   bench/batch_ingest.py   /rpc/calls calls/s into Kafka, 100 calls a request,
+                                           vs the raw produce rate in the same rounds; CPU-s/10k
     delivery       bench/delivery.py       Kafka -> nginx deliveries/s vs a bare aiohttp client,
                                            in as many processes as Bigpipe has workers; CPU-s/10k
     latency        bench/latency.py        ingest p99 at half the peak, reply -> downstream receipt
@@ -50,7 +52,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench import delivery, ingest, kafka_ceiling, latency, memory, status
+from bench import batch_ingest, delivery, ingest, kafka_ceiling, latency, memory, status
 from bench.common import (
     RESULTS,
     Context,
@@ -73,6 +75,7 @@ Benchmark = Callable[[Context], Awaitable[list[Row]]]
 BENCHMARKS: dict[str, Benchmark] = {
     "ingest": ingest.run,
     "kafka_ceiling": kafka_ceiling.run,
+    "batch_ingest": batch_ingest.run,
     "delivery": delivery.run,
     "latency": latency.run,
     "memory": memory.run,
