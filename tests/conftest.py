@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from hypothesis import settings
 
-from tests.support import REPO, Bigpipe, Downstream, start_local_kafka
+from tests.support import REPO, Bigpipe, Downstream, start_local_kafka, warm_up
 
 # In CI the property tests draw the same examples every run, so a submission lands or fails
 # on its own merits; run locally, they explore afresh each time.
@@ -29,9 +29,11 @@ TEST_KAFKA_DIR = REPO / ".local" / "kafka-test"
 @pytest.fixture(scope="session")
 def kafka() -> str:
     """The bootstrap address of a real Kafka broker."""
-    if bootstrap := os.environ.get("BIGPIPE_TEST_BOOTSTRAP"):
-        return bootstrap
-    return start_local_kafka(TEST_KAFKA_PORT, TEST_KAFKA_DIR)
+    bootstrap = os.environ.get("BIGPIPE_TEST_BOOTSTRAP") or start_local_kafka(
+        TEST_KAFKA_PORT, TEST_KAFKA_DIR
+    )
+    warm_up(bootstrap)
+    return bootstrap
 
 
 @pytest.fixture

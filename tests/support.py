@@ -44,6 +44,23 @@ def start_local_kafka(port: str, directory: Path, env: dict[str, str] | None = N
     return started.stdout.strip().splitlines()[-1]
 
 
+def warm_up(bootstrap: str, timeout: float = 120) -> None:
+    """Wait until a fresh broker takes an idempotent write, as every Bigpipe producer makes.
+
+    Its first producer id comes only once the broker has loaded its coordinator state
+    ("Coordinator load in progress"): seconds on a loaded machine, during which the first
+    test's calls were answered 503 and its assertions failed. Blocking."""
+    from confluent_kafka import Producer
+
+    topic = unique("warm-up")
+    create_topic(bootstrap, topic)
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    failures: list[object] = []
+    producer.produce(topic, b"", on_delivery=lambda err, _m: failures.append(err))
+    left = producer.flush(timeout)
+    assert left == 0 and failures == [None], f"the test broker took no write: {failures}"
+
+
 def rss_mib(pid: int) -> float:
     """Resident set size of a process, from /proc/PID/status (VmRSS, in kB), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -345,6 +362,19 @@ class Bigpipe:
             **extra,
         }
         return await self.post_raw(session, orjson.dumps(payload))
+
+    async def post_accepted(
+        self, session: aiohttp.ClientSession, timeout: float = 30, **call: Any
+    ) -> dict[str, Any]:
+        """Post a call until the node takes it, as a caller told "retry later" (503) does
+        (a producer new to a fresh broker waits for its producer id); the reply's data."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, reply = await self.post_call(session, **call)
+            if status != 503 or time.monotonic() > deadline:
+                assert (status, reply["errno"]) == (200, 0), reply
+                return reply["data"]
+            await asyncio.sleep(0.1)
 
     async def post_raw(
         self, session: aiohttp.ClientSession, body: bytes, headers: dict[str, str] | None = None
