@@ -34,6 +34,7 @@ from tests.support import (
     start_node,
     unique,
 )
+from tests.test_status import call_status
 
 
 async def post_as(
@@ -419,6 +420,52 @@ async def test_kafka_client_config_reloads_into_the_consumers(
     print(f"\ndelivery latency: {before:.2f} s, with {waiting} {during:.2f} s, then {after:.2f} s")
     assert before < 1 and after < 1
     assert during > 2, "the consumers run with the reloaded librdkafka settings"
+
+
+async def test_kafka_client_config_reloads_into_the_status_view_and_the_index(
+    kafka: str,
+    downstream: Downstream,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+) -> None:
+    """The clients beside the groups follow a reload of kafka.client.config too (rotated
+    credentials must reach every client): the status view's consumer, the results
+    writer and the idempotency index."""
+    bigpipe, _ = await start_node(
+        kafka, tmp_path, processes, partitions=1, node={"status.topic": unique("results")}
+    )
+
+    async def visible(call_id: str) -> bool:
+        return (await call_status(bigpipe, http, call_id))[0] == 200
+
+    async def view_latency() -> float:
+        """From one call's status showing to the next one's, the second sent at once: just
+        when the view's consumer has sent its next fetch to the broker."""
+        first = await bigpipe.post_accepted(http, url=downstream.url())
+        await eventually(lambda: visible(first["id"]), 30, "the first call's status")
+        shown = time.monotonic()
+        second = await bigpipe.post_accepted(http, url=downstream.url())
+        await eventually(lambda: visible(second["id"]), 30, "the second call's status")
+        return time.monotonic() - shown
+
+    key = unique("rotate")  # the index topic outlives the test: a key of this run's own
+    keyed = await bigpipe.post_accepted(http, url=downstream.url(), idempotency_key=key)
+    before = await view_latency()
+    waiting = {"fetch.min.bytes": 1_000_000, "fetch.wait.max.ms": 3000}
+    rewrite(bigpipe, **{"kafka.client.config": waiting})
+    await reload(bigpipe, http)
+    during = await view_latency()
+    again = await bigpipe.post_accepted(http, url=downstream.url(), idempotency_key=key)
+    assert again == {"id": keyed["id"], "duplicate": True}, "the new index sees the old key"
+    rewrite(bigpipe, **{"kafka.client.config": {}})
+    await reload(bigpipe, http)
+    after = await view_latency()
+    print(
+        f"\nstatus view latency: {before:.2f} s, with {waiting} {during:.2f} s, then {after:.2f} s"
+    )
+    assert before < 1.5 and after < 1.5
+    assert during > 2, "the status view follows with the reloaded librdkafka settings"
 
 
 async def test_a_reload_before_the_node_joined_kafka_swaps_the_producer(tmp_path: Path) -> None:

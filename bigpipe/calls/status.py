@@ -58,9 +58,19 @@ class StatusLog:
         self._counters = counters
         self._repeats = RepeatFilter()
         self._groups = _groups_by_topic(config)
-        self._kafka = KafkaProducer(
+        self._settings = client_settings(config)
+        self._kafka = self._new_producer()
+        self._retiring: set[asyncio.Task[None]] = set()  # producers replaced by a reload
+        # in_flight steps not written yet, by (call id, group, attempt): those of the last
+        # tick, and of this one. Each tick writes the older ones: open for a tick or more.
+        self._older: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self._newer: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self._ticker = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
+
+    def _new_producer(self) -> KafkaProducer:
+        return KafkaProducer(
             {
-                **client_settings(config),
+                **self._settings,
                 "client.id": "bigpipe-status",
                 # Ordered per call (one key, one partition, no reordering on retry).
                 "enable.idempotence": True,
@@ -72,15 +82,19 @@ class StatusLog:
                 "on_delivery": self._on_delivery,
             }
         )
-        # in_flight steps not written yet, by (call id, group, attempt): those of the last
-        # tick, and of this one. Each tick writes the older ones: open for a tick or more.
-        self._older: dict[tuple[str, str, int], dict[str, Any]] = {}
-        self._newer: dict[tuple[str, str, int], dict[str, Any]] = {}
-        self._ticker = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
 
     def update(self, config: Config) -> None:
-        """A reload: the groups a topic's calls go to may have changed."""
+        """A reload: the groups a topic's calls go to may have changed, and new client
+        settings (rotated credentials, say) take a new producer. The old one flushes in
+        the background: a call with steps in both may have them land out of order, and
+        status_of orders a call's steps by their time, not by their arrival."""
         self._groups = _groups_by_topic(config)
+        if client_settings(config) != self._settings:
+            self._settings = client_settings(config)
+            old, self._kafka = self._kafka, self._new_producer()
+            flushing = asyncio.create_task(self._flush(old, config.shutdown_timeout_ms / 1000))
+            self._retiring.add(flushing)
+            flushing.add_done_callback(self._retiring.discard)
 
     def group(self, group_id: str) -> GroupTrail:
         return GroupTrail(self, group_id)
@@ -110,7 +124,10 @@ class StatusLog:
 
     async def close(self, timeout: float) -> None:
         self._ticker.cancel()
-        left = await asyncio.to_thread(self._kafka.flush, timeout)
+        await asyncio.gather(self._flush(self._kafka, timeout), *self._retiring)
+
+    async def _flush(self, producer: KafkaProducer, timeout: float) -> None:
+        left = await asyncio.to_thread(producer.flush, timeout)
         self._counters.statusDropped += left
 
     def _tick(self) -> None:

@@ -67,6 +67,7 @@ class StatusView:
         self._reader: sqlite3.Connection | None = None
         self._opening = threading.Lock()
         self._stopping = threading.Event()
+        self._renew = threading.Event()  # new client settings: follow with a new consumer
         self._builder: threading.Thread | None = None
 
     def start_building(self) -> None:
@@ -75,6 +76,14 @@ class StatusView:
             return
         self._builder = threading.Thread(target=self._build, name="status-view", daemon=True)
         self._builder.start()
+
+    def update(self, config: Config) -> None:
+        """A reload: new client settings (rotated credentials, say) take a new Kafka
+        consumer, which resumes where the file left off (its positions are stored)."""
+        renew = client_settings(config) != client_settings(self._config)
+        self._config = config
+        if renew:
+            self._renew.set()
 
     def close(self) -> None:
         self._stopping.set()
@@ -123,7 +132,9 @@ class StatusView:
         while not self._stopping.is_set():
             try:
                 self._build_from_kafka()
-                return
+                if not self._renew.is_set():
+                    return
+                self._renew.clear()
             except (sqlite3.Error, OSError, KafkaException) as exc:
                 log.error("status view %s: %s; retrying in 5 s", self.path, exc)
                 self._stopping.wait(5.0)
@@ -179,7 +190,7 @@ class StatusView:
         self, db: sqlite3.Connection, kafka: Consumer, partitions: list[TopicPartition]
     ) -> None:
         next_lag = next_prune = 0.0
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not self._renew.is_set():
             messages = kafka.consume(BATCH, POLL_SECONDS)
             self._apply(db, [m for m in messages if m.error() is None])
             now = time.monotonic()

@@ -89,6 +89,7 @@ class Node:
         self._reloading = asyncio.Lock()
         self.ingest = Ingest(self)
         self._publisher: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()  # idempotency indexes a reload replaced
         if worker is not None:
             self._take_over_slot(worker)
             self.stats.node = worker.reloads  # the supervisor counts them: bigpipe.node.workers
@@ -308,6 +309,10 @@ class Node:
         self.acl = Acl(config.acl)
         if self.status_log is not None:
             self.status_log.update(config)
+        if self.status_view is not None:
+            self.status_view.update(config)
+        if plan.regroup_all:
+            self._renew_index(config)
         if not self._joined:  # still joining Kafka: join again, with the new config
             if plan.new_producer:  # the groups to come take self.producer as it is then
                 await self._swap_producer(config)
@@ -327,6 +332,24 @@ class Node:
         for consumer in plan.changed:
             self.groups[consumer.key].update(self._local(consumer))
         self._start_groups(plan.added)
+
+    def _renew_index(self, config: Config) -> None:
+        """New client settings (rotated credentials, say): a new idempotency index, read
+        afresh. The old one serves the lookups already waiting on it (each waits at most
+        the ack timeout and 1 s) before it is closed: closing a client a lookup is using
+        from another thread is not safe."""
+        old, self.index = self.index, IdempotencyIndex(config)
+        grace = config.producer_ack_timeout_ms / 1000 + 1
+        retiring = asyncio.create_task(self._retire_index(old, grace))
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _retire_index(index: IdempotencyIndex, grace: float) -> None:
+        try:
+            await asyncio.sleep(grace)
+        finally:  # at shutdown too, once cancelled: no lookup waits any more by then
+            await index.close()
 
     def _group_died(self) -> None:
         """A group's poll loop died: this process would take calls it never delivers.
@@ -377,6 +400,9 @@ class Node:
             await self.status_log.close(left())
         if self.producer is not None:
             await self.producer.close(left())
+        for retiring in list(self._retiring):
+            retiring.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await self.index.close()
         if self.status_view is not None:
             await asyncio.to_thread(self.status_view.close)
