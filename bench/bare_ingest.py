@@ -4,8 +4,8 @@
 
 It does what any JSON-over-HTTP handler must: read the body, parse it with
 orjson, pick out the fields, and answer with a reply of the same shape and
-size as Bigpipe's (`{"data": {"id": <32 hex digits>}, "errno": 0, "msg":
-"success"}`). It is served the way Bigpipe serves: aiohttp's low-level
+size as Bigpipe's (`{"data": {"id": <32 hex digits>, "partition": P, "offset": O},
+"errno": 0, "msg": "success"}`). It is served the way Bigpipe serves: aiohttp's low-level
 `web.Server` with a dict from path and method to handler, no router, no
 middleware (bigpipe/ingest/server.py, `Routes`). It runs on uvloop with Bigpipe's
 garbage-collector setting, in N worker processes that share the port with
@@ -49,7 +49,9 @@ def make_server() -> web.Server:
             and isinstance(payload["data"], str)
         ):
             return web.Response(status=400)
-        body = orjson.dumps({"data": {"id": f"{next(ids):032x}"}, "errno": 0, "msg": "success"})
+        number = next(ids)
+        data = {"id": f"{number:032x}", "partition": 0, "offset": number}
+        body = orjson.dumps({"data": data, "errno": 0, "msg": "success"})
         return web.Response(body=body, content_type="application/json")
 
     routes = {"/rpc/call": {"POST": rpc_call}}
