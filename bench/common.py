@@ -376,6 +376,26 @@ def per_10k(cpu: float, calls: int) -> float:
     return cpu / calls * 10_000
 
 
+def cpu_row(
+    name: str, bigpipe: list[float], baseline: list[float], baseline_name: str, target: float
+) -> Row:
+    """The CPU cost of a call: median CPU-seconds per 10,000 calls of every process of
+    the node (/proc/PID/stat), against the same-run baseline's and the target, a ceiling."""
+    figure = median(bigpipe)
+    return Row(
+        name,
+        f"{figure:.2f} CPU-s per 10,000 calls",
+        f"{median(baseline):.2f} {baseline_name}",
+        figure / median(baseline),
+        f"<= {target:.2f}",
+        figure <= target,
+        [
+            f"median of {len(bigpipe)}: every process of the node (supervisor and workers), "
+            "user + system time from /proc/PID/stat; steadier on a shared machine than calls/s"
+        ],
+    )
+
+
 def worker_pids(pid: int) -> list[int]:
     """The processes that serve calls: the children of a supervisor, or the process itself."""
     return descendants(pid) or [pid]

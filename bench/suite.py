@@ -7,13 +7,16 @@ Benchmarks, in order (each module's docstring says what it measures and how):
 
     ingest         bench/ingest.py         /rpc/call calls/s vs a bare aiohttp handler served
                                            as Bigpipe serves (wrk); CPU-s per 10,000 calls
+                                           (target <= 0.50)
     kafka_ceiling  bench/kafka_ceiling.py  raw confluent-kafka produce rate, same records and acks
     batch_ingest   bench/batch_ingest.py   /rpc/calls calls/s into Kafka, 100 calls a request,
                                            vs the raw produce rate in the same rounds; CPU-s/10k
     delivery       bench/delivery.py       Kafka -> nginx deliveries/s vs a bare aiohttp client,
                                            in as many processes as Bigpipe has workers; CPU-s/10k
+                                           (target <= 1.10)
     latency        bench/latency.py        ingest p99 at half the peak, reply -> downstream receipt
-    memory         bench/memory.py         idle RSS per worker, RSS and refusals under overload
+    memory         bench/memory.py         idle RSS per worker and of the whole node (RSS and
+                                           PSS, status on and off), RSS and refusals under overload
     status         bench/status.py         calls/s and CPU with the call status on vs off (ingest,
                                            delivery); bytes per call of the results topic, view
 
