@@ -57,6 +57,7 @@ import uvloop
 
 from bench import batch_ingest, delivery, ingest, kafka_ceiling, latency, memory, status
 from bench.common import (
+    BENCH_KAFKA_PORT,
     RESULTS,
     Context,
     Row,
@@ -258,7 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     results = RESULTS / f"workers-{args.workers}"  # figures of one worker count apart
     peak = args.peak or (None if "ingest" in args.selected else previous_peak(results))
     was_running = kafka_running()
-    print("bench: starting the bench Kafka (deploy/kafka/local-kafka, port 19492)", flush=True)
+    print(
+        f"bench: starting the bench Kafka (deploy/kafka/local-kafka, port {BENCH_KAFKA_PORT})",
+        flush=True,
+    )
     bootstrap = start_kafka()
     try:
         shutil.rmtree(WORKDIR, ignore_errors=True)

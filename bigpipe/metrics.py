@@ -7,6 +7,7 @@ exported as plain samples so that workers' histograms can be added up.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import itertools
 from collections.abc import Iterable, Iterator
@@ -46,6 +47,9 @@ LATENCY_BUCKETS = (
 )
 # A call may spend minutes in Bigpipe (a backlog, an open breaker, retries): longer buckets.
 END_TO_END_BUCKETS = (*LATENCY_BUCKETS, 300.0, 900.0, 3600.0)
+LOOP_LAG_INTERVAL_SECONDS = 0.1
+# An event loop's lateness: a healthy one is well under a millisecond late.
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 HISTOGRAMS = {  # name: (help, labels, buckets)
     "bigpipe_ingest_seconds": (
         "From a /rpc/call request to Kafka's acknowledgement",
@@ -61,6 +65,12 @@ HISTOGRAMS = {  # name: (help, labels, buckets)
         "A call's time in Bigpipe: from its acceptance to delivered or dead-lettered",
         ["topic", "group"],
         END_TO_END_BUCKETS,
+    ),
+    "bigpipe_loop_lag_seconds": (
+        "How late a worker's event loop ran a timer (checked every 100 ms): a stall that "
+        "long held every request and call of that worker",
+        [],
+        LOOP_LAG_BUCKETS,
     ),
 }
 # (metric name, help, GroupCounters field) for the per-group counters.
@@ -155,6 +165,17 @@ class Latencies:
 
     def ingest_child(self, topic: str) -> LatencyHistogram:
         return self._child("bigpipe_ingest_seconds", topic)
+
+    async def measure_loop_lag(self) -> None:
+        """Forever: how late the loop runs a timer. A blocking call, a GC pause or a
+        burst of callbacks delays every request of the process by as much; this is the
+        figure that tells such stalls from a slow broker in the ingest latency's tail."""
+        loop = asyncio.get_running_loop()
+        lag = self._child("bigpipe_loop_lag_seconds")
+        while True:
+            due = loop.time() + LOOP_LAG_INTERVAL_SECONDS
+            await asyncio.sleep(LOOP_LAG_INTERVAL_SECONDS)
+            lag.observe(max(0.0, loop.time() - due))
 
     def samples(self) -> list[Sample]:
         return [

@@ -86,6 +86,7 @@ async def test_metrics_match_stats_and_cover_latency_breaker_and_lag(
     assert samples["bigpipe_attempt_seconds_count"][key] == CALLS
     assert samples["bigpipe_end_to_end_seconds_count"][key] == CALLS
     assert samples["bigpipe_ready"][()] == 1
+    assert samples["bigpipe_loop_lag_seconds_count"][()] > 10, "ten a second since it started"
     lag = samples["bigpipe_consumer_lag"]
     assert {dict(labels)["partition"] for labels in lag} == {"0", "1", "2"}
     assert sum(lag.values()) == 0, "everything delivered and committed"

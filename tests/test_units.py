@@ -26,6 +26,7 @@ from bigpipe.delivery.retry import Verdict, backoff_seconds, classify, retry_aft
 from bigpipe.ingest.acl import Acl
 from bigpipe.ingest.producer import ProduceFailed, Producer
 from bigpipe.kafka import Throttle
+from bigpipe.metrics import Latencies
 from bigpipe.node.reload import plan_reload
 from bigpipe.stats import Stats
 from tests.support import free_port
@@ -312,3 +313,15 @@ def test_a_close_that_never_ends_is_abandoned_and_never_holds_up_the_exit() -> N
     )
     assert (done.returncode, done.stdout.strip()) == (0, "abandoned"), done.stderr
     assert time.monotonic() - started < 10
+
+
+async def test_a_stalled_event_loop_shows_in_the_loop_lag() -> None:
+    latencies = Latencies()
+    measuring = asyncio.create_task(latencies.measure_loop_lag())
+    await asyncio.sleep(0.05)
+    time.sleep(0.4)  # noqa: ASYNC251 (a blocking call on the loop: the stall to be seen)
+    await asyncio.sleep(0.25)  # the timer due during the stall has run, late
+    measuring.cancel()
+    buckets = {s[1]["le"]: s[2] for s in latencies.samples() if s[0].endswith("_bucket")}
+    assert buckets["+Inf"] >= 2
+    assert buckets["+Inf"] - buckets["0.25"] == 1, "one timer ran 0.25-0.4 s late"

@@ -86,6 +86,7 @@ class Node:
         self._runner: web.ServerRunner | None = None
         self._bring_up: asyncio.Task[None] | None = None
         self._kafka_watch: asyncio.Task[None] | None = None
+        self._loop_lag: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
         self.ingest = Ingest(self)
         self._publisher: asyncio.Task[None] | None = None
@@ -191,6 +192,7 @@ class Node:
         log.info("listening on %s:%d", self.config.http_host, self.config.http_port)
         self._bring_up = asyncio.create_task(self._join_kafka())
         self._kafka_watch = asyncio.create_task(self._watch_kafka())
+        self._loop_lag = asyncio.create_task(self.latencies.measure_loop_lag())
 
     async def _join_kafka(self) -> None:
         await self._ensure_topics(self.config)
@@ -386,7 +388,7 @@ class Node:
             return max(0.0, deadline - loop.time())
 
         self.draining = True
-        for task in (self._bring_up, self._kafka_watch):
+        for task in (self._bring_up, self._kafka_watch, self._loop_lag):
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
