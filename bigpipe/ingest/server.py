@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import inspect
 import ipaddress
 import logging
@@ -280,6 +281,9 @@ def _string(obj: dict[str, Any], key: str, path: str) -> str:
     return value
 
 
+# Callers send to few destinations, and a batch's calls often to one: a parsed and checked
+# URL is kept (yarl's URL is immutable). Refusals raise, so they are never kept.
+@functools.lru_cache(maxsize=256)
 def _parse_url(url: str, key: str = "url") -> URL:
     if len(url) > MAX_URL_LENGTH:
         raise Reject(400, f"field {key}: longer than {MAX_URL_LENGTH} characters")
