@@ -214,8 +214,10 @@ async def test_a_reload_that_tightens_the_acl_holds_back_calls_already_queued(
 async def test_calls_held_by_an_open_breaker_are_refused_at_once_when_their_caller_goes(
     kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
-    """A refusal does not wait for the breaker: calls it holds (here for its 60 s break
-    period) are dead-lettered as soon as a reload removes their caller."""
+    """A refusal does not wait for the breaker: calls it holds (here for its 20 s break
+    period) are dead-lettered as soon as a reload removes their caller. (Held, not
+    parked: delayThreshold is longer than the break. A parked call is judged when it
+    comes back.)"""
 
     async def failing(_request: web.Request, _number: int) -> web.Response:
         return web.Response(status=500)
@@ -223,13 +225,15 @@ async def test_calls_held_by_an_open_breaker_are_refused_at_once_when_their_call
     downstream = await Downstream(behaviour=failing).start()
     topic = unique("held")
     breaker = {
-        "breakPeriod": 60,
+        "breakPeriod": 20,
         "recoverPeriod": 1,
-        "winSize": 60,
+        "winSize": 20,
         "minStats": 3,
         "healthRate": 0.9,
     }
-    group = consumer_entry(topic, unique("g"), retries=5, circuitBreaker=breaker)
+    group = consumer_entry(
+        topic, unique("g"), retries=5, circuitBreaker=breaker, delayThreshold=30_000
+    )
     config = base_config(kafka, topic, free_port(), consumers=[group])
     config["kafka.producer.acl"] = [
         {"name": "leaving", "secret": SECRET, "topic": topic},

@@ -309,7 +309,7 @@ async def test_adding_and_removing_a_circuit_breaker_by_reload(
         return web.Response(status=503)
 
     downstream = await Downstream(behaviour=refuse).start()
-    bigpipe, _ = await start_node(kafka, tmp_path, processes, retries=0)
+    bigpipe, _ = await start_node(kafka, tmp_path, processes, retries=0, delayThreshold=30_000)
 
     async def fail_calls(count: int) -> None:
         sent = (await group_stats(bigpipe, http))["rpcTotal"] + count
@@ -325,8 +325,10 @@ async def test_adding_and_removing_a_circuit_breaker_by_reload(
     await fail_calls(10)
     assert (await group_stats(bigpipe, http))["breakerState"] == 0, "no breaker, no BREAK"
 
+    # Its BREAK (20 s) is shorter than delayThreshold (30 s): its calls are held, so a
+    # reload reaches them (a parked call comes back when its wait ends).
     breaker = {
-        "breakPeriod": 60,
+        "breakPeriod": 20,
         "recoverPeriod": 5,
         "winSize": 5,
         "minStats": 3,
