@@ -34,6 +34,7 @@ from bigpipe.kafka_client import ensure_topics
 from bigpipe.logs import Logging
 from bigpipe.metrics import Latencies, Sample, merge_samples
 from bigpipe.node.board import Board
+from bigpipe.node.memory import trim_forever
 from bigpipe.node.reload import ReloadPlan, log_rejected, log_reloaded, plan_reload, read_reload
 from bigpipe.node.signals import handle_reloads, notify_ready, take
 from bigpipe.node.workers import SUPERVISOR_GONE, read_snapshot, share_of
@@ -87,6 +88,7 @@ class Node:
         self._bring_up: asyncio.Task[None] | None = None
         self._kafka_watch: asyncio.Task[None] | None = None
         self._loop_lag: asyncio.Task[None] | None = None
+        self._trimmer: asyncio.Task[None] | None = None
         self._reloading = asyncio.Lock()
         self.ingest = Ingest(self)
         self._publisher: asyncio.Task[None] | None = None
@@ -193,6 +195,7 @@ class Node:
         self._bring_up = asyncio.create_task(self._join_kafka())
         self._kafka_watch = asyncio.create_task(self._watch_kafka())
         self._loop_lag = asyncio.create_task(self.latencies.measure_loop_lag())
+        self._trimmer = asyncio.create_task(trim_forever())
 
     async def _join_kafka(self) -> None:
         await self._ensure_topics(self.config)
@@ -388,7 +391,7 @@ class Node:
             return max(0.0, deadline - loop.time())
 
         self.draining = True
-        for task in (self._bring_up, self._kafka_watch, self._loop_lag):
+        for task in (self._bring_up, self._kafka_watch, self._loop_lag, self._trimmer):
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -13,6 +13,7 @@ import pytest
 from confluent_kafka import Producer
 
 from bigpipe.calls.envelope import encode_call, new_call
+from bigpipe.node.memory import TRIM_INTERVAL_SECONDS
 from tests.faults.conftest import Cluster
 from tests.support import (
     ACL_NAME,
@@ -67,18 +68,18 @@ async def test_kill_9_while_500_delayed_calls_wait_then_all_arrive_on_time(
 
 
 @pytest.mark.long
-async def test_100_000_waiting_calls_cost_a_worker_under_32_mib(
+async def test_100_000_waiting_calls_cost_a_worker_under_20_mib(
     cluster: Cluster,
     downstream: Downstream,
     http: aiohttp.ClientSession,
     tmp_path: Path,
     processes: list[Bigpipe],
 ) -> None:
-    """Waiting calls live in Kafka, not in the worker: 100,000 of them cost it under 32 MiB.
+    """Waiting calls live in Kafka, not in the worker: 100,000 of them cost it under 20 MiB.
 
-    Issue 11 asks for under 20 MiB; measured +5 to +27 MiB across runs, not yet
-    profiled (the README states the gap). The figures at 50,000 and 100,000 are printed
-    to show how the cost grows.
+    Parking a burst of calls leaves freed heap behind (+24 MiB, flat from 50,000 to
+    100,000: no call is held); the worker hands it back within its trim interval
+    (bigpipe.node.memory), so the figure is taken once that has had its chance.
     """
     bigpipe, topic = await start_node(cluster.bootstrap, tmp_path, processes)
     group = bigpipe.config["kafka.consumer.list"][0]["groupId"]
@@ -108,6 +109,15 @@ async def test_100_000_waiting_calls_cost_a_worker_under_32_mib(
 
     half = await park(0, 50_000)
     full = await park(50_000, 50_000)
-    print(f"RSS {before:.1f} MiB before, {half:.1f} at 50,000 waiting, {full:.1f} at 100,000")
-    assert full - before < 32
+
+    async def trimmed() -> bool:
+        assert bigpipe.process is not None
+        return rss_mib(bigpipe.process.pid) - before < 20
+
+    await eventually(trimmed, TRIM_INTERVAL_SECONDS * 2 + 10, "the worker's RSS back within 20 MiB")
+    settled = rss_mib(bigpipe.process.pid)
+    print(
+        f"RSS {before:.1f} MiB before, {half:.1f} at 50,000 waiting, {full:.1f} at 100,000, "
+        f"{settled:.1f} after its trim"
+    )
     assert not set(downstream.call_ids()), "a call due in 2 hours was delivered"
