@@ -13,23 +13,27 @@ import gc
 import logging
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import uvloop
 
 from bigpipe import __version__
-from bigpipe.config import Config, ConfigError
+from bigpipe.config_error import ConfigError
 from bigpipe.logs import Logging
 from bigpipe.node.board import OWNER_NAME, Board
-from bigpipe.node.preflight import load_checked
 from bigpipe.node.workers import (
     WORKER_NAME,
+    NodeFile,
     Supervisor,
     available_cpus,
     die_with_parent,
+    load_apart,
     read_snapshot,
 )
 from bigpipe.stats import NodeCounters
+
+if TYPE_CHECKING:
+    from bigpipe.config import Config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # First words that make `bigpipe` an operator's command (bigpipe.operate.commands), not a node.
@@ -40,8 +44,8 @@ log = logging.getLogger("bigpipe")
 
 
 class Loaded(NamedTuple):
-    raw: Any  # the file's JSON; None in a worker
-    config: Config
+    file: NodeFile  # the operator's file, checked (in a worker: its settings, no JSON)
+    config: Config | None  # None until a node that serves parses the file (see run)
     reloads: NodeCounters | None  # in a worker: the node's reload counters, from the snapshot
 
 
@@ -91,8 +95,8 @@ def set_process_name(name: bytes = PROCESS_NAME) -> None:
         Path("/proc/self/comm").write_bytes(name)
 
 
-def worker_count(args: argparse.Namespace, config: Config) -> int:
-    wanted = args.workers if args.workers is not None else config.workers
+def worker_count(args: argparse.Namespace, file: NodeFile) -> int:
+    wanted = args.workers if args.workers is not None else file.workers
     return wanted or available_cpus()
 
 
@@ -104,17 +108,19 @@ def run(
 ) -> int:
     """Run as a supervisor of workers, as one of its workers, or as a single process.
 
-    Only a node that serves imports bigpipe.node.app, and with it aiohttp and the Kafka
-    library: a supervisor never needs them (tests/test_supervisor_imports.py).
+    Only a node that serves imports bigpipe.node.app, and with it aiohttp, the Kafka
+    library and the config's models: a supervisor never needs them
+    (tests/test_supervisor_imports.py).
     """
-    raw, config, reloads = loaded
+    file, config, reloads = loaded
     if workers > 1 and args.worker_of is None:
         set_process_name()
-        return uvloop.run(Supervisor(raw, config, workers, logs).run())
+        return uvloop.run(Supervisor(file, workers, logs).run())
+    from bigpipe.config import parse_config
     from bigpipe.node.app import WorkerSlot, serve
 
     if args.worker_of is not None:
-        assert reloads is not None
+        assert reloads is not None and config is not None
         path, index, count = args.worker_of.rsplit(":", 2)
         set_process_name(WORKER_NAME)
         if not die_with_parent():
@@ -125,7 +131,8 @@ def run(
             serve(config, logs, WorkerSlot(board, int(index), Path(args.snapshot), reloads))
         )
     set_process_name()
-    return uvloop.run(serve(config, logs))
+    # Checked in load, by a child: parsing it here again gives the Config to run.
+    return uvloop.run(serve(parse_config(file.raw, Path(file.source)), logs))
 
 
 def log_origin(args: argparse.Namespace, workers: int) -> str | None:
@@ -151,13 +158,13 @@ def tune_gc() -> None:
 
 
 def load(args: argparse.Namespace) -> Loaded:
-    """The operator's file (its JSON too, which a supervisor hands on), or, in a worker,
-    the supervisor's snapshot: its config and the node's reload counters, read once."""
+    """The operator's file, checked in a child process (bigpipe.node.workers.load_apart),
+    or, in a worker, the supervisor's snapshot: its config and the node's reload
+    counters, read once."""
     if args.worker_of is not None:
         config, reloads = read_snapshot(Path(args.snapshot), Path(args.config))
-        return Loaded(None, config, reloads)
-    raw, config = load_checked(args.config)
-    return Loaded(raw, config, None)
+        return Loaded(NodeFile.of({}, config), config, reloads)
+    return Loaded(load_apart(args.config), None, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print("config ok")
         return EXIT_OK
-    _, config, _ = loaded
-    workers = 1 if args.worker_of is not None else worker_count(args, config)
+    file = loaded.file
+    workers = 1 if args.worker_of is not None else worker_count(args, file)
     logs = Logging(log_origin(args, workers))
-    logs.apply(config.log_level, config.log_directory, config.log_format)
+    logs.apply(file.log_level, file.log_directory, file.log_format)
     try:
         tune_gc()
         return run(args, loaded, workers, logs)

@@ -35,6 +35,7 @@ from pydantic_core import PydanticCustomError
 from yarl import URL
 
 from bigpipe.calls.signing import Signer, key_of
+from bigpipe.config_error import ConfigError
 from bigpipe.declare import (
     READING_A_FILE,
     Flag,
@@ -54,7 +55,6 @@ from bigpipe.declare import (
 )
 from bigpipe.ingest.destinations import AllowRule, parse_rule
 
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 DAY_MS = 86_400_000
 MAX_IDEMPOTENCY_WINDOW_MS = 7 * DAY_MS
 DEFAULT_MAX_DELAY_MS = 7 * DAY_MS
@@ -68,20 +68,6 @@ OWNED_KAFKA_SETTINGS = frozenset(
     message.send.max.retries message.max.bytes isolation.level transactional.id group.protocol
     """.split()  # noqa: SIM905
 )
-
-
-def one_line(text: str) -> str:
-    """Escape control characters (a key may hold a line break), so text stays on one line."""
-    return CONTROL.sub(lambda match: repr(match.group())[1:-1], text)
-
-
-class ConfigError(Exception):
-    """The config is unusable; each entry of `problems` is one line for the operator."""
-
-    def __init__(self, problems: list[str]) -> None:
-        problems = list(dict.fromkeys(one_line(p) for p in problems))
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 # ---------------------------------------------------------------- Bigpipe's own types

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bigpipe.config import Config
+if TYPE_CHECKING:  # a supervisor keeps NodeCounters, and never loads the config's models
+    from bigpipe.config import Config
 
 OTHER_DESTINATIONS = "other"  # the destinations /stats and /metrics do not name
 # Destinations /stats and /metrics name, the busiest by attempts; the rest are `other`.

@@ -28,7 +28,8 @@ from aiohttp import web
 from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
-from bigpipe.config import Config, ConfigError, one_line, parse_config
+from bigpipe.config import Config, ConfigError, parse_config
+from bigpipe.config_error import one_line
 from bigpipe.ingest.listener import HeaderDeadline
 from tests.support import REPO, Bigpipe, base_config, free_port, topic_record_count, unique
 

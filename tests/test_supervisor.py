@@ -23,6 +23,7 @@ from bigpipe.node import workers as workers_module
 from bigpipe.node.board import node_directory
 from bigpipe.node.workers import (
     SUPERVISOR_PID_ENV,
+    NodeFile,
     Supervisor,
     cgroup_cpu_quota,
     write_snapshot,
@@ -286,7 +287,7 @@ async def supervisor_in_process(
     raw = base_config("127.0.0.1:1", unique("sup"), free_port())
     path = tmp_path / "bigpipe.json"
     path.write_bytes(orjson.dumps(raw))
-    supervisor = Supervisor(raw, parse_config(raw, source=path), workers)
+    supervisor = Supervisor(NodeFile.of(raw, parse_config(raw, source=path)), workers)
     supervisor._command = lambda _worker: command  # type: ignore[method-assign]
     running = asyncio.create_task(supervisor.run())
     try:

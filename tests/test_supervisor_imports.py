@@ -1,4 +1,5 @@
-"""The supervisor carries only what it needs: no Kafka library, no aiohttp, no Prometheus.
+"""The supervisor carries only what it needs: no Kafka library, no aiohttp, no Prometheus,
+no pydantic (it checks configs in a forked child: bigpipe.node.forked).
 
 It reads and checks the config and keeps its workers running; everything else is the
 workers' (bigpipe.node.workers). Each of these libraries cost it megabytes of RSS for
@@ -16,17 +17,16 @@ import aiohttp
 from tests.support import REPO, Bigpipe, base_config, consumer_entry, free_port, reload, unique
 
 # Modules (in sys.modules) and shared objects (in /proc/PID/maps) a supervisor must not load.
-WORKER_ONLY_MODULES = ("confluent_kafka", "aiohttp", "prometheus_client", "sqlite3")
-WORKER_ONLY_LIBRARIES = ("librdkafka", "/aiohttp/", "libsqlite3")
+WORKER_ONLY_MODULES = ("confluent_kafka", "aiohttp", "prometheus_client", "sqlite3", "pydantic")
+WORKER_ONLY_LIBRARIES = ("librdkafka", "/aiohttp/", "libsqlite3", "pydantic_core")
 
 # What a supervisor does before it supervises: import the CLI and the supervisor, read
 # and check the config (librdkafka's check included), then list what it has loaded.
 SUPERVISOR_START = """
 import sys
 import bigpipe.cli
-import bigpipe.node.workers
-from bigpipe.node.preflight import load_checked
-load_checked(sys.argv[1])
+from bigpipe.node.workers import load_apart
+load_apart(sys.argv[1])
 print(" ".join(sorted(sys.modules)))
 """
 

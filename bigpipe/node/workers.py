@@ -33,23 +33,20 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 import bigpipe
-from bigpipe.config import Config, ConfigError, ConsumerConfig, parse_config, read_config_file
+from bigpipe.config_error import ConfigError
 from bigpipe.logs import Logging
 from bigpipe.node.board import Board, node_file, remove_stale_node_files
-from bigpipe.node.reload import (
-    log_rejected,
-    log_reloaded,
-    plan_reload,
-    read_reload,
-    with_running_http,
-)
+from bigpipe.node.forked import Answer, ChildFailed, in_child
 from bigpipe.node.signals import handle_reloads, notify_ready
 from bigpipe.stats import NodeCounters
+
+if TYPE_CHECKING:  # the supervisor never loads the config's models: see NodeFile
+    from bigpipe.config import Config, ConsumerConfig
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +146,94 @@ def write_snapshot(path: Path, raw: dict[str, Any], reloads: NodeCounters) -> No
 def read_snapshot(path: Path, source: Path) -> tuple[Config, NodeCounters]:
     """The config a worker runs (read from `source` by the supervisor), and the node's
     reload counters, which the supervisor keeps."""
+    from bigpipe.config import parse_config, read_config_file  # a worker's, not a supervisor's
+
     snapshot = read_config_file(path)
     config = parse_config(snapshot["config"], source=source)
     return config, NodeCounters(**snapshot["nodeStats"])
+
+
+# ---------------------------------------------------------------- the operator's file
+@dataclasses.dataclass(frozen=True)
+class NodeFile:
+    """What the supervisor keeps of the operator's file once it is checked: its JSON, for
+    the snapshot, and the few settings the supervisor itself uses.
+
+    The file is read and checked (pydantic, librdkafka) in a forked child
+    (bigpipe.node.forked): a supervisor that loaded them would keep them for good, about
+    23 MiB of its RSS (tests/test_supervisor_imports.py).
+    """
+
+    raw: dict[str, Any]
+    source: str
+    workers: int
+    http_port: int
+    log_level: int
+    log_directory: str
+    log_format: str
+
+    @classmethod
+    def of(cls, raw: dict[str, Any], config: Config) -> NodeFile:
+        return cls(
+            raw,
+            str(config.source),
+            config.workers,
+            config.http_port,
+            config.log_level,
+            config.log_directory,
+            config.log_format,
+        )
+
+
+def load_apart(path: str | Path) -> NodeFile:
+    """The operator's file, read and checked in a child; ConfigError lists its problems."""
+
+    def load() -> Any:
+        from bigpipe.node.preflight import load_checked
+
+        try:
+            raw, config = load_checked(path)
+        except ConfigError as exc:
+            return {"problems": exc.problems}
+        return {"file": dataclasses.asdict(NodeFile.of(raw, config))}
+
+    answer = in_child(load)
+    answer.log()
+    if "problems" in answer.result:
+        raise ConfigError(answer.result["problems"])
+    return NodeFile(**answer.result["file"])
+
+
+def reload_apart(running: NodeFile) -> tuple[NodeFile | None, Answer]:
+    """The operator's file read anew for a reload and checked, in a child: the file to
+    run, None if it is refused, and the child's answer with its log lines (what changed,
+    or why the file is refused), which the caller logs."""
+
+    def reload() -> Any:
+        from bigpipe.config import parse_config
+        from bigpipe.node.reload import (
+            log_rejected,
+            log_reloaded,
+            plan_reload,
+            read_reload,
+            with_running_http,
+        )
+
+        source = Path(running.source)
+        config = parse_config(running.raw, source)
+        try:
+            raw, loaded = read_reload(config, source)
+        except ConfigError as exc:
+            log_rejected(exc)
+            return {"problems": exc.problems}
+        plan = plan_reload(config, loaded)
+        log_reloaded(source, config, loaded, plan)
+        kept = with_running_http(raw, running.raw)
+        return {"file": dataclasses.asdict(NodeFile.of(kept, plan.config))}
+
+    answer = in_child(reload)
+    file = answer.result.get("file")
+    return (None if file is None else NodeFile(**file)), answer
 
 
 # ---------------------------------------------------------------- worker processes
@@ -218,18 +300,15 @@ def worker_environment() -> dict[str, str]:
 
 
 class Supervisor:
-    def __init__(
-        self, raw: dict[str, Any], config: Config, workers: int, logs: Logging | None = None
-    ) -> None:
-        assert config.source is not None
-        self._raw, self._config = raw, config  # the last config loaded successfully
+    def __init__(self, file: NodeFile, workers: int, logs: Logging | None = None) -> None:
+        self._file = file  # the last config loaded successfully
         self._logs = logs
         self._reloads = NodeCounters()
         self._workers = [_Worker(i) for i in range(workers)]
         remove_stale_node_files()  # once, before this supervisor's own files exist
         self._board = Board.create(workers)
         self._snapshot = node_file("config", ".json")
-        write_snapshot(self._snapshot, raw, self._reloads)
+        write_snapshot(self._snapshot, file.raw, self._reloads)
         self._env = worker_environment()
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -241,7 +320,7 @@ class Supervisor:
             loop.add_signal_handler(signum, self._on_stop, signum)
         handle_reloads(loop, self._reload)
         notify_ready()
-        log.info("supervising %d workers on port %d", len(self._workers), self._config.http_port)
+        log.info("supervising %d workers on port %d", len(self._workers), self._file.http_port)
         try:
             keepers = [asyncio.create_task(self._keep_running(w)) for w in self._workers]
             await self._stopped.wait()
@@ -260,7 +339,7 @@ class Supervisor:
             "-m",
             "bigpipe",
             "-config",
-            str(self._config.source),
+            self._file.source,
             "--worker-of",
             f"{self._board.path}:{worker.index}:{len(self._workers)}",
             "--snapshot",
@@ -344,22 +423,20 @@ class Supervisor:
         if self._stopping:  # the workers drain and ignore it too
             log.info("SIGUSR1 while draining: ignored")
             return
-        source = self._config.source
-        assert source is not None
         try:
-            raw, loaded = read_reload(self._config, source)
-        except ConfigError as exc:
-            log_rejected(exc)
+            file, answer = reload_apart(self._file)
+        except (ChildFailed, OSError) as exc:  # no child, or it died: nothing was checked
+            log.error("reload failed, old config kept: the check could not run: %s", exc)
+            file, answer = None, Answer(None, [])
+        if file is None:
             self._reloads.reloadFailure += 1
         else:
-            if self._logs is not None:
-                self._logs.apply(loaded.log_level, loaded.log_directory, loaded.log_format)
-            plan = plan_reload(self._config, loaded)
-            log_reloaded(source, self._config, loaded, plan)
-            self._raw = with_running_http(raw, self._raw)
-            self._config = plan.config
+            if self._logs is not None:  # first: the reload's own lines go where it says
+                self._logs.apply(file.log_level, file.log_directory, file.log_format)
+            self._file = file
             self._reloads.reloadSuccess += 1
-        write_snapshot(self._snapshot, self._raw, self._reloads)
+        answer.log()
+        write_snapshot(self._snapshot, self._file.raw, self._reloads)
         self._forward(signal.SIGUSR1)
 
     def _forward(self, signum: int) -> None:
