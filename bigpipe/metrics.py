@@ -87,6 +87,12 @@ GROUP_COUNTERS = (
     ),
     ("bigpipe_expired", "Calls dead-lettered because their ttl ran out", "expired"),
     (
+        "bigpipe_parked",
+        "Calls sent to the delay topics because their destination may not be called for"
+        " longer than delayThreshold, each time",
+        "parked",
+    ),
+    (
         "bigpipe_duplicates_skipped",
         "Keyed calls not delivered: another call of the same idempotency key came first",
         "duplicateSkipped",

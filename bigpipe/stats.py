@@ -57,6 +57,9 @@ class GroupCounters:
     budgetConcurrency: int = 0
     lag: dict[str, int] = field(default_factory=dict)  # partition -> calls not yet committed
     expired: int = 0  # calls dead-lettered because their ttl ran out
+    # Calls sent to wait in the delay topics because their destination may not be called
+    # for longer than delayThreshold (open breaker, Retry-After), each time; `held`: shorter
+    parked: int = 0
     # rung of the delay topics ("1s" … "1h") -> calls waiting in it: the due-time spread
     waiting: dict[str, int] = field(default_factory=dict)
     # partition -> "consuming" or "paused:<reason>", for every partition assigned here

@@ -215,6 +215,7 @@ async def test_an_open_breaker_parks_its_calls_without_burning_attempts_and_hono
         len(expiring),
         0,
     )
+    assert stats["parked"] > len(lasting), "each parked once, some again"
 
 
 async def test_calls_parked_for_their_destination_survive_kill_9(
@@ -244,6 +245,13 @@ async def test_calls_parked_for_their_destination_survive_kill_9(
             lambda: all_committed_at_source(kafka, bigpipe), 10, "the source committed"
         )
         assert await parked_records(kafka, bigpipe) >= len(sent)
+        stats = await group_stats(bigpipe, http)
+        assert stats["held"] == 0 and stats["parked"] >= len(sent) - 1, stats  # not the first
+        async with http.get(f"{bigpipe.url}/metrics") as response:
+            assert any(
+                line.startswith("bigpipe_parked_total{") and float(line.rsplit(" ", 1)[1]) > 0
+                for line in (await response.text()).splitlines()
+            )
         await bigpipe.kill()
         busy.down = False
         again = await Bigpipe(bigpipe.config, tmp_path).start()

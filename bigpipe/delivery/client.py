@@ -142,6 +142,8 @@ class DeliveryClient:
                 return Outcome(False, attempt - 1, result, first_attempt_ms)
             if result.verdict is Verdict.HELD:  # nor a hold: the call waits in Kafka
                 wait = expiry.cap(result.retry_after or 0.0)
+                if wait > parks_after:  # else its ttl ends sooner: it waits that out here
+                    self._counters.parked += 1
                 return Outcome(False, attempt - 1, result, first_attempt_ms, wait_s=wait)
             if result.verdict is not Verdict.RETRY or attempt >= max_attempts:
                 self._trail.attempt_ended(call, attempt, result, None)
