@@ -6,7 +6,8 @@ rests until every worker has handed freed heap back once (its trim interval,
 bigpipe.node.memory, and 2 s): an idle node is one idle for that long; then
 VmRSS (/proc/PID/status) of each worker process is read: the supervisor's
 children, or the process itself when it runs alone. Figure: the largest worker.
-Baseline: bench/bare_ingest.py after the same traffic, read the same way. Target: <= 80 MiB per idle worker.
+Baseline: bench/bare_ingest.py after the same traffic, read the same way.
+Target: <= 80 MiB per idle worker.
 
 Idle node: the same node's whole process tree (supervisor and workers), summed.
 Target: <= 110 MiB of RSS. RSS counts the pages of the shared libraries (libpython,
