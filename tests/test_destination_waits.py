@@ -259,3 +259,56 @@ async def test_calls_parked_for_their_destination_survive_kill_9(
         await eventually(lambda: sent <= busy.delivered, 60, "every parked call delivered")
     finally:
         await downstream.stop()
+
+
+async def test_ordered_calls_are_held_for_their_destination_never_parked(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """With `ordering: "key"` a key's head waits for its destination in memory, however
+    long, and its later calls behind it: parked, the head's offset would be committed,
+    and after a crash its later calls, read again, would overtake it."""
+    busy = Outage(retry_after=30)
+    downstream = await Downstream(behaviour=busy).start()
+    try:
+        bigpipe, _ = await start_node(
+            kafka,
+            tmp_path,
+            processes,
+            ordering="key",
+            retries=5,
+            backoffBase=50,
+            backoffMax=3000,  # the pause: 3 s, over delayThreshold
+            delayThreshold=1000,
+        )
+        accepted: dict[str, list[str]] = {f"k{key}": [] for key in range(3)}
+
+        async def send(index: int) -> None:
+            key = f"k{index % 3}"
+            status, reply = await bigpipe.post_call(
+                http, data=str(index), url=downstream.url(), partition_key=key
+            )
+            assert (status, reply["errno"]) == (200, 0), reply
+            accepted[key].append(reply["data"]["id"])
+
+        await send(0)  # its 503 starts the pause: the other keys' heads find it paused
+        await eventually(lambda: bool(downstream.requests), 30, "the first 503")
+        for index in range(1, 30):
+            await send(index)
+
+        async def heads_held() -> bool:
+            return (await group_stats(bigpipe, http))["held"] == 2
+
+        await eventually(heads_held, 10, "k1's and k2's heads held for the destination")
+        busy.down = False
+        every = {call_id for ids in accepted.values() for call_id in ids}
+        await eventually(lambda: every <= busy.delivered, 60, "every call delivered")
+        stats = await group_stats(bigpipe, http)
+    finally:
+        await downstream.stop()
+    first: dict[str, float] = {}
+    for request in downstream.requests:
+        if request.answered is not None and request.call_id not in first:
+            first[request.call_id] = request.at
+    for key, ids in accepted.items():
+        assert sorted(ids, key=lambda call_id: first[call_id]) == ids, f"{key} out of order"
+    assert stats["parked"] == 0 and await parked_records(kafka, bigpipe) == 0
