@@ -285,13 +285,16 @@ def encode(value: Any, ascii_only: bool) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+def padded(document: dict[str, Any], size: int) -> bytes:
+    """`document` as ASCII JSON of `size` bytes (or more, if it is larger): a "pad" field."""
+    body = encode({**document, "pad": ""}, ascii_only=True)
+    return encode({**document, "pad": "x" * max(0, size - len(body))}, ascii_only=True)
+
+
 @st.composite
 def padded_to_the_limit(draw: st.DrawFn) -> bytes:
     """A call, good or not, padded to within a few bytes of the body limit, either side."""
-    call = draw(near_valid_calls | good_calls)
-    target = BODY_LIMIT + draw(st.integers(-3, 3))
-    body = encode({**call, "pad": ""}, ascii_only=True)
-    return encode({**call, "pad": "x" * max(0, target - len(body))}, ascii_only=True)
+    return padded(draw(near_valid_calls | good_calls), BODY_LIMIT + draw(st.integers(-3, 3)))
 
 
 bodies = st.one_of(
@@ -402,9 +405,7 @@ batch_documents = st.one_of(
 def batch_padded_to_the_limit(draw: st.DrawFn) -> bytes:
     """A batch padded to within a few bytes of the batch body limit, either side."""
     document = draw(st.fixed_dictionaries({"acl": batch_acls, "calls": batch_calls}))
-    target = BATCH_BODY_LIMIT + draw(st.integers(-3, 3))
-    body = encode({**document, "pad": ""}, ascii_only=True)
-    return encode({**document, "pad": "x" * max(0, target - len(body))}, ascii_only=True)
+    return padded(document, BATCH_BODY_LIMIT + draw(st.integers(-3, 3)))
 
 
 right_acl_batches = st.fixed_dictionaries({"acl": st.just(RIGHT_ACL), "calls": batch_calls})
