@@ -54,17 +54,28 @@ class InstantProducer:
         return placed
 
 
+ACL = {"name": "system-1", "secret": "you are good"}
+
+
+def call_fields(key: str | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"url": "http://127.0.0.1:9/h", "data": "d"}
+    if key is not None:
+        fields["idempotency_key"] = key
+    return fields
+
+
 def call_request(
     key: str | None, headers: dict[str, str] | None = None, body: bytes | None = None
 ) -> web.Request:
-    fields: dict[str, Any] = {"acl": {"name": "system-1", "secret": "you are good"}}
-    fields.update(url="http://127.0.0.1:9/h", data="d")
-    if key is not None:
-        fields["idempotency_key"] = key
+    body = orjson.dumps({"acl": ACL, **call_fields(key)}) if body is None else body
+    return posted("/rpc/call", body, headers)
+
+
+def posted(path: str, body: bytes, headers: dict[str, str] | None = None) -> web.Request:
     payload = streams.StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=mock.Mock())
-    payload.feed_data(orjson.dumps(fields) if body is None else body)
+    payload.feed_data(body)
     payload.feed_eof()
-    return make_mocked_request("POST", "/rpc/call", headers=headers, payload=payload)
+    return make_mocked_request("POST", path, headers=headers, payload=payload)
 
 
 def ingest_node(index: SlowIndex, **settings: Any) -> SimpleNamespace:
@@ -97,6 +108,27 @@ async def test_a_keyed_call_looking_up_its_key_counts_as_waiting() -> None:
     index.go.set()
     assert (await keyed).status == 200
     await asyncio.wait_for(drained, 1)
+
+
+async def test_a_batch_holds_its_calls_places_until_it_is_answered() -> None:
+    """/rpc/calls: each call admitted takes a place of channel.size, the batch gives them
+    back once answered, and a drain waits for it; calls past the room left are refused."""
+    index = SlowIndex()
+    node = ingest_node(index, **{"http.server.handler.channel.size": 2})
+    calls = [call_fields("k1"), call_fields(None), call_fields(None)]
+    body = orjson.dumps({"acl": ACL, "calls": calls})
+    answering = asyncio.ensure_future(node.ingest.rpc_calls(posted("/rpc/calls", body)))
+    await eventually(lambda: index.looking == 1, 5, "the keyed call to look its key up")
+    refused = await node.ingest.rpc_call(call_request(None))
+    assert refused.status == 503, "both places are the batch's until it is answered"
+    drained = asyncio.ensure_future(node.ingest.wait_idle())
+    await asyncio.sleep(0.05)
+    assert not drained.done(), "a drain must wait for the batch"
+    index.go.set()
+    reply = orjson.loads((await answering).body)
+    assert [one["status"] for one in reply["data"]] == [200, 200, 503]
+    await asyncio.wait_for(drained, 1)
+    assert (await node.ingest.rpc_call(call_request(None))).status == 200
 
 
 async def test_a_bad_idempotency_key_header_is_a_400_even_when_the_node_cannot_take_calls() -> None:
