@@ -18,10 +18,12 @@ import pytest
 from aiohttp import web
 
 from bigpipe.calls.status import NO_TRAIL
+from bigpipe.config import parse_config
 from bigpipe.delivery.budget import (
     FLOOR_FRACTION,
     LIVE_SECONDS,
     NOTHING,
+    GroupBudget,
     GroupState,
     Holding,
     Reports,
@@ -29,6 +31,7 @@ from bigpipe.delivery.budget import (
     shares,
 )
 from bigpipe.delivery.client import DeliveryClient
+from bigpipe.delivery.limits import Limits
 from bigpipe.delivery.shields import DestinationShields
 from bigpipe.metrics import Latencies
 from bigpipe.stats import GroupCounters
@@ -44,6 +47,7 @@ from tests.support import (
     key_for,
     unique,
 )
+from tests.test_config import EXAMPLE
 from tests.test_destination_shields import group_config
 
 RATE, CONCURRENCY = 40, 4
@@ -288,3 +292,45 @@ async def test_a_reload_lets_no_waiting_call_take_a_slot_beyond_the_members_shar
         await asyncio.gather(*waiting, return_exceptions=True)
     finally:
         await client.close()
+
+
+async def test_a_raise_takes_only_slots_no_other_member_holds_by_its_report() -> None:
+    """Member b, busy, goes from 3 slots to 2 as a becomes busy and goes from 1 to 2. b
+    sees its cut at its own next refresh, a report's way later, and its calls over the
+    cut finish after that: a raising at once (or one refresh later, as it did) let the
+    group run 5 calls at once under a cap of 4 (tests/faults/test_budget_nodes.py)."""
+    budget = GroupBudget(
+        parse_config({**EXAMPLE, "kafka.bootstrap.servers": f"127.0.0.1:{free_port()}"}),
+        group_config(concurrency=4, rate_limit=40),
+        member_id=lambda: "a",
+        holding=lambda: Holding([], {}),
+        producer=lambda: None,  # type: ignore[arg-type,return-value]
+        limits=Limits(1.0, 0),
+        counters=GroupCounters(),
+    )
+    assignment = {"a": [0], "b": [1, 2]}
+    try:
+        a_idle = GroupState(True, assignment, {0: 0, 1: 9, 2: 9}, {"a": 0, "b": 3})
+        assert shares(40, 4, assignment, a_idle.backlog)["a"].concurrency == 1
+        budget._apply(a_idle)
+        assert budget.share.concurrency == 1
+        both_busy = {0: 9, 1: 9, 2: 9}
+        assert shares(40, 4, assignment, both_busy)["a"].concurrency == 2
+        budget._apply(GroupState(True, assignment, both_busy, {"a": 1, "b": 3}))
+        assert budget.share.concurrency == 1, "b holds 3 slots still: no room"
+        budget._apply(GroupState(True, assignment, both_busy, {"a": 1, "b": 2}))
+        assert budget.share.concurrency == 2, "b reports its cut: the slot is free"
+        budget._apply(GroupState(True, assignment, both_busy, {"a": 2, "b": 2}))
+        assert budget.share.concurrency == 2
+    finally:
+        await budget.stop()
+
+
+async def test_a_member_reports_the_slots_it_still_holds_after_a_cut() -> None:
+    limits = Limits(1000.0, 3)
+    for _ in range(3):
+        await limits.acquire()
+    limits.update(1000.0, 1)  # cut to one slot with three calls open
+    assert limits.in_use == 3
+    limits.release()
+    assert limits.in_use == 2

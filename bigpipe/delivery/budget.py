@@ -21,9 +21,13 @@ such partitions each holds. A member whose partitions have none keeps only a flo
 `shares`), so that a call reaching it is not held until the next refresh. With no
 backlog anywhere, the budget is split by partitions held.
 
-A member lowers its concurrency at once, but raises it at once only when no other
-member's share was cut at the same time; otherwise it waits one more refresh, which
-gives the members that were cut time to see the cut and stop taking slots.
+A member lowers its concurrency at once, and raises it only into slots that no other
+member holds by its latest report. Each report says how many slots its member holds:
+its concurrency in force, or the calls it has open if more (a member just cut still
+has its calls open). So a member whose share grows waits until those whose shares
+shrank have seen the cut and finished the calls over it: the sum of what all hold
+never passes the budget. (Raising after one more refresh instead let 2 nodes x 2
+workers held to 4 slots run 5 requests at once on a loaded machine.)
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import orjson
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
@@ -136,14 +140,17 @@ class GroupState:
     stable: bool  # no partition is claimed by two members (a rebalance in progress)
     assignment: dict[str, list[int]]  # member id -> partitions of the topic it holds
     backlog: dict[int, int]  # partition -> calls after the committed offset
+    slots: dict[str, int] = field(default_factory=dict)  # member id -> slots it holds
 
 
 @dataclass(frozen=True, slots=True)
 class Holding:
-    """One member's report: the partitions it holds, with their backlog."""
+    """One member's report: the partitions it holds, with their backlog, and the slots
+    it holds (None from a Bigpipe that did not report them)."""
 
     partitions: list[int]
     backlog: dict[int, int]
+    slots: int | None = None
 
 
 class Reports:
@@ -170,6 +177,7 @@ class Reports:
             len(claimed) == len(set(claimed)),
             {m: h.partitions for m, h in live.items()},
             backlog,
+            {m: h.slots for m, h in live.items() if h.slots is not None},
         )
 
 
@@ -204,6 +212,7 @@ class Exchange:
                 "member": member,
                 "partitions": holding.partitions,
                 "backlog": holding.backlog,
+                "slots": holding.slots,
             },
             option=orjson.OPT_NON_STR_KEYS,
         )
@@ -225,9 +234,11 @@ class Exchange:
             report = orjson.loads(value or b"")
             if (report["topic"], report["group"]) != (self._topic, self._group):
                 return
+            slots = report.get("slots")
             holding = Holding(
                 [int(p) for p in report["partitions"]],
                 {int(p): int(n) for p, n in report["backlog"].items()},
+                None if slots is None else int(slots),
             )
             self._reports.hear(str(report["member"]), holding, now)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
@@ -266,7 +277,6 @@ class GroupBudget:
         self._limits = limits
         self._counters = counters  # shows the share in /stats and /metrics
         self._exchange = Exchange(config, consumer)
-        self._computed: dict[str, Share] = {}  # every member's share, as last worked out
         self.share = NOTHING  # this member's share in force
         self._enforce(NOTHING)
         self._changed = asyncio.Event()
@@ -295,7 +305,6 @@ class GroupBudget:
                 self.share.concurrency * consumer.concurrency // old.concurrency,
             )
         )  # the same part of the new budget until the next reckoning, never more
-        self._computed = {}
         self.assignment_changed()
 
     def assignment_changed(self) -> None:
@@ -316,7 +325,8 @@ class GroupBudget:
         me = self._member_id()
         if not me:  # not in the group yet: nothing to report, no share
             return
-        self._exchange.publish(self._producer(), me, self._holding())
+        holding = replace(self._holding(), slots=max(self.share.concurrency, self._limits.in_use))
+        self._exchange.publish(self._producer(), me, holding)
         try:
             state = self._exchange.state(me)
         except KafkaException as exc:
@@ -338,12 +348,13 @@ class GroupBudget:
         )
         me = self._member_id()
         share = computed.get(me, NOTHING) if me else NOTHING
-        if share.concurrency > self.share.concurrency and self._busy_cut(computed, me, state):
-            # Busy members lose slots as this member gains them: they may still be using
-            # them until their own refresh. Raise only as far as last time's reckoning agreed.
-            before = self._computed.get(me, NOTHING).concurrency
-            share = Share(share.rate, max(self.share.concurrency, min(share.concurrency, before)))
-        self._computed = computed
+        if share.concurrency > self.share.concurrency:
+            room = config.concurrency - sum(
+                state.slots.get(member, computed.get(member, NOTHING).concurrency)
+                for member in state.assignment
+                if member != me
+            )
+            share = Share(share.rate, max(self.share.concurrency, min(share.concurrency, room)))
         if share != self.share:
             log.debug("%s: share %s -> %s", self._name, self.share, share)
             self._enforce(share)
@@ -353,17 +364,3 @@ class GroupBudget:
         self._limits.update(share.rate, share.concurrency)
         self._counters.budgetRate = share.rate if share.concurrency else 0.0
         self._counters.budgetConcurrency = share.concurrency
-
-    def _busy_cut(self, computed: Mapping[str, Share], me: str | None, state: GroupState) -> bool:
-        """May another member lose slots it is using now? Unknown at a first reckoning (a
-        member that just joined, or after a reload), unless this member is the group's only
-        one. A member whose partitions have no backlog has nothing in flight: every call it
-        read is committed, so it uses no slot and its cut cannot make an overshoot."""
-        if not self._computed:
-            return set(computed) != {me}
-        return any(
-            computed.get(member, NOTHING).concurrency < share.concurrency
-            and any(state.backlog.get(p, 0) > 0 for p in state.assignment.get(member, ()))
-            for member, share in self._computed.items()
-            if member != me
-        )

@@ -89,6 +89,11 @@ class Limits:
         self._in_use = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
+    @property
+    def in_use(self) -> int:
+        """Slots taken now: after a cut, for a while more than the concurrency."""
+        return self._in_use
+
     def update(self, rate_limit: float, concurrency: int) -> None:
         """Apply new limits now; calls already waiting are served under the new ones."""
         self._rate.set_rate(rate_limit)
