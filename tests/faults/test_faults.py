@@ -80,6 +80,7 @@ async def test_broker_killed_under_load(
     assert await node.stop() == 0
 
 
+@pytest.mark.long  # 22 s; the normal suite's kill -9 runs: tests/test_crash.py
 async def test_bigpipe_crash_loop(
     cluster: Cluster,
     sink: Sink,

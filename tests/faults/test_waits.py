@@ -47,6 +47,7 @@ async def test_a_thousand_delayed_calls_arrive_within_a_second_and_a_half_of_due
     print(f"1,000 delayed calls: at most {assert_on_time(downstream, due, 1.5):.2f} s late")
 
 
+@pytest.mark.long  # 35 s; the normal suite's kill -9 of parked calls: test_destination_waits
 async def test_kill_9_while_500_delayed_calls_wait_then_all_arrive_on_time(
     cluster: Cluster,
     downstream: Downstream,
