@@ -325,3 +325,35 @@ async def test_a_stalled_event_loop_shows_in_the_loop_lag() -> None:
     buckets = {s[1]["le"]: s[2] for s in latencies.samples() if s[0].endswith("_bucket")}
     assert buckets["+Inf"] >= 2
     assert buckets["+Inf"] - buckets["0.25"] == 1, "one timer ran 0.25-0.4 s late"
+
+
+class _Acked:
+    """A delivery report's message: where Kafka put it (offset None: it did not say)."""
+
+    def __init__(self, offset: int | None) -> None:
+        self._offset = offset
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int | None:
+        return self._offset
+
+
+async def test_a_write_acknowledged_without_an_offset_is_not_answered_as_stored() -> None:
+    """On a broker started a moment before, a call answered errno 0 with offset null was
+    not in the topic (tests/faults/test_fresh_broker.py): librdkafka reports a write the
+    broker called a duplicate as done, with no offset. It must fail, retryably."""
+    producer = Producer(
+        parse_config({**EXAMPLE, "kafka.bootstrap.servers": f"127.0.0.1:{free_port()}"})
+    )
+    loop = asyncio.get_running_loop()
+    unplaced, placed = loop.create_future(), loop.create_future()
+    producer._pending += 2
+    producer._acks.extend([(unplaced, None, _Acked(None)), (placed, None, _Acked(7))])
+    producer._resolve_acks()
+    with pytest.raises(ProduceFailed) as failure:
+        await unplaced
+    assert not failure.value.permanent, "a retry may store it: retry later"
+    assert await placed == (0, 7)
+    await producer.close(0)

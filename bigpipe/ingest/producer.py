@@ -32,6 +32,7 @@ Placed = tuple[int, int]  # (partition, offset) of a stored record
 # A write's result, queued for the loop: its future, and the error or where Kafka put it.
 Ack = tuple[asyncio.Future[Placed], KafkaError | None, Message]
 
+UNPLACED = "Kafka acknowledged the write without saying where it is stored; it may not be"
 POLL_SECONDS = 0.1  # how long the poll thread blocks when nothing happens
 DEADLINE_SWEEP_SECONDS = 0.05  # how late past its timeout a write may be failed
 
@@ -180,8 +181,15 @@ class Producer:
             self._pending -= 1
             if future.done():  # the caller went away; its write still stands
                 continue
-            if error is None:
-                future.set_result((message.partition(), message.offset()))
+            offset = message.offset()
+            if error is None and offset is not None and offset >= 0:
+                future.set_result((message.partition(), offset))
+            elif error is None:
+                # librdkafka reports a write the broker called a duplicate (its sequence
+                # seen before) as done with no offset. On a broker started a moment
+                # before, such a write was then not in the topic (tests/faults/
+                # test_fresh_broker.py): never answer it as stored; a retry is safe.
+                future.set_exception(ProduceFailed(UNPLACED))
             else:
                 future.set_exception(ProduceFailed(error.str(), error.code()))
         if self._pending == 0:
