@@ -58,8 +58,7 @@ class StatusLog:
         self._counters = counters
         self._repeats = RepeatFilter()
         self._groups = _groups_by_topic(config)
-        self._settings = client_settings(config)
-        self._kafka = self._new_producer()
+        self._kafka = self._new_producer(config)
         self._retiring: set[asyncio.Task[None]] = set()  # producers replaced by a reload
         # in_flight steps not written yet, by (call id, group, attempt): those of the last
         # tick, and of this one. Each tick writes the older ones: open for a tick or more.
@@ -67,10 +66,10 @@ class StatusLog:
         self._newer: dict[tuple[str, str, int], dict[str, Any]] = {}
         self._ticker = asyncio.get_running_loop().call_later(TICK_SECONDS, self._tick)
 
-    def _new_producer(self) -> KafkaProducer:
+    def _new_producer(self, config: Config) -> KafkaProducer:
         return KafkaProducer(
             {
-                **self._settings,
+                **client_settings(config),
                 "client.id": "bigpipe-status",
                 # Ordered per call (one key, one partition, no reordering on retry).
                 "enable.idempotence": True,
@@ -84,17 +83,17 @@ class StatusLog:
         )
 
     def update(self, config: Config) -> None:
-        """A reload: the groups a topic's calls go to may have changed, and new client
-        settings (rotated credentials, say) take a new producer. The old one flushes in
-        the background: a call with steps in both may have them land out of order, and
-        status_of orders a call's steps by their time, not by their arrival."""
+        """A reload: the groups a topic's calls go to may have changed."""
         self._groups = _groups_by_topic(config)
-        if client_settings(config) != self._settings:
-            self._settings = client_settings(config)
-            old, self._kafka = self._kafka, self._new_producer()
-            flushing = asyncio.create_task(self._flush(old, config.shutdown_timeout_ms / 1000))
-            self._retiring.add(flushing)
-            flushing.add_done_callback(self._retiring.discard)
+
+    def renew(self, config: Config) -> None:
+        """New client settings (rotated credentials, say): a new producer. The old one
+        flushes in the background: a call with steps in both may have them land out of
+        order, and status_of orders a call's steps by their time, not by their arrival."""
+        old, self._kafka = self._kafka, self._new_producer(config)
+        flushing = asyncio.create_task(self._flush(old, config.shutdown_timeout_ms / 1000))
+        self._retiring.add(flushing)
+        flushing.add_done_callback(self._retiring.discard)
 
     def group(self, group_id: str) -> GroupTrail:
         return GroupTrail(self, group_id)

@@ -77,13 +77,11 @@ class StatusView:
         self._builder = threading.Thread(target=self._build, name="status-view", daemon=True)
         self._builder.start()
 
-    def update(self, config: Config) -> None:
-        """A reload: new client settings (rotated credentials, say) take a new Kafka
-        consumer, which resumes where the file left off (its positions are stored)."""
-        renew = client_settings(config) != client_settings(self._config)
+    def renew(self, config: Config) -> None:
+        """New client settings (rotated credentials, say): a new Kafka consumer, which
+        resumes where the file left off (its positions are stored)."""
         self._config = config
-        if renew:
-            self._renew.set()
+        self._renew.set()
 
     def close(self) -> None:
         self._stopping.set()

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
-from prometheus_client import Histogram
 from yarl import URL
 
 from bigpipe.calls.envelope import Call
@@ -27,6 +26,7 @@ from bigpipe.delivery.shields import Destination, DestinationShields
 from bigpipe.delivery.waits import Expiry
 from bigpipe.ingest.compat import GO_CALLER
 from bigpipe.ingest.destinations import DestinationRefused, is_public, literal_refusal, refusal
+from bigpipe.metrics import LatencyHistogram
 from bigpipe.stats import GroupCounters
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class DeliveryClient:
         counters: GroupCounters,
         shields: DestinationShields,
         callers: CallerLookup,
-        attempt_seconds: Histogram,
+        attempt_seconds: LatencyHistogram,
         trail: GroupTrail,
     ) -> None:
         self._counters = counters

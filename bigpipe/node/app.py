@@ -314,10 +314,8 @@ class Node:
         self.acl = Acl(config.acl)
         if self.status_log is not None:
             self.status_log.update(config)
-        if self.status_view is not None:
-            self.status_view.update(config)
         if plan.regroup_all:
-            self._renew_index(config)
+            self._renew_clients(config)
         if not self._joined:  # still joining Kafka: join again, with the new config
             if plan.new_producer:  # the groups to come take self.producer as it is then
                 await self._swap_producer(config)
@@ -338,11 +336,16 @@ class Node:
             self.groups[consumer.key].update(self._local(consumer))
         self._start_groups(plan.added)
 
-    def _renew_index(self, config: Config) -> None:
-        """New client settings (rotated credentials, say): a new idempotency index, read
-        afresh. The old one serves the lookups already waiting on it (each waits at most
-        the ack timeout and 1 s) before it is closed: closing a client a lookup is using
-        from another thread is not safe."""
+    def _renew_clients(self, config: Config) -> None:
+        """New client settings (rotated credentials, say) for the Kafka clients beside the
+        groups and the producer: the results writer, the status view, and a new
+        idempotency index, read afresh. The old index serves the lookups already waiting
+        on it (each waits at most the ack timeout and 1 s) before it is closed: closing a
+        client a lookup is using from another thread is not safe."""
+        if self.status_log is not None:
+            self.status_log.renew(config)
+        if self.status_view is not None:
+            self.status_view.renew(config)
         old, self.index = self.index, IdempotencyIndex(config)
         grace = config.producer_ack_timeout_ms / 1000 + 1
         retiring = asyncio.create_task(self._retire_index(old, grace))
