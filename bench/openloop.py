@@ -6,6 +6,8 @@
 Call i is due at start + i / rate. A few pacing tasks share the schedule; at
 each due time a pacer writes the call on an idle keep-alive connection (or
 opens one more) and moves on, so a slow reply never delays the next send.
+Connections idle for IDLE_SECONDS are closed rather than reused, before the
+server's keep-alive timeout closes them under a call.
 (Closed-loop tools such as wrk send less as the server slows, and so hide its
 latency.) Several processes can split one schedule: process K of N sends
 calls K, K+N, K+2N, ... from the same --start.
@@ -40,6 +42,10 @@ import uvloop
 LOST, NO_CONNECTION, CONNECT_FAILED = -1, -2, -3  # statuses of calls without a reply
 GRACE_SECONDS = 30  # after the last send, how long replies may still take
 WARM_CONNECTIONS, WARM_BATCH = 256, 32  # opened before the first call is due, 32 at a time
+# A connection idle this long is closed, not reused: Bigpipe closes keep-alive connections
+# idle for http.server.read.timeout (5 s by default), and a call written just as the server
+# closes its connection is lost. Clients that honour a server's keep-alive timeout do this.
+IDLE_SECONDS = 4.0
 
 
 class Columns:
@@ -70,6 +76,7 @@ class Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
         self.slot: int | None = None
+        self.idle_since = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -101,6 +108,7 @@ class Connection(asyncio.Protocol):
         if length is None and self._transport is not None:
             self._transport.close()  # a reply this client cannot frame
         else:
+            self.idle_since = time.monotonic()
             self._pool.idle.append(self)
 
     def close(self) -> None:
@@ -146,8 +154,9 @@ class Pool:
 
     def send(self, slot: int) -> None:
         """Send call `slot` now on an idle connection, or as soon as a new one is open."""
-        self.columns.sent[slot] = time.monotonic()  # a new connection's set-up counts too
+        now = self.columns.sent[slot] = time.monotonic()  # a new connection's set-up counts too
         self.columns.open += 1
+        self._retire_stale(now)
         if self.idle:
             self.idle.pop().send(slot)
         elif self.opened < self.limit:
@@ -156,6 +165,12 @@ class Pool:
             task.add_done_callback(self.connecting.discard)
         else:  # every connection is busy: the call fails, as it would for a real caller
             self.columns.answered(slot, NO_CONNECTION, b"")
+
+    def _retire_stale(self, now: float) -> None:
+        """Close the connections idle for IDLE_SECONDS: the least recently used come first."""
+        idle = self.idle
+        while idle and now - idle[0].idle_since >= IDLE_SECONDS:
+            idle.popleft().close()
 
     async def _send_on_new(self, slot: int) -> None:
         try:
