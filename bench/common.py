@@ -503,3 +503,69 @@ class Context:
 
     def count(self, count: int) -> int:
         return max(1000, int(count * self.scale))
+
+
+# ---------------------------------------------------------------- pinning
+@dataclass(frozen=True)
+class CpuSplit:
+    """The node under test on `node` CPUs; the broker, the downstream and the load
+    generators on `others`: no process of the bench competes with the node for a core."""
+
+    node: frozenset[int]
+    others: frozenset[int]
+
+    @property
+    def node_share(self) -> float:
+        return len(self.node) / (len(self.node) + len(self.others))
+
+
+def cpu_split() -> CpuSplit | None:
+    """The last CPU this process may use for everything else, the rest for the node;
+    None with fewer than 2 CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return CpuSplit(frozenset(cpus[:-1]), frozenset(cpus[-1:]))
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants now alive."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{tree[index]}/task").iterdir():
+                tree += [int(child) for child in (task / "children").read_text().split()]
+        index += 1
+    return tree
+
+
+def pin(pids: list[int], cpus: frozenset[int]) -> None:
+    """Run every thread of each process on `cpus`; threads and processes they start later
+    inherit it."""
+    for pid in pids:
+        with contextlib.suppress(OSError):  # a process or thread that just ended
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task.name), cpus)
+
+
+def broker_pids() -> list[int]:
+    """The bench broker's JVMs (deploy/kafka/local-kafka writes node-I/pid)."""
+    pids = []
+    for pid_file in BENCH_KAFKA_DIR.glob("node-*/pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pids.append(int(pid_file.read_text()))
+    return pids
+
+
+@contextmanager
+def others_pinned(split: CpuSplit) -> Iterator[None]:
+    """This process (so the downstream and the generators it starts) and the broker on
+    `split.others` for the block; all CPUs again after it."""
+    everything = split.node | split.others
+    others = [os.getpid(), *broker_pids()]
+    pin(others, split.others)
+    try:
+        yield
+    finally:
+        pin(others, everything)

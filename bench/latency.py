@@ -23,10 +23,21 @@ millisecond precision, converted with the offset between the two clocks.
 
 Each side gets the same 2 s warm-up at the same rate first (Bigpipe's is
 waited for until delivered, so the consumer group has joined and its
-connections are open), then `rounds` runs of 10 s; the figures are the
-medians over the rounds of each percentile. Bigpipe's node delivers every
-call as it goes (its own background load); the bare handler runs alone, with
-no background load: the node is stopped before the bare rounds.
+connections are open, and then until the node's status view has caught up
+with the results topic, which a new node reads from its beginning), then
+`rounds` runs of 10 s; the figures are the medians over the rounds of each
+percentile. Bigpipe's node delivers every call as it goes (its own background
+load); the bare handler runs alone, with no background load: the node is
+stopped before the bare rounds.
+
+Pinned: on these two shared cores the node competes with the broker, nginx
+and the generators, and the tail grows with how busy the machine is (at a
+quarter of the peak, unpinned, the p99 is about 7 ms). So every round is run
+again with the node (or the bare handler) alone on all CPUs but the last, and
+everything else on the last one (sched_setaffinity), at the rate scaled to the
+node's share of the CPUs: its cores are as busy as in the unpinned rounds,
+and nothing else runs on them. The row "ingest p99 @ half peak, pinned"
+reports it; both rows have the same target.
 """
 
 from __future__ import annotations
@@ -50,9 +61,13 @@ from bench.common import (
     bigpipe_config,
     bigpipe_node,
     call_body,
+    cpu_split,
     median,
     nginx_204,
+    others_pinned,
     percentile,
+    pin,
+    process_tree,
     save,
     stop_process,
 )
@@ -63,6 +78,7 @@ from tests.support import REPO, Bigpipe, consumer_entry, unique
 LOAD_SHARE = 0.5
 SECONDS, WARMUP_SECONDS = 10, 2
 GENERATORS = 2  # processes of bench/openloop.py sharing one schedule
+VIEW_TIMEOUT_SECONDS = 300  # for a new node's status view to read the whole results topic
 START_DELAY = 2.0  # s for the generators to start before the first call is due
 TARGET_P99_MS = 10.0
 LAG_WARNING_MS = 5.0
@@ -172,6 +188,23 @@ async def wait_delivered(log: Path, ids: set[str], timeout: float, node: Bigpipe
         await asyncio.sleep(0.5)
 
 
+async def wait_view_caught_up(node: Bigpipe, timeout: float) -> float:
+    """Wait until the node's status view holds every step in the results topic; return
+    how long that took (s).
+
+    A new node builds its view from the whole topic, which holds the steps of every
+    earlier benchmark's calls: measured while it catches up, the rounds would show that
+    one-time rebuild rather than the node's steady state."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with aiohttp.ClientSession() as session:
+        while (lag := (await node.stats(session))["statusStats"]["viewLag"]) != 0:
+            if loop.time() - started > timeout:
+                raise BenchError(f"the status view still lags by {lag} steps after {timeout} s")
+            await asyncio.sleep(0.5)
+    return loop.time() - started
+
+
 async def loop_lag_buckets(node: Bigpipe) -> dict[float, float]:
     """The node's `bigpipe_loop_lag_seconds` buckets now: cumulative counts by bound (s)."""
     async with aiohttp.ClientSession() as session, session.get(f"{node.url}/metrics") as reply:
@@ -248,9 +281,10 @@ def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def bigpipe_rounds(
-    ctx: Context, rate: float, seconds: float
+    ctx: Context, rate: float, seconds: float, cpus: frozenset[int] | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Warm-up, then `rounds` runs against a node delivering to nginx: ingest and e2e."""
+    """Warm-up, then `rounds` runs against a node delivering to nginx: ingest and e2e.
+    With `cpus`, the node runs on those only."""
     receipts_log = ctx.workdir / "nginx-latency" / "receipts.log"
     receipts_log.unlink(missing_ok=True)
     ingest, e2e = [], []
@@ -260,10 +294,15 @@ async def bigpipe_rounds(
         config = bigpipe_config(ctx.bootstrap, topic, workers=ctx.workers, consumers=[consumer])
         body = call_body(f"{downstream_url}/hook")
         async with bigpipe_node(config, ctx.workdir) as node:
+            if cpus is not None:
+                assert node.process is not None
+                pin(process_tree(node.process.pid), cpus)
             # Warm-up replies may fail (a node's first seconds can stall): only wait for
             # the accepted calls to be delivered.
             warmup = await open_loop(ctx, node.url, body, rate, WARMUP_SECONDS)
             await wait_delivered(receipts_log, set(warmup["id"]) - {""}, 90, node)
+            caught_up = await wait_view_caught_up(node, VIEW_TIMEOUT_SECONDS)
+            print(f"  latency: the status view caught up in {caught_up:.1f} s", flush=True)
             for round_number in range(1, ctx.rounds + 1):
                 lag_before = await loop_lag_buckets(node)
                 columns = await open_loop(ctx, node.url, body, rate, seconds)
@@ -283,11 +322,15 @@ async def bigpipe_rounds(
     return ingest, e2e
 
 
-async def bare_rounds(ctx: Context, rate: float, seconds: float) -> list[dict[str, Any]]:
+async def bare_rounds(
+    ctx: Context, rate: float, seconds: float, cpus: frozenset[int] | None = None
+) -> list[dict[str, Any]]:
     """The same warm-up and rounds against the bare handler, with no background load."""
     rounds = []
     body = call_body()
-    async with bare_ingest(ctx.workers, ctx.workdir) as (bare_url, _pid):
+    async with bare_ingest(ctx.workers, ctx.workdir) as (bare_url, pid):
+        if cpus is not None:
+            pin(process_tree(pid), cpus)
         await open_loop(ctx, bare_url, body, rate, WARMUP_SECONDS)
         for round_number in range(1, ctx.rounds + 1):
             columns = await open_loop(ctx, bare_url, body, rate, seconds)
@@ -308,53 +351,48 @@ async def run(ctx: Context) -> list[Row]:
     ingest_rounds, e2e_rounds = await bigpipe_rounds(ctx, rate, seconds)
     bigpipe, end_to_end_figures = medians(ingest_rounds), medians(e2e_rounds)
     bare = medians(await bare_rounds(ctx, rate, seconds))
-    ratio = bigpipe["p99_ms"] / bare["p99_ms"]
     how = (
         f"open loop at {rate:,.0f} calls/s ({LOAD_SHARE:.0%} of the end-to-end peak) for "
         f"{seconds:g} s, {GENERATORS} generator processes, median of {ctx.rounds} rounds "
         f"after a {WARMUP_SECONDS} s warm-up on each side; Bigpipe delivers every call to "
         "nginx as it goes, the bare handler runs with no background load (the node is stopped)"
     )
-    notes = [
-        how,
-        f"ingest p50/p99/p99.9: bigpipe {fmt(bigpipe)}, bare {fmt(bare)}",
-        f"bigpipe's event loop was late by at most {bigpipe['loop_lag_p99_ms']:.1f} ms at p99 "
-        "(bigpipe_loop_lag_seconds over the rounds): the share of the tail that is the "
-        "workers' own stalls",
-    ]
-    for name, figures in (("bigpipe", bigpipe), ("bare", bare)):
-        if figures["failed_total"]:
-            notes.append(
-                f"{name}: {figures['failed_total']:,} of {figures['calls']:,} calls failed "
-                f"{figures['failed']} ({FAILURE_KINDS})"
+    results: dict[str, Any] = {
+        "what": "ingest latency at half the peak load, and reply -> downstream receipt",
+        "how": how,
+        "workers": ctx.workers,
+        "rate_per_s": rate,
+        "bigpipe_ingest": bigpipe,
+        "bare_ingest": bare,
+        "end_to_end": end_to_end_figures,
+        "target_ingest_p99_ms": TARGET_P99_MS,
+    }
+    rows = [ingest_row("ingest p99 @ half peak", how, bigpipe, bare)]
+    if (split := cpu_split()) is not None:
+        pinned_rate = round(rate * split.node_share)
+        with others_pinned(split):
+            pinned, _ = await bigpipe_rounds(ctx, pinned_rate, seconds, split.node)
+            pinned_bare = await bare_rounds(ctx, pinned_rate, seconds, split.node)
+        pinned_how = (
+            f"the same, with the node (or the bare handler) alone on CPU "
+            f"{_cpus(split.node)} and the broker, nginx and the generators on CPU "
+            f"{_cpus(split.others)}, at {pinned_rate:,.0f} calls/s: the rate scaled to the "
+            f"node's {len(split.node)} of {len(split.node | split.others)} CPUs, so its cores "
+            "are as busy as above, with nothing else competing for them"
+        )
+        results["pinned"] = {
+            "how": pinned_how,
+            "rate_per_s": pinned_rate,
+            "bigpipe_ingest": medians(pinned),
+            "bare_ingest": medians(pinned_bare),
+        }
+        rows.append(
+            ingest_row(
+                "ingest p99 @ half peak, pinned", pinned_how, medians(pinned), medians(pinned_bare)
             )
-    lag = max(bigpipe["generator_lag_p99_ms"], bare["generator_lag_p99_ms"])
-    if lag > LAG_WARNING_MS:
-        notes.append(f"warning: the generator fell behind its schedule (lag p99 {lag:.1f} ms)")
-    save(
-        ctx.results,
-        "latency",
-        {
-            "what": "ingest latency at half the peak load, and reply -> downstream receipt",
-            "how": how,
-            "workers": ctx.workers,
-            "rate_per_s": rate,
-            "bigpipe_ingest": bigpipe,
-            "bare_ingest": bare,
-            "end_to_end": end_to_end_figures,
-            "target_ingest_p99_ms": TARGET_P99_MS,
-        },
-    )
-    return [
-        Row(
-            "ingest p99 @ half peak",
-            f"{bigpipe['p99_ms']:.1f} ms" + failures(bigpipe),
-            f"{bare['p99_ms']:.1f} ms bare aiohttp" + failures(bare),
-            ratio,
-            f"<= {TARGET_P99_MS:g} ms, none failed",
-            bigpipe["p99_ms"] <= TARGET_P99_MS and not bigpipe["failed_total"],
-            notes,
-        ),
+        )
+    save(ctx.results, "latency", results)
+    rows.append(
         Row(
             "end-to-end latency",
             f"p50 {end_to_end_figures['p50_ms']:.1f} / p99 {end_to_end_figures['p99_ms']:.1f} ms",
@@ -368,5 +406,39 @@ async def run(ctx: Context) -> list[Row]:
                 f"{end_to_end_figures['p99.9_ms']:.1f} ms, "
                 f"{end_to_end_figures['duplicates']} duplicate deliveries"
             ],
-        ),
+        )
+    )
+    return rows
+
+
+def _cpus(cpus: frozenset[int]) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus))
+
+
+def ingest_row(name: str, how: str, bigpipe: dict[str, Any], bare: dict[str, Any]) -> Row:
+    """The ingest p99 row of one set of rounds, against the bare handler's."""
+    notes = [
+        how,
+        f"ingest p50/p99/p99.9: bigpipe {fmt(bigpipe)}, bare {fmt(bare)}",
+        f"bigpipe's event loop was late by at most {bigpipe['loop_lag_p99_ms']:.1f} ms at p99 "
+        "(bigpipe_loop_lag_seconds over the rounds): the share of the tail that is the "
+        "workers' own stalls",
     ]
+    for side, figures in (("bigpipe", bigpipe), ("bare", bare)):
+        if figures["failed_total"]:
+            notes.append(
+                f"{side}: {figures['failed_total']:,} of {figures['calls']:,} calls failed "
+                f"{figures['failed']} ({FAILURE_KINDS})"
+            )
+    lag = max(bigpipe["generator_lag_p99_ms"], bare["generator_lag_p99_ms"])
+    if lag > LAG_WARNING_MS:
+        notes.append(f"warning: the generator fell behind its schedule (lag p99 {lag:.1f} ms)")
+    return Row(
+        name,
+        f"{bigpipe['p99_ms']:.1f} ms" + failures(bigpipe),
+        f"{bare['p99_ms']:.1f} ms bare aiohttp" + failures(bare),
+        bigpipe["p99_ms"] / bare["p99_ms"],
+        f"<= {TARGET_P99_MS:g} ms, none failed",
+        bigpipe["p99_ms"] <= TARGET_P99_MS and not bigpipe["failed_total"],
+        notes,
+    )
