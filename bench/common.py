@@ -232,7 +232,16 @@ async def bigpipe_node(
     config: dict[str, Any], workdir: Path, source: Path = REPO
 ) -> AsyncIterator[Bigpipe]:
     """A running Bigpipe node (`python -m bigpipe -config FILE`) of the tree `source`;
-    stopped by PID on exit."""
+    stopped by PID on exit.
+
+    A node of this tree writes call status to a results topic of its own (unless the
+    config names one): a new node builds its status view from the whole topic, and on
+    the bench broker a shared one would hold every earlier benchmark's steps, so each
+    benchmark would pay for rebuilding its predecessors' (a one-time cost in
+    production: the view is kept in status.directory) instead of its own steady state.
+    An earlier tree (--against) may not know the key."""
+    if source == REPO:
+        config = {"status.topic": unique(f"{TOPIC_PREFIX}results"), **config}
     node = Bigpipe(config, workdir, source=source)
     try:
         await node.start()

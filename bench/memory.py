@@ -14,8 +14,9 @@ Target: <= 110 MiB of RSS. RSS counts the pages of the shared libraries (libpyth
 librdkafka, OpenSSL, ...) once per process, so the sum overstates what the node
 takes; PSS (/proc/PID/smaps_rollup: each shared page split between the processes
 that map it) is shown beside it, as the honest total. The node runs with every
-default, call status included, on a status topic of its own (a shared one would
-make the figure depend on what earlier runs left in it); the same node with
+default, call status included, on a status topic of its own (bench/common.py's
+bigpipe_node: a shared one would make the figure depend on what earlier runs
+left in it); the same node with
 `status.enabled` false is measured too, after the same traffic.
 
 Overload: a fresh node with a small `http.server.handler.channel.size` (64)
@@ -108,7 +109,7 @@ async def idle_node(
         topic,
         workers=ctx.workers,
         consumers=[consumer],
-        **{"status.enabled": status, "status.topic": unique("bench-results")},
+        **{"status.enabled": status},
     )
     async with bigpipe_node(config, ctx.workdir) as node:
         assert node.process is not None
