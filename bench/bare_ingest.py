@@ -35,6 +35,10 @@ from aiohttp import web
 
 from bench.children import die_with_parent
 
+# Bigpipe's listen backlog (bigpipe/ingest/listener.py), not imported: that module brings
+# Bigpipe's config and pydantic, which would swell the baseline's memory.
+LISTEN_BACKLOG = 4096
+
 
 def make_server() -> web.Server:
     ids = itertools.count()
@@ -72,7 +76,7 @@ async def serve(port: int) -> None:
     sock.bind(("127.0.0.1", port))
     runner = web.ServerRunner(make_server(), handle_signals=False)
     await runner.setup()
-    await web.SockSite(runner, sock).start()
+    await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()  # as Bigpipe listens
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -147,3 +147,36 @@ async def test_expect_100_continue_gets_the_interim_reply_then_the_call_is_accep
     final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert final.startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+BURST = 600  # connections opened at once: more than a default listen backlog (128) holds
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full
+    (TcpExt ListenOverflows): each one is a SYN its client sends again a second later."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        if names[0] == "TcpExt:":
+            return int(values[names.index("ListenOverflows")])
+    raise AssertionError("no TcpExt ListenOverflows in /proc/net/netstat")
+
+
+async def test_a_burst_of_new_connections_is_accepted_without_a_syn_retry(
+    bigpipe: Bigpipe,
+) -> None:
+    """Clients that reconnect at once (after a deploy, a network blip) are all accepted at
+    once: a full accept queue drops their SYNs, and each then waits a second or more."""
+
+    async def ask_once() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", bigpipe.port)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: bigpipe\r\n\r\n")
+            return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        finally:
+            writer.close()
+
+    before = listen_overflows()
+    heads = await asyncio.gather(*(ask_once() for _ in range(BURST)))
+    assert all(head.startswith(b"HTTP/1.1 200") for head in heads)
+    assert listen_overflows() == before, "connections were dropped by a full accept queue"

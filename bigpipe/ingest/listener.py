@@ -17,6 +17,11 @@ from aiohttp import web
 from bigpipe.config import Config
 
 HEADERS_END = b"\r\n\r\n"
+# Connections the kernel completes before the node accepts them. aiohttp's default, 128,
+# overflows when a few hundred clients reconnect at once (after a deploy, a blip): each
+# SYN dropped is sent again only a second later. The kernel caps it at
+# net.core.somaxconn, as it does for Go's net.Listen, which asks for that much.
+LISTEN_BACKLOG = 4096
 # Explicit, documented bounds on a request's head (aiohttp's defaults, but for max_headers).
 HTTP_LIMITS = {"max_line_size": 8190, "max_field_size": 8190, "max_headers": 100}
 
@@ -102,7 +107,7 @@ class GuardedSite(web.BaseSite):
     """A TCP site whose connections go through HeaderDeadline."""
 
     def __init__(self, runner: web.BaseRunner, config: Config, reuse_port: bool = False) -> None:
-        super().__init__(runner, ssl_context=tls_context(config))
+        super().__init__(runner, ssl_context=tls_context(config), backlog=LISTEN_BACKLOG)
         self._config = config
         self._reuse_port = reuse_port  # workers share one port; the kernel spreads connections
 
