@@ -14,7 +14,8 @@ Benchmarks, in order (each module's docstring says what it measures and how):
     delivery       bench/delivery.py       Kafka -> nginx deliveries/s vs a bare aiohttp client,
                                            in as many processes as Bigpipe has workers; CPU-s/10k
                                            (target <= 1.10)
-    latency        bench/latency.py        ingest p99 at half the peak, reply -> downstream receipt
+    latency        bench/latency.py        ingest p99 at half the peak, reply -> downstream receipt;
+                                           again with the node pinned apart from the rest
     memory         bench/memory.py         idle RSS per worker and of the whole node (RSS and
                                            PSS, status on and off), RSS and refusals under overload
     status         bench/status.py         calls/s and CPU with the call status on vs off (ingest,
