@@ -48,6 +48,7 @@ import json
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -245,6 +246,9 @@ def write_results_md(rows: list[Row], info: dict[str, str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # SIGTERM as Ctrl-C: the event loop then cancels its tasks, whose `async with` blocks
+    # stop the nodes, servers and generators they started, and the broker is stopped below.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} not found; install it: apt-get install -y {tool}")
