@@ -34,7 +34,7 @@ the run writes summary.json beside them, and a full run (no --only, no
 instead, so it never replaces recorded figures. The configs and logs of the
 processes a run starts stay in .local/bench-run until the next run. The broker
 is warmed up first (30 s of small writes, read by a consumer group). A full run
-takes about 4 minutes.
+takes about 10 minutes.
 
 Exit status: 0 when every target is met, 1 when a target is missed, 2 when a
 benchmark could not produce a valid figure (wrong replies, a crash, a timeout).
