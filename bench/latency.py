@@ -23,9 +23,9 @@ millisecond precision, converted with the offset between the two clocks.
 
 Each side gets the same 2 s warm-up at the same rate first (Bigpipe's is
 waited for until delivered, so the consumer group has joined and its
-connections are open, and then until the node's status view has caught up
-with the results topic, which a new node reads from its beginning), then
-`rounds` runs of 10 s; the figures are the medians over the rounds of each
+connections are open; the node writes call status to a results topic of its
+own, so its status view has nothing earlier to catch up on), then `rounds`
+runs of 10 s; the figures are the medians over the rounds of each
 percentile. Bigpipe's node delivers every call as it goes (its own background
 load); the bare handler runs alone, with no background load: the node is
 stopped before the bare rounds.
@@ -78,7 +78,6 @@ from tests.support import REPO, Bigpipe, consumer_entry, unique
 LOAD_SHARE = 0.5
 SECONDS, WARMUP_SECONDS = 10, 2
 GENERATORS = 2  # processes of bench/openloop.py sharing one schedule
-VIEW_TIMEOUT_SECONDS = 300  # for a new node's status view to read the whole results topic
 START_DELAY = 2.0  # s for the generators to start before the first call is due
 TARGET_P99_MS = 10.0
 LAG_WARNING_MS = 5.0
@@ -188,23 +187,6 @@ async def wait_delivered(log: Path, ids: set[str], timeout: float, node: Bigpipe
         await asyncio.sleep(0.5)
 
 
-async def wait_view_caught_up(node: Bigpipe, timeout: float) -> float:
-    """Wait until the node's status view holds every step in the results topic; return
-    how long that took (s).
-
-    A new node builds its view from the whole topic, which holds the steps of every
-    earlier benchmark's calls: measured while it catches up, the rounds would show that
-    one-time rebuild rather than the node's steady state."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    async with aiohttp.ClientSession() as session:
-        while (lag := (await node.stats(session))["statusStats"]["viewLag"]) != 0:
-            if loop.time() - started > timeout:
-                raise BenchError(f"the status view still lags by {lag} steps after {timeout} s")
-            await asyncio.sleep(0.5)
-    return loop.time() - started
-
-
 async def loop_lag_buckets(node: Bigpipe) -> dict[float, float]:
     """The node's `bigpipe_loop_lag_seconds` buckets now: cumulative counts by bound (s)."""
     async with aiohttp.ClientSession() as session, session.get(f"{node.url}/metrics") as reply:
@@ -301,8 +283,6 @@ async def bigpipe_rounds(
             # the accepted calls to be delivered.
             warmup = await open_loop(ctx, node.url, body, rate, WARMUP_SECONDS)
             await wait_delivered(receipts_log, set(warmup["id"]) - {""}, 90, node)
-            caught_up = await wait_view_caught_up(node, VIEW_TIMEOUT_SECONDS)
-            print(f"  latency: the status view caught up in {caught_up:.1f} s", flush=True)
             for round_number in range(1, ctx.rounds + 1):
                 lag_before = await loop_lag_buckets(node)
                 columns = await open_loop(ctx, node.url, body, rate, seconds)
@@ -371,8 +351,8 @@ async def run(ctx: Context) -> list[Row]:
     if (split := cpu_split()) is not None:
         pinned_rate = round(rate * split.node_share)
         with others_pinned(split):
-            pinned, _ = await bigpipe_rounds(ctx, pinned_rate, seconds, split.node)
-            pinned_bare = await bare_rounds(ctx, pinned_rate, seconds, split.node)
+            pinned = medians((await bigpipe_rounds(ctx, pinned_rate, seconds, split.node))[0])
+            pinned_bare = medians(await bare_rounds(ctx, pinned_rate, seconds, split.node))
         pinned_how = (
             f"the same, with the node (or the bare handler) alone on CPU "
             f"{_cpus(split.node)} and the broker, nginx and the generators on CPU "
@@ -383,14 +363,10 @@ async def run(ctx: Context) -> list[Row]:
         results["pinned"] = {
             "how": pinned_how,
             "rate_per_s": pinned_rate,
-            "bigpipe_ingest": medians(pinned),
-            "bare_ingest": medians(pinned_bare),
+            "bigpipe_ingest": pinned,
+            "bare_ingest": pinned_bare,
         }
-        rows.append(
-            ingest_row(
-                "ingest p99 @ half peak, pinned", pinned_how, medians(pinned), medians(pinned_bare)
-            )
-        )
+        rows.append(ingest_row("ingest p99 @ half peak, pinned", pinned_how, pinned, pinned_bare))
     save(ctx.results, "latency", results)
     rows.append(
         Row(
