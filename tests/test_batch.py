@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from bigpipe.calls.envelope import decode_call
+from bigpipe.ingest.server import INTERNAL_ERROR
 from tests.support import (
     ACL_NAME,
     ACL_SECRET,
@@ -256,28 +257,49 @@ async def test_batched_calls_are_delivered(
         assert request.body == expected[request.call_id]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, left open: the broker refuses librdkafka's whole record batch when "
-    "it is over the topic's max.message.bytes, so the small calls written with a too large "
-    "one get its 413 'retrying cannot help' too (only on a topic created outside Bigpipe "
-    "with a max.message.bytes under librdkafka's batch.size); /rpc/call calls racing in one "
-    "linger.ms may have it too",
-)
 async def test_a_call_kafka_refuses_for_good_is_refused_alone(
     kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
 ) -> None:
     """Kafka's refusal of one call (too large for its topic) is that call's 413, "retrying
-    cannot help", as on /rpc/call; the calls around it are stored."""
+    cannot help", as on /rpc/call; the calls around it are stored.
+
+    The topic's max.message.bytes is under librdkafka's batch.size, so the first time the
+    large call takes down the record batch it is written in, and the small ones are
+    written again (bigpipe.ingest.record_limits); the second time the node knows the
+    limit and refuses the large call before it joins a batch."""
     topic = unique("batch-small-records")
     await asyncio.to_thread(create_topic, kafka, topic, **{"max.message.bytes": "2000"})
     bigpipe = await Bigpipe(base_config(kafka, topic, free_port(), partitions=1), tmp_path).start()
     processes.append(bigpipe)
-    status, reply = await post(bigpipe, http, batch(call("a"), call("x" * 5000), call("b")))
-    assert (status, reply["msg"]) == (200, "2 of 3 calls accepted"), reply
-    outcomes = reply["data"]
-    assert [(one["status"], one["errno"]) for one in outcomes] == [(200, 0), (413, -1), (200, 0)]
-    assert "retrying cannot help" in outcomes[1]["msg"] and topic in outcomes[1]["msg"]
-    stored = [decode_call(r.value()).data for r in read_topic(kafka, topic, 2)]
-    assert sorted(stored) == ["a", "b"]
-    assert topic_record_count(kafka, topic) == 2
+    for attempt in (1, 2):
+        status, reply = await post(bigpipe, http, batch(call("a"), call("x" * 5000), call("b")))
+        assert (status, reply["msg"]) == (200, "2 of 3 calls accepted"), (attempt, reply)
+        outcomes = reply["data"]
+        statuses = [(one["status"], one["errno"]) for one in outcomes]
+        assert statuses == [(200, 0), (413, -1), (200, 0)], attempt
+        assert "retrying cannot help" in outcomes[1]["msg"] and topic in outcomes[1]["msg"]
+        assert "max.message.bytes of 2000" in outcomes[1]["msg"], outcomes[1]["msg"]
+    stored = [decode_call(r.value()).data for r in read_topic(kafka, topic, 4)]
+    assert sorted(stored) == ["a", "a", "b", "b"]
+    assert topic_record_count(kafka, topic) == 4
+
+
+async def test_calls_over_a_topics_limit_only_together_are_told_to_retry_later(
+    kafka: str, http: aiohttp.ClientSession, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """Small calls that Kafka refuses together (their record batch over a topic's
+    max.message.bytes, each alone under it) are "retry later" (503), never "retrying
+    cannot help": each of them fits. Whatever is answered accepted is in the topic."""
+    topic = unique("batch-tiny-limit")
+    await asyncio.to_thread(create_topic, kafka, topic, **{"max.message.bytes": "600"})
+    bigpipe = await Bigpipe(base_config(kafka, topic, free_port(), partitions=1), tmp_path).start()
+    processes.append(bigpipe)
+    status, reply = await post(bigpipe, http, batch(*(call("y" * 200) for _ in range(20))))
+    assert status == 200, reply
+    outcomes = [(one["status"], one["errno"]) for one in reply["data"]]
+    assert set(outcomes) <= {(200, 0), (503, INTERNAL_ERROR)}, reply
+    refused = [one["msg"] for one in reply["data"] if one["status"] == 503]
+    assert refused, "20 calls of 200 bytes in one record batch should be over 600 bytes"
+    assert all("a retry may pass" in msg for msg in refused), refused
+    accepted = outcomes.count((200, 0))
+    assert topic_record_count(kafka, topic) == accepted

@@ -23,7 +23,8 @@ from confluent_kafka import Producer as KafkaProducer
 
 from bigpipe.config import Config
 from bigpipe.delivery.retry import backoff_seconds
-from bigpipe.kafka import producer_settings
+from bigpipe.ingest.record_limits import RecordLimits, alone_size
+from bigpipe.kafka import client_settings, producer_settings
 from bigpipe.kafka_client import RepeatFilter
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,10 @@ class Producer:
         self._queue_ack = partial(_queue_ack, self._acks.append)
         self._deadlines: deque[tuple[float, asyncio.Future[Placed]]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._limits = RecordLimits(client_settings(config))
+        # Writes refused as too large that fit alone, written once more (see _write_alone).
+        self._written_again: set[asyncio.Future[Placed]] = set()
+        self._learning: set[asyncio.Task[None]] = set()
         self._stopping = threading.Event()
         self._poller = threading.Thread(target=self._poll_forever, name="kafka-acks", daemon=True)
         self._poller.start()
@@ -118,15 +123,30 @@ class Producer:
                 ProduceFailed("the producer is closed (replaced by a reload, or stopping)")
             )
             return future
+        limit = self._limits.known(topic)
+        if limit is not None and alone_size(value, key) > limit:  # never let it join a batch
+            future.set_exception(_over_limit(topic, alone_size(value, key), limit))
+            return future
+        if self._produce(future, topic, value, key):
+            self._count_pending(future, timeout)
+        return future
+
+    def _produce(
+        self, future: asyncio.Future[Placed], topic: str, value: bytes, key: bytes | None
+    ) -> bool:
+        """Hand the record to librdkafka; False (and the future failed) if it refused it."""
         try:
             self._kafka.produce(topic, value, key, on_delivery=partial(self._queue_ack, future))
         except BufferError as exc:
             future.set_exception(ProduceFailed(f"local queue refused the write: {exc}"))
-            return future
+            return False
         except KafkaException as exc:
             error = exc.args[0]
             future.set_exception(ProduceFailed(f"refused the write: {error.str()}", error.code()))
-            return future
+            return False
+        return True
+
+    def _count_pending(self, future: asyncio.Future[Placed], timeout: float | None) -> None:
         if self._pending == 0:
             self._idle.clear()
         self._pending += 1
@@ -134,7 +154,6 @@ class Producer:
             self._deadlines.append((self._loop.time() + timeout, future))
             if self._sweeper is None:
                 self._sweeper = self._loop.call_later(DEADLINE_SWEEP_SECONDS, self._sweep)
-        return future
 
     async def close(self, timeout: float) -> None:
         """Wait up to `timeout` s for pending writes, then stop polling.
@@ -178,6 +197,11 @@ class Producer:
         acks = self._acks
         while acks:
             future, error, message = acks.popleft()
+            if error is not None and self._may_fit_alone(future, error):
+                self._learn_then_write_alone(future, message, error)  # still pending
+                continue
+            if self._written_again:
+                self._written_again.discard(future)
             self._pending -= 1
             if future.done():  # the caller went away; its write still stands
                 continue
@@ -190,8 +214,50 @@ class Producer:
                 # before, such a write was then not in the topic (tests/faults/
                 # test_fresh_broker.py): never answer it as stored; a retry is safe.
                 future.set_exception(ProduceFailed(UNPLACED))
+            elif error.code() in TOO_LARGE_ERRORS:  # a second time, though it fits alone
+                future.set_exception(_batch_too_large(error, message, self._limits))
             else:
                 future.set_exception(ProduceFailed(error.str(), error.code()))
+        if self._pending == 0:
+            self._idle.set()
+
+    def _may_fit_alone(self, future: asyncio.Future[Placed], error: KafkaError) -> bool:
+        """Refused as too large the first time: a larger record in its batch may be why."""
+        return (
+            error.code() in TOO_LARGE_ERRORS
+            and not future.done()
+            and future not in self._written_again
+        )
+
+    def _learn_then_write_alone(
+        self, future: asyncio.Future[Placed], message: Message, error: KafkaError
+    ) -> None:
+        task = self._loop.create_task(self._write_alone(future, message, error))
+        self._learning.add(task)
+        task.add_done_callback(self._learning.discard)
+
+    async def _write_alone(
+        self, future: asyncio.Future[Placed], message: Message, error: KafkaError
+    ) -> None:
+        """A write Kafka refused as too large: refuse it for good if it is over the topic's
+        limit on its own; write it once more if it fits (a larger record in its batch
+        took it down, bigpipe.ingest.record_limits). Until then it is still pending."""
+        topic, value, key = message.topic() or "", message.value() or b"", message.key()
+        limit = await self._limits.learn(topic)
+        fits = limit is not None and alone_size(value, key) <= limit
+        if fits and not future.done() and not self._closed:
+            self._written_again.add(future)
+            if self._produce(future, topic, value, key):
+                return
+            self._written_again.discard(future)
+        self._pending -= 1
+        if not future.done():
+            failure = ProduceFailed(error.str(), error.code())
+            if limit is not None and not fits:
+                failure = _over_limit(topic, alone_size(value, key), limit)
+            elif fits:  # the producer closed meanwhile
+                failure = ProduceFailed("the producer closed before the write was retried")
+            future.set_exception(failure)
         if self._pending == 0:
             self._idle.set()
 
@@ -245,6 +311,24 @@ async def write_until_stored(
             if on_retry is not None:
                 on_retry(exc)
             await asyncio.sleep(backoff_seconds(failures, *backoff_ms))
+
+
+def _over_limit(topic: str, size: int, limit: int) -> ProduceFailed:
+    return ProduceFailed(
+        f"the call takes {size} bytes, over topic {topic}'s max.message.bytes of {limit}",
+        KafkaError.MSG_SIZE_TOO_LARGE,
+    )
+
+
+def _batch_too_large(error: KafkaError, message: Message, limits: RecordLimits) -> ProduceFailed:
+    """Refused as too large again though it fits alone: the records written with it are
+    over the limit together (a topic's max.message.bytes under librdkafka's batch.size).
+    Transient: the next batch may be smaller."""
+    limit = limits.known(message.topic() or "")
+    return ProduceFailed(
+        f"{error.str()}: Kafka refused the record batch the call was written in (over "
+        f"max.message.bytes {limit}); the call alone fits, so a retry may pass"
+    )
 
 
 def _queue_ack(
