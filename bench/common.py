@@ -407,8 +407,16 @@ def cpu_row(
 
 
 def worker_pids(pid: int) -> list[int]:
-    """The processes that serve calls: the children of a supervisor, or the process itself."""
-    return descendants(pid) or [pid]
+    """The processes that serve calls: the children of a supervisor, or the process itself;
+    not the status view's builder (bigpipe.calls.view_builder), which one of them runs."""
+    workers = [child for child in descendants(pid) if process_name(child) != "bigpipe-view"]
+    return workers or [pid]
+
+
+def process_name(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    return ""
 
 
 # ---------------------------------------------------------------- numbers

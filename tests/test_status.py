@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tests.support import (
     start_node,
     unique,
 )
+from tests.test_workers import children, process_name
 
 
 async def fail_twice(_request: web.Request, number: int) -> web.Response:
@@ -365,3 +367,36 @@ async def test_every_worker_of_a_node_answers_from_the_one_view(
     await eventually(on_a_new_connection, 30, "the call's status")
     for _ in range(20):  # fresh connections, spread over both workers by SO_REUSEPORT
         assert await on_a_new_connection(), answers
+
+
+def view_builders(pid: int) -> list[int]:
+    """The status view builders (bigpipe.calls.view_builder) `pid` started."""
+    return list(children(pid, view_builders=True))
+
+
+async def test_the_view_builder_is_started_again_if_it_dies_and_dies_with_its_node(
+    kafka: str,
+    tmp_path: Path,
+    processes: list[Bigpipe],
+    http: aiohttp.ClientSession,
+    downstream: Downstream,
+) -> None:
+    """The view is built by a process of its own: killed, the node starts another, which
+    carries on from the file; the node killed with -9 takes it down too."""
+    bigpipe, _ = await start_node(
+        kafka, tmp_path, processes, node={"status.topic": unique("results")}
+    )
+    assert bigpipe.process is not None
+    node = bigpipe.process.pid
+    await eventually(lambda: len(view_builders(node)) == 1, 30, "one view builder")
+    (first,) = view_builders(node)
+    os.kill(first, signal.SIGKILL)
+    await eventually(lambda: view_builders(node) not in ([], [first]), 30, "a new view builder")
+    _, reply = await bigpipe.post_call(http, "after", downstream.url())
+    call_id = reply["data"]["id"]
+    await eventually(lambda: _is(state_of(bigpipe, http, call_id), "delivered"), 30, "delivered")
+    (second,) = view_builders(node)
+    # named apart from the node's `bigpipe`, which `killall -USR1 bigpipe` reloads
+    await eventually(lambda: process_name(second) == "bigpipe-view", 10, "the builder's name")
+    os.kill(node, signal.SIGKILL)
+    await eventually(lambda: not Path(f"/proc/{second}").exists(), 30, "the builder gone")

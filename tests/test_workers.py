@@ -54,15 +54,20 @@ def process_name(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
-def children(pid: int) -> dict[int, str]:
-    """Child PIDs of `pid` and their process names."""
+def children(pid: int, view_builders: bool = False) -> dict[int, str]:
+    """Child PIDs of `pid` and their process names: its workers, or (`view_builders`) the
+    status view's builder it runs (bigpipe.calls.view_builder), told apart by its command
+    line, which it has from its start (it names itself a moment later)."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            if int(stat.rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            builder = b"bigpipe.calls.view_builder" in Path(f"/proc/{entry}/cmdline").read_bytes()
+            if builder == view_builders:
                 found[int(entry)] = process_name(int(entry))
         except OSError:
             continue

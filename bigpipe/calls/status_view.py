@@ -1,54 +1,35 @@
 """Each node's view of the results topic: an SQLite file that answers `GET /rpc/call/{id}`.
 
-One process per node (the lone process, or worker 0) builds it: a thread reads every
-partition of the results topic, without a consumer group, from the positions kept in
-the file itself, and appends each record as a row, one transaction per batch. Every
-worker reads the file (WAL mode: readers never wait for the writer). A node started
-with no file, or whose file came from another cluster or topic, reads the topic from its
-beginning; Kafka's retention bounds that, and rows older than the retention are
-deleted every minute, so the file stays bounded too.
+One process per node builds it (bigpipe.calls.view_builder), started by the lone
+process or worker 0, which supervises it; every worker reads the file (WAL mode:
+readers never wait for the writer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import re
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from bigpipe.calls.status import status_of
+from bigpipe.calls.view_builder import call_key
 from bigpipe.config import Config
 from bigpipe.kafka import client_settings
 from bigpipe.stats import StatusCounters
 
 log = logging.getLogger(__name__)
 
-BATCH = 2000
-POLL_SECONDS = 0.2
-LAG_SECONDS = 1.0
-PRUNE_SECONDS = 60.0
-PRUNE_BATCH = 10_000
-METADATA_TIMEOUT = 5.0
-
-# A row holds the steps of one call that came in one batch, as JSON lines: steps of a call
-# come close together, so grouping them saves rows. Rows are found by `h`, the first 64
-# bits of the call id as an integer: cheaper to index than the text, and, as call ids
-# start with their acceptance time, new rows land at the end of the index.
-SCHEMA_VERSION = 2
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS positions (partition INTEGER PRIMARY KEY, next INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS steps (h INTEGER NOT NULL, id BLOB NOT NULL, at INTEGER NOT NULL,
-                                  records BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS steps_by_h ON steps (h);
-"""
+RESTART_SECONDS = 5.0  # after the builder died on its own
+STOP_SECONDS = 2.0  # how long a builder asked to stop may take before it is killed
 
 
 def view_path(config: Config) -> Path:
@@ -58,37 +39,42 @@ def view_path(config: Config) -> Path:
 
 
 class StatusView:
-    """Lookups for every worker; the building thread in one of them."""
+    """Lookups for every worker; the builder process in one of them."""
 
     def __init__(self, config: Config, counters: StatusCounters) -> None:
         self._config = config
-        self._counters = counters
         self.path = view_path(config)
         self._reader: sqlite3.Connection | None = None
         self._opening = threading.Lock()
-        self._stopping = threading.Event()
-        self._renew = threading.Event()  # new client settings: follow with a new consumer
-        self._builder: threading.Thread | None = None
+        self._builder = BuilderProcess(self, counters)
 
     def start_building(self) -> None:
-        """Start the building thread; again (joining Kafka anew after a reload): no-op."""
-        if self._builder is not None:
-            return
-        self._builder = threading.Thread(target=self._build, name="status-view", daemon=True)
+        """Start the builder; again (joining Kafka anew after a reload): no-op."""
         self._builder.start()
 
     def renew(self, config: Config) -> None:
-        """New client settings (rotated credentials, say): a new Kafka consumer, which
-        resumes where the file left off (its positions are stored)."""
+        """New client settings (rotated credentials, say): a new builder, which resumes
+        where the file left off (its positions are stored)."""
         self._config = config
-        self._renew.set()
+        self._builder.restart()
 
     def close(self) -> None:
-        self._stopping.set()
-        if self._builder is not None:
-            self._builder.join(POLL_SECONDS * 10)
+        """Blocking (it waits for the builder to stop): call it on a thread."""
+        self._builder.stop()
         if self._reader is not None:
             self._reader.close()
+
+    def builder_settings(self) -> dict[str, Any]:
+        """What the builder process is told on its stdin."""
+        config = self._config
+        kafka = {k: v for k, v in client_settings(config).items() if k != "logger"}
+        return {
+            "kafka": kafka,
+            "topic": config.status_topic,
+            "path": str(self.path),
+            "retention_ms": config.status_retention_ms,
+            "level": logging.getLogger().getEffectiveLevel(),
+        }
 
     def lookup(self, call_id: str, caller: str) -> dict[str, Any] | None:
         """The call's status if `caller` posted it and it is within the retention.
@@ -100,7 +86,8 @@ class StatusView:
         rows = (
             self._connection()
             .execute(
-                "SELECT records FROM steps WHERE h = ? AND id = ? ORDER BY rowid", (_h(key), key)
+                "SELECT records FROM steps WHERE h = ? AND id = ? ORDER BY rowid",
+                (call_key(key), key),
             )
             .fetchall()
         )
@@ -124,146 +111,95 @@ class StatusView:
                 )
             return self._reader
 
-    # ------------------------------------------------------------ building
-    def _build(self) -> None:
-        """The building thread: never raises; a failure is logged and retried."""
-        while not self._stopping.is_set():
+
+class BuilderProcess:
+    """Runs bigpipe.calls.view_builder and keeps it running: a thread starts it, feeds it
+    its settings, reads its reports (log lines, the view's lag) and starts it again if
+    it dies. The thread lives as long as the process: Linux signals the process when the
+    thread that started it ends (PR_SET_PDEATHSIG), so a worker that dies, even by
+    kill -9, takes its builder with it."""
+
+    def __init__(self, view: StatusView, counters: StatusCounters) -> None:
+        self._view = view
+        self._counters = counters
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._restarting = threading.Event()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="status-view", daemon=True)
+            self._thread.start()
+
+    def restart(self) -> None:
+        """Stop the builder; the thread starts one with the view's new settings. Never
+        waits: a reload calls it on the event loop."""
+        if self._thread is not None:
+            self._restarting.set()
+            self._close_stdin()
+
+    def stop(self) -> None:
+        """Stop the builder, killing it past STOP_SECONDS. Blocking: call it on a thread."""
+        self._stopping.set()
+        self._close_stdin()
+        process = self._process
+        if process is not None:
             try:
-                self._build_from_kafka()
-                if not self._renew.is_set():
-                    return
-                self._renew.clear()
-            except (sqlite3.Error, OSError, KafkaException) as exc:
-                log.error("status view %s: %s; retrying in 5 s", self.path, exc)
-                self._stopping.wait(5.0)
+                process.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if self._thread is not None:
+            self._thread.join(STOP_SECONDS)
 
-    def _build_from_kafka(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None)
-        db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")
-        if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:  # an older file
-            db.executescript("DROP TABLE IF EXISTS steps; DROP TABLE IF EXISTS positions;")
-            db.executescript("DROP TABLE IF EXISTS meta;")
-        db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
-        kafka = Consumer(
-            {
-                **client_settings(self._config),
-                "group.id": "bigpipe-status-view",  # assigned, never joined or committed
-                "enable.auto.commit": False,
-                "enable.partition.eof": False,
-            }
-        )
-        try:
-            partitions = self._assign(db, kafka)
-            self._follow(db, kafka, partitions)
-        finally:
-            kafka.close()
-            db.close()
+    def _close_stdin(self) -> None:
+        """The builder stops when its stdin closes (within a poll of Kafka)."""
+        process = self._process
+        if process is not None and process.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                process.stdin.close()
 
-    def _assign(self, db: sqlite3.Connection, kafka: Consumer) -> list[TopicPartition]:
-        """Start each partition where the file left off; anew if the file is another's."""
-        topic = self._config.status_topic
+    def _run(self) -> None:
         while not self._stopping.is_set():
-            metadata = kafka.list_topics(topic, timeout=METADATA_TIMEOUT)
-            found = metadata.topics.get(topic)
-            if found is not None and found.error is None and found.partitions:
-                break
-            self._stopping.wait(1.0)  # the node creates it as it joins Kafka
-        else:
-            return []
-        origin = f"{metadata.cluster_id}/{topic}"
-        if _meta(db, "origin") != origin:
-            log.info("status view %s: building it from %s", self.path, topic)
-            db.executescript("DELETE FROM steps; DELETE FROM positions; DELETE FROM meta;")
-            db.execute("INSERT INTO meta VALUES ('origin', ?)", (origin,))
-        positions = dict(db.execute("SELECT partition, next FROM positions").fetchall())
-        partitions = [
-            TopicPartition(topic, number, positions.get(number, OFFSET_BEGINNING))
-            for number in sorted(found.partitions)
-        ]
-        kafka.assign(partitions)
-        return partitions
-
-    def _follow(
-        self, db: sqlite3.Connection, kafka: Consumer, partitions: list[TopicPartition]
-    ) -> None:
-        next_lag = next_prune = 0.0
-        while not self._stopping.is_set() and not self._renew.is_set():
-            messages = kafka.consume(BATCH, POLL_SECONDS)
-            self._apply(db, [m for m in messages if m.error() is None])
-            now = time.monotonic()
-            if now >= next_lag:
-                self._counters.viewLag = self._lag(db, kafka, partitions)
-                next_lag = now + LAG_SECONDS
-            if now >= next_prune:
-                self._prune(db)
-                next_prune = now + PRUNE_SECONDS
-
-    def _apply(self, db: sqlite3.Connection, messages: list[Any]) -> None:
-        """Append a batch's steps, grouped by call, and the positions they move to.
-
-        No JSON is decoded here: the key is the call id, the time Kafka's timestamp."""
-        if not messages:
-            return
-        calls: dict[bytes, list[bytes]] = {}
-        times: dict[bytes, int] = {}
-        positions = {}
-        for message in messages:
-            positions[message.partition()] = message.offset() + 1
-            key, value = message.key(), message.value()
-            if key is None or value is None or not CALL_ID.fullmatch(key):
-                continue  # not a step Bigpipe wrote: nothing to show
-            calls.setdefault(key, []).append(value)
-            times[key] = message.timestamp()[1]
-        rows = [(_h(key), key, times[key], b"\n".join(steps)) for key, steps in calls.items()]
-        with db:  # one transaction: the rows and the positions they move to
-            db.execute("BEGIN")
-            db.executemany("INSERT INTO steps VALUES (?, ?, ?, ?)", rows)
-            db.executemany("INSERT OR REPLACE INTO positions VALUES (?, ?)", positions.items())
-
-    def _lag(
-        self, db: sqlite3.Connection, kafka: Consumer, partitions: list[TopicPartition]
-    ) -> int:
-        """Records stored in the topic and not yet in the view, from the last fetches' ends."""
-        positions = dict(db.execute("SELECT partition, next FROM positions").fetchall())
-        lag = 0
-        for tp in partitions:
-            try:
-                low, high = kafka.get_watermark_offsets(tp, cached=True)
-            except KafkaException:
-                return self._counters.viewLag  # nothing fetched yet: keep what was known
-            if high < 0:
-                return self._counters.viewLag
-            lag += max(0, high - max(positions.get(tp.partition, 0), low))
-        return lag
-
-    def _prune(self, db: sqlite3.Connection) -> None:
-        """Delete the rows older than the retention, from the oldest (rows come in time order,
-        near enough: a step late by a few seconds goes a minute later)."""
-        cutoff = _now_ms() - self._config.status_retention_ms
-        while not self._stopping.is_set():
-            with db:
-                db.execute("BEGIN")
-                deleted = db.execute(
-                    "DELETE FROM steps WHERE rowid IN (SELECT rowid FROM steps ORDER BY rowid"
-                    " LIMIT ?) AND at < ?",
-                    (PRUNE_BATCH, cutoff),
-                ).rowcount
-            if deleted < PRUNE_BATCH:
+            self._restarting.clear()
+            code = self._run_once()
+            if self._stopping.is_set():
                 return
+            if not self._restarting.is_set():
+                log.error(
+                    "status view builder exited (%s); starting it again in %.0f s",
+                    code,
+                    RESTART_SECONDS,
+                )
+                self._stopping.wait(RESTART_SECONDS)
 
+    def _run_once(self) -> int:
+        """One builder process, from its start to its end; its exit status."""
+        process = subprocess.Popen(
+            [sys.executable, "-P", "-m", "bigpipe.calls.view_builder"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self._process = process
+        assert process.stdin is not None and process.stdout is not None
+        with contextlib.suppress(OSError, ValueError):  # it died at once, or was stopped
+            process.stdin.write(orjson.dumps(self._view.builder_settings()) + b"\n")
+            process.stdin.flush()
+        if self._stopping.is_set() or self._restarting.is_set():
+            self._close_stdin()  # asked to stop while it was starting
+        self._follow_reports(process.stdout)
+        return process.wait()
 
-CALL_ID = re.compile(rb"[0-9a-f]{32}")
-
-
-def _h(call_id: bytes) -> int:
-    """The first 64 bits of a call id, as SQLite's signed 64-bit integer."""
-    return int(call_id[:16], 16) - (1 << 63)
-
-
-def _meta(db: sqlite3.Connection, name: str) -> str | None:
-    row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-    return row[0] if row else None
+    def _follow_reports(self, reports: IO[bytes]) -> None:
+        for line in reports:
+            try:
+                report = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if "lag" in report:
+                self._counters.viewLag = report["lag"]
+            elif "log" in report:
+                logging.getLogger(report.get("name", __name__)).log(report["log"], report["msg"])
 
 
 def _now_ms() -> int:
