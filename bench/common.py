@@ -239,8 +239,8 @@ async def bigpipe_node(
     the bench broker a shared one would hold every earlier benchmark's steps, so each
     benchmark would pay for rebuilding its predecessors' (a one-time cost in
     production: the view is kept in status.directory) instead of its own steady state.
-    An earlier tree (--against) may not know the key."""
-    if source == REPO:
+    So does a tree of --against that knows the key (an older one refuses it)."""
+    if source == REPO or "status.topic" in (source / "bigpipe" / "config.py").read_text():
         config = {"status.topic": unique(f"{TOPIC_PREFIX}results"), **config}
     node = Bigpipe(config, workdir, source=source)
     try:
