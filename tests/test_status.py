@@ -374,6 +374,12 @@ def view_builders(pid: int) -> list[int]:
     return list(children(pid, view_builders=True))
 
 
+def open_pipes(pid: int) -> int:
+    """How many pipes `pid` holds open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("pipe:"))
+
+
 async def test_the_view_builder_is_started_again_if_it_dies_and_dies_with_its_node(
     kafka: str,
     tmp_path: Path,
@@ -390,12 +396,14 @@ async def test_the_view_builder_is_started_again_if_it_dies_and_dies_with_its_no
     node = bigpipe.process.pid
     await eventually(lambda: len(view_builders(node)) == 1, 30, "one view builder")
     (first,) = view_builders(node)
+    pipes = open_pipes(node)
     os.kill(first, signal.SIGKILL)
     await eventually(lambda: view_builders(node) not in ([], [first]), 30, "a new view builder")
     _, reply = await bigpipe.post_call(http, "after", downstream.url())
     call_id = reply["data"]["id"]
     await eventually(lambda: _is(state_of(bigpipe, http, call_id), "delivered"), 30, "delivered")
     (second,) = view_builders(node)
+    assert open_pipes(node) == pipes, "the dead builder's pipes are closed"
     # named apart from the node's `bigpipe`, which `killall -USR1 bigpipe` reloads
     await eventually(lambda: process_name(second) == "bigpipe-view", 10, "the builder's name")
     os.kill(node, signal.SIGKILL)

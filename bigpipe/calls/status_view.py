@@ -174,21 +174,22 @@ class BuilderProcess:
                 self._stopping.wait(RESTART_SECONDS)
 
     def _run_once(self) -> int:
-        """One builder process, from its start to its end; its exit status."""
-        process = subprocess.Popen(
+        """One builder process, from its start to its end; its exit status. Leaving the
+        `with` closes both pipes: a builder started again leaks no descriptor."""
+        with subprocess.Popen(
             [sys.executable, "-P", "-m", "bigpipe.calls.view_builder"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-        )
-        self._process = process
-        assert process.stdin is not None and process.stdout is not None
-        with contextlib.suppress(OSError, ValueError):  # it died at once, or was stopped
-            process.stdin.write(orjson.dumps(self._view.builder_settings()) + b"\n")
-            process.stdin.flush()
-        if self._stopping.is_set() or self._restarting.is_set():
-            self._close_stdin()  # asked to stop while it was starting
-        self._follow_reports(process.stdout)
-        return process.wait()
+        ) as process:
+            self._process = process
+            assert process.stdin is not None and process.stdout is not None
+            with contextlib.suppress(OSError, ValueError):  # it died at once, or was stopped
+                process.stdin.write(orjson.dumps(self._view.builder_settings()) + b"\n")
+                process.stdin.flush()
+            if self._stopping.is_set() or self._restarting.is_set():
+                self._close_stdin()  # asked to stop while it was starting
+            self._follow_reports(process.stdout)
+        return process.returncode
 
     def _follow_reports(self, reports: IO[bytes]) -> None:
         for line in reports:
