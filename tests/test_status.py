@@ -254,7 +254,7 @@ async def always_500(_request: web.Request, _number: int) -> web.Response:
     return web.Response(status=500, text="boom")
 
 
-async def _is(state: Any, wanted: str) -> bool:
+async def _is(state: Any, wanted: object) -> bool:
     return await state == wanted
 
 
@@ -394,14 +394,26 @@ async def test_the_view_builder_is_started_again_if_it_dies_and_dies_with_its_no
     )
     assert bigpipe.process is not None
     node = bigpipe.process.pid
-    await eventually(lambda: len(view_builders(node)) == 1, 30, "one view builder")
+
+    async def view_lag() -> int:
+        return int((await bigpipe.stats(http))["statusStats"]["viewLag"])
+
+    async def delivered_and_caught_up(data: str) -> None:
+        _, reply = await bigpipe.post_call(http, data, downstream.url())
+        call_id = reply["data"]["id"]
+        await eventually(
+            lambda: _is(state_of(bigpipe, http, call_id), "delivered"), 30, f"{data} delivered"
+        )
+        await eventually(lambda: _is(view_lag(), 0), 30, "the builder's lag, caught up")
+
+    await delivered_and_caught_up("before")
     (first,) = view_builders(node)
     pipes = open_pipes(node)
     os.kill(first, signal.SIGKILL)
+    # the builder is started again 5 s later; meanwhile nobody knows the lag
+    await eventually(lambda: _is(view_lag(), -1), 5, "viewLag -1 while no builder runs")
     await eventually(lambda: view_builders(node) not in ([], [first]), 30, "a new view builder")
-    _, reply = await bigpipe.post_call(http, "after", downstream.url())
-    call_id = reply["data"]["id"]
-    await eventually(lambda: _is(state_of(bigpipe, http, call_id), "delivered"), 30, "delivered")
+    await delivered_and_caught_up("after")
     (second,) = view_builders(node)
     assert open_pipes(node) == pipes, "the dead builder's pipes are closed"
     # named apart from the node's `bigpipe`, which `killall -USR1 bigpipe` reloads

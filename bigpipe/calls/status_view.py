@@ -163,6 +163,7 @@ class BuilderProcess:
         while not self._stopping.is_set():
             self._restarting.clear()
             code = self._run_once()
+            self._counters.viewLag = -1  # not known again until a builder says so
             if self._stopping.is_set():
                 return
             if not self._restarting.is_set():
