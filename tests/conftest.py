@@ -36,9 +36,16 @@ def kafka() -> str:
     return bootstrap
 
 
+IDLE_CONNECTION_SECONDS = 4.0
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
+    # A node closes a keep-alive connection idle for http.server.read.timeout (5 s by
+    # default); a client that keeps it longer (aiohttp: 15 s) may send a call on it just
+    # as the node closes it, and get "Server disconnected". Retire them first.
+    connector = aiohttp.TCPConnector(keepalive_timeout=IDLE_CONNECTION_SECONDS)
+    async with aiohttp.ClientSession(connector=connector) as session:
         yield session
 
 
