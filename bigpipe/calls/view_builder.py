@@ -43,6 +43,7 @@ PRUNE_SECONDS = 60.0
 PRUNE_BATCH = 10_000
 METADATA_TIMEOUT = 5.0
 RETRY_SECONDS = 5.0
+PREFETCH_KBYTES = 4096  # a consume() of BATCH steps is about 300 KB
 PR_SET_PDEATHSIG = 1
 # Not `bigpipe`: `killall -USR1 bigpipe` reloads the node's main process, never this one.
 PROCESS_NAME = b"bigpipe-view"
@@ -106,6 +107,9 @@ class Builder:
                 "group.id": "bigpipe-status-view",  # assigned, never joined or committed
                 "enable.auto.commit": False,
                 "enable.partition.eof": False,
+                # What librdkafka fetches ahead (64 MiB by default) is memory: a builder
+                # behind a backlog (at nice 10, on busy cores) would fill it.
+                "queued.max.messages.kbytes": PREFETCH_KBYTES,
             }
         )
         try:
