@@ -121,7 +121,7 @@ async def idle_node(
         tree = [pid, *descendants(pid)]
         return {
             "worker_mib": worker_rss(pid),
-            "supervisor_mib": rss_mib(pid) if len(tree) > 1 else None,
+            "supervisor_mib": rss_mib(pid) if worker_pids(pid) != [pid] else None,
             "node_rss_mib": sum(rss_mib(member) for member in tree),
             "node_pss_mib": sum(pss_mib(member) for member in tree),
         }
