@@ -43,6 +43,9 @@ class RecordLimits:
     def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = settings
         self._known: dict[str, tuple[int, float]] = {}  # topic -> (limit, when learned)
+        # Questions to Kafka under way, one per topic: the writes of one refused record
+        # batch all ask at once, and share the answer.
+        self._asking: dict[str, asyncio.Task[int | None]] = {}
         self._admin: AdminClient | None = None
 
     def known(self, topic: str) -> int | None:
@@ -54,10 +57,17 @@ class RecordLimits:
         return limit if time.monotonic() - learned_at < KNOWN_FOR_SECONDS else None
 
     async def learn(self, topic: str) -> int | None:
-        """Ask Kafka for the topic's limit (in a thread: describe_configs blocks); None
-        when Kafka does not answer."""
+        """The topic's limit, asked of Kafka unless known; None when Kafka does not answer."""
         if (limit := self.known(topic)) is not None:
             return limit
+        asking = self._asking.get(topic)
+        if asking is None:
+            asking = self._asking[topic] = asyncio.ensure_future(self._ask(topic))
+            asking.add_done_callback(lambda _: self._asking.pop(topic, None))
+        return await asyncio.shield(asking)  # one waiter cancelled cancels not the others'
+
+    async def _ask(self, topic: str) -> int | None:
+        """describe_configs, in a thread: it blocks."""
         try:
             limit = await asyncio.to_thread(self._describe, topic)
         except (KafkaException, ValueError, TimeoutError) as exc:
