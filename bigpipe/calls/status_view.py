@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,7 +47,7 @@ class StatusView:
         self.path = view_path(config)
         self._reader: sqlite3.Connection | None = None
         self._opening = threading.Lock()
-        self._builder = BuilderProcess(self, counters)
+        self._builder = BuilderProcess(self.builder_settings, counters)
 
     def start_building(self) -> None:
         """Start the builder; again (joining Kafka anew after a reload): no-op."""
@@ -119,8 +120,8 @@ class BuilderProcess:
     thread that started it ends (PR_SET_PDEATHSIG), so a worker that dies, even by
     kill -9, takes its builder with it."""
 
-    def __init__(self, view: StatusView, counters: StatusCounters) -> None:
-        self._view = view
+    def __init__(self, settings: Callable[[], dict[str, Any]], counters: StatusCounters) -> None:
+        self._settings = settings  # read at each start: a reload may have changed them
         self._counters = counters
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -185,7 +186,7 @@ class BuilderProcess:
             self._process = process
             assert process.stdin is not None and process.stdout is not None
             with contextlib.suppress(OSError, ValueError):  # it died at once, or was stopped
-                process.stdin.write(orjson.dumps(self._view.builder_settings()) + b"\n")
+                process.stdin.write(orjson.dumps(self._settings()) + b"\n")
                 process.stdin.flush()
             if self._stopping.is_set() or self._restarting.is_set():
                 self._close_stdin()  # asked to stop while it was starting

@@ -244,20 +244,20 @@ class Producer:
         took it down, bigpipe.ingest.record_limits). Until then it is still pending."""
         topic, value, key = message.topic() or "", message.value() or b"", message.key()
         limit = await self._limits.learn(topic)
-        fits = limit is not None and alone_size(value, key) <= limit
-        if fits and not future.done() and not self._closed:
+        size = alone_size(value, key)
+        if limit is not None and size <= limit and not future.done() and not self._closed:
             self._written_again.add(future)
             if self._produce(future, topic, value, key):
                 return
             self._written_again.discard(future)
         self._pending -= 1
         if not future.done():
-            failure = ProduceFailed(error.str(), error.code())
-            if limit is not None and not fits:
-                failure = _over_limit(topic, alone_size(value, key), limit)
-            elif fits:  # the producer closed meanwhile
-                failure = ProduceFailed("the producer closed before the write was retried")
-            future.set_exception(failure)
+            if limit is None:  # Kafka did not say: its refusal stands
+                future.set_exception(ProduceFailed(error.str(), error.code()))
+            elif size > limit:
+                future.set_exception(_over_limit(topic, size, limit))
+            else:
+                future.set_exception(ProduceFailed("the producer closed before a retry"))
         if self._pending == 0:
             self._idle.set()
 
