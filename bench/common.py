@@ -42,6 +42,7 @@ from tests.support import (
     Bigpipe,
     base_config,
     free_port,
+    is_view_builder,
     start_local_kafka,
     unique,
 )
@@ -409,14 +410,14 @@ def cpu_row(
 def worker_pids(pid: int) -> list[int]:
     """The processes that serve calls: the children of a supervisor, or the process itself;
     not the status view's builder (bigpipe.calls.view_builder), which one of them runs."""
-    workers = [child for child in descendants(pid) if process_name(child) != "bigpipe-view"]
+    workers = [child for child in descendants(pid) if not _view_builder(child)]
     return workers or [pid]
 
 
-def process_name(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    return ""
+def _view_builder(pid: int) -> bool:
+    with contextlib.suppress(OSError):  # it just exited
+        return is_view_builder(pid)
+    return False
 
 
 # ---------------------------------------------------------------- numbers

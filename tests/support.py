@@ -68,6 +68,17 @@ def warm_up(bootstrap: str, timeout: float = 120) -> None:
     raise AssertionError(f"the test broker took no write in {timeout} s: {errors[-3:]}")
 
 
+def process_name(pid: int) -> str:
+    """What `killall` matches: /proc/PID/comm."""
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def is_view_builder(pid: int) -> bool:
+    """Is `pid` a status view's builder (bigpipe.calls.view_builder)? Told by its command
+    line, which it has from its start; it names itself `bigpipe-view` a moment later."""
+    return b"bigpipe.calls.view_builder" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 def rss_mib(pid: int) -> float:
     """Resident set size of a process, from /proc/PID/status (VmRSS, in kB), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -26,12 +26,13 @@ from tests.support import (
     dead_letter_topic,
     eventually,
     free_port,
+    process_name,
     read_topic,
     read_whole_topic,
     start_node,
     unique,
 )
-from tests.test_workers import children, process_name
+from tests.test_workers import children
 
 
 async def fail_twice(_request: web.Request, number: int) -> web.Response:

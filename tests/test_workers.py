@@ -31,6 +31,8 @@ from tests.support import (
     free_port,
     group_settled,
     group_stats,
+    is_view_builder,
+    process_name,
     reload,
     unique,
 )
@@ -49,15 +51,9 @@ def test_max_buffered_is_split_between_workers() -> None:
     assert (third.rate_limit, third.concurrency) == (group.rate_limit, group.concurrency)
 
 
-def process_name(pid: int) -> str:
-    """What `killall` matches: /proc/PID/comm."""
-    return Path(f"/proc/{pid}/comm").read_text().strip()
-
-
 def children(pid: int, view_builders: bool = False) -> dict[int, str]:
     """Child PIDs of `pid` and their process names: its workers, or (`view_builders`) the
-    status view's builder it runs (bigpipe.calls.view_builder), told apart by its command
-    line, which it has from its start (it names itself a moment later)."""
+    status view's builder it runs (bigpipe.calls.view_builder)."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -66,8 +62,7 @@ def children(pid: int, view_builders: bool = False) -> dict[int, str]:
             stat = Path(f"/proc/{entry}/stat").read_text()
             if int(stat.rsplit(")", 1)[1].split()[1]) != pid:
                 continue
-            builder = b"bigpipe.calls.view_builder" in Path(f"/proc/{entry}/cmdline").read_bytes()
-            if builder == view_builders:
+            if is_view_builder(int(entry)) == view_builders:
                 found[int(entry)] = process_name(int(entry))
         except OSError:
             continue
