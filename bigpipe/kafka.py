@@ -124,6 +124,11 @@ def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any
         "max.poll.interval.ms": max(60_000, config.shutdown_timeout_ms + DRAIN_POLL_MARGIN_MS),
         # Bound what librdkafka prefetches, so memory stays bounded under a backlog.
         "queued.max.messages.kbytes": 8_192,
+        # Once the prefetch is full, librdkafka fetches again only after this (1 s by
+        # default): a group that delivers 8 MiB in less than a second (calls of a few
+        # KiB) sat idle for the rest of it. A backlog of 2 KiB calls, 1 worker to nginx:
+        # 4,987/5,232 calls/s with the default, 9,479/10,583 with 10 ms.
+        "fetch.queue.backoff.ms": 10,
         # librdkafka's statistics carry each partition's lag, for /metrics.
         "statistics.interval.ms": 5_000,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -10,14 +11,20 @@ import aiohttp
 from aiohttp import web
 from confluent_kafka import Producer
 
+from bigpipe.calls.envelope import encode_call, new_call
 from tests.support import (
+    ACL_NAME,
     Bigpipe,
     Downstream,
+    base_config,
+    consumer_entry,
+    create_topic,
     dead_letters,
     eventually,
     free_port,
     group_stats,
     start_node,
+    unique,
 )
 from tests.test_metrics import scrape
 
@@ -398,3 +405,40 @@ async def partitions_in(bigpipe: Bigpipe, http: aiohttp.ClientSession, state: st
         for labels, on in shown.items()
         if on and (("state", state) in labels)
     } == {"0", "1", "2"}
+
+
+async def test_a_backlog_larger_than_the_prefetch_is_delivered_without_pauses(
+    kafka: str, tmp_path: Path, processes: list[Bigpipe]
+) -> None:
+    """librdkafka stops fetching while its prefetch (8 MiB) is full, then waits
+    fetch.queue.backoff.ms (1 s by default) before it fetches again. With calls of a few
+    KiB the group emptied its prefetch sooner and sat idle: a backlog of 2 KiB calls went
+    at half the speed. Here 24 MiB of 32 KiB calls go out with no pause of half a second."""
+    downstream = await Downstream().start()
+    topic, calls = unique("calls"), 768
+    await asyncio.to_thread(create_topic, kafka, topic, 3)
+    data = "x" * (32 << 10)
+    await asyncio.to_thread(preload, kafka, topic, downstream.url(), data, calls)
+    config = base_config(
+        kafka,
+        topic,
+        free_port(),
+        consumers=[consumer_entry(topic, unique("g"), concurrency=20, rateLimit=1_000_000)],
+    )
+    processes.append(await Bigpipe(config, tmp_path).start())
+    await eventually(lambda: len(downstream.call_ids()) == calls, 120, "every call delivered")
+    arrivals = sorted(received.at for received in downstream.requests)
+    pauses = sorted(later - earlier for earlier, later in itertools.pairwise(arrivals))[-3:]
+    print(f"\n{calls} calls in {arrivals[-1] - arrivals[0]:.2f} s, longest pauses {pauses}")
+    assert pauses[-1] < 0.5, "the group waited for librdkafka to fetch again"
+    await downstream.stop()
+
+
+def preload(kafka: str, topic: str, url: str, data: str, calls: int) -> None:
+    """`calls` calls to `url` written straight to Kafka, before a node reads the topic."""
+    producer = Producer({"bootstrap.servers": kafka, "linger.ms": 20})
+    for index in range(calls):
+        call = new_call(url, data, ACL_NAME, {})
+        producer.produce(topic, encode_call(call), str(index).encode())
+        producer.poll(0)
+    assert producer.flush(30) == 0, "every call written"
