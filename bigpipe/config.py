@@ -62,10 +62,12 @@ DEFAULT_STATUS_RETENTION_MS = 7 * DAY_MS
 TOPIC_NAME = r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$"  # Kafka's rule; "." and ".." are no names
 # librdkafka settings Bigpipe sets itself: letting them through would break its guarantees.
 # (message.max.bytes follows http.server.body.limit: kafka.record_size_limit.)
+# The others Bigpipe sets (bigpipe.kafka) are its defaults: an operator's value wins.
 OWNED_KAFKA_SETTINGS = frozenset(
     """bootstrap.servers group.id client.id enable.auto.commit enable.auto.offset.store acks
     enable.idempotence auto.offset.reset partition.assignment.strategy message.timeout.ms
     message.send.max.retries message.max.bytes isolation.level transactional.id group.protocol
+    delivery.report.only.error enable.partition.eof max.poll.interval.ms
     """.split()  # noqa: SIM905
 )
 

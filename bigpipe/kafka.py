@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from bigpipe.calls.topics import INDEX_TOPIC
@@ -67,9 +68,13 @@ def record_size_limit(config: Config) -> int:
     return 2 * (config.body_limit + (1 << 20))
 
 
-def client_settings(config: Config) -> dict[str, Any]:
-    """Settings common to the producer, the consumers and the admin client."""
+def client_settings(config: Config, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Settings common to the producer, the consumers and the admin client: Bigpipe's
+    `defaults` for this client, under the operator's own settings (kafka.client.config),
+    which may tune them. The settings it owns come after these, and the config refuses
+    them (config.OWNED_KAFKA_SETTINGS)."""
     return {
+        **(defaults or {}),
         **config.kafka_client_config,
         "bootstrap.servers": config.bootstrap_servers,
         # librdkafka's own log lines go through Python logging, not straight to stderr.
@@ -104,9 +109,24 @@ def wanted_topics(config: Config) -> list[TopicConfig]:
 DRAIN_POLL_MARGIN_MS = 30_000  # max.poll.interval.ms beyond the shutdown timeout
 
 
+CONSUMER_DEFAULTS = {
+    "session.timeout.ms": 10_000,
+    "heartbeat.interval.ms": 2_000,
+    # Bound what librdkafka prefetches, so memory stays bounded under a backlog.
+    "queued.max.messages.kbytes": 8_192,
+    # Once the prefetch is full, librdkafka fetches again only after this (1 s by
+    # default): a group that delivers 8 MiB in less than a second (calls of a few
+    # KiB) sat idle for the rest of it. A backlog of 2 KiB calls, 1 worker to nginx:
+    # 4,987/5,232 calls/s with the default, 9,479/10,583 with 10 ms.
+    "fetch.queue.backoff.ms": 10,
+    # librdkafka's statistics carry each partition's lag, for /metrics.
+    "statistics.interval.ms": 5_000,
+}
+
+
 def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any]:
     return {
-        **client_settings(config),
+        **client_settings(config, CONSUMER_DEFAULTS),
         "group.id": consumer.group_id,
         "client.id": f"bigpipe-{consumer.group_id}",
         "enable.auto.commit": False,
@@ -115,28 +135,24 @@ def consumer_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any
         # calls accepted before the group existed are owed a delivery too.
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
-        "session.timeout.ms": 10_000,
-        "heartbeat.interval.ms": 2_000,
         # Also the rebalance timeout: how long a rebalance may wait for a slow member. The
         # poll loop never pauses for more than a moment, except in a drain: it stops while
         # calls in flight finish, for up to the shutdown timeout, and a member that does
         # not poll for longer than this is evicted, its final commit refused.
         "max.poll.interval.ms": max(60_000, config.shutdown_timeout_ms + DRAIN_POLL_MARGIN_MS),
-        # Bound what librdkafka prefetches, so memory stays bounded under a backlog.
-        "queued.max.messages.kbytes": 8_192,
-        # Once the prefetch is full, librdkafka fetches again only after this (1 s by
-        # default): a group that delivers 8 MiB in less than a second (calls of a few
-        # KiB) sat idle for the rest of it. A backlog of 2 KiB calls, 1 worker to nginx:
-        # 4,987/5,232 calls/s with the default, 9,479/10,583 with 10 ms.
-        "fetch.queue.backoff.ms": 10,
-        # librdkafka's statistics carry each partition's lag, for /metrics.
-        "statistics.interval.ms": 5_000,
     }
 
 
 def producer_settings(config: Config) -> dict[str, Any]:
+    defaults = {
+        # Callers wait for the acknowledgement, so linger is latency: 1 ms measured best
+        # (0.2 and 0.5 ms make many more requests and cost more CPU, 2 and 3 ms wait).
+        "linger.ms": 1,
+        "queue.buffering.max.messages": 4 * config.channel_size + 10_000,
+        "socket.keepalive.enable": True,
+    }
     return {
-        **client_settings(config),
+        **client_settings(config, defaults),
         "client.id": "bigpipe",
         # Idempotence gives acks=all and no duplicates or reordering from librdkafka's own
         # retries: "accepted" then means every in-sync replica has the call.
@@ -145,10 +161,5 @@ def producer_settings(config: Config) -> dict[str, Any]:
         "message.timeout.ms": config.producer_ack_timeout_ms,
         # librdkafka insists on at least one retry when idempotence is on.
         "message.send.max.retries": max(1, config.producer_retries),
-        # Callers wait for the acknowledgement, so linger is latency: 1 ms measured best
-        # (0.2 and 0.5 ms make many more requests and cost more CPU, 2 and 3 ms wait).
-        "linger.ms": 1,
         "message.max.bytes": record_size_limit(config),
-        "queue.buffering.max.messages": 4 * config.channel_size + 10_000,
-        "socket.keepalive.enable": True,
     }

@@ -12,11 +12,17 @@ import aiohttp
 import orjson
 import pytest
 
+from bigpipe.calls.status import status_producer_settings
+from bigpipe.config import parse_config
+from bigpipe.config_error import ConfigError
+from bigpipe.delivery.delay_topics import delay_reader_settings
+from bigpipe.kafka import consumer_settings, producer_settings
 from tests.support import (
     REPO,
     Bigpipe,
     Downstream,
     base_config,
+    consumer_entry,
     eventually,
     free_port,
     reload,
@@ -106,3 +112,55 @@ async def test_a_reload_to_another_kafka_cluster_is_refused(
         lambda: reply["data"]["id"] in downstream.call_ids(), 30, "delivery from the old cluster"
     )
     assert await bigpipe.stop() == 0
+
+
+# Settings Bigpipe picks for its clients, for speed or memory, that the operator may tune:
+# a value of theirs in kafka.client.config wins (it was silently overwritten before).
+TUNABLE = {
+    "linger.ms": 7,  # the ingest producer's (and the status producer's)
+    "session.timeout.ms": 15_000,  # the consumers'
+    "queued.max.messages.kbytes": 2048,
+    "fetch.queue.backoff.ms": 100,
+    "fetch.wait.max.ms": 200,  # the delay readers' and the budget's
+    "compression.type": "zstd",  # the status producer's
+}
+
+
+def test_an_operators_own_tuning_wins_over_bigpipes_choice() -> None:
+    topic = unique("t")
+    raw = base_config("127.0.0.1:1", topic, free_port(), consumers=[consumer_entry(topic, "g")])
+    config = parse_config({**raw, "kafka.client.config": TUNABLE})
+    producer, consumer = producer_settings(config), consumer_settings(config, config.consumers[0])
+    assert producer["linger.ms"] == 7
+    assert {key: consumer[key] for key in list(TUNABLE)[1:4]} == {
+        key: TUNABLE[key] for key in list(TUNABLE)[1:4]
+    }
+    status = status_producer_settings(config)
+    assert (status["linger.ms"], status["compression.type"]) == (7, "zstd")
+    assert delay_reader_settings(config, config.consumers[0])["fetch.wait.max.ms"] == 200
+    # Untuned, Bigpipe's own choices stand.
+    plain = parse_config(raw)
+    assert producer_settings(plain)["linger.ms"] == 1
+    assert status_producer_settings(plain)["linger.ms"] == 50
+    assert consumer_settings(plain, plain.consumers[0])["fetch.queue.backoff.ms"] == 10
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        # true: the ingest producer hears only of failures, and no call is ever answered
+        {"delivery.report.only.error": True},
+        # each reader of Bigpipe's own topics sets it for the way it reads
+        {"enable.partition.eof": True},
+        # follows http.server.shutdown.timeout: a drain must finish within it
+        {"max.poll.interval.ms": 30_000},
+    ],
+)
+def test_settings_that_would_break_a_guarantee_are_refused_by_name(
+    setting: dict[str, Any],
+) -> None:
+    raw = base_config("127.0.0.1:1", unique("t"), free_port())
+    with pytest.raises(ConfigError) as refused:
+        parse_config({**raw, "kafka.client.config": setting})
+    [name] = setting
+    assert f"kafka.client.config.{name}: is set by Bigpipe itself; remove it" in str(refused.value)

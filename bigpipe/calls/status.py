@@ -69,14 +69,7 @@ class StatusLog:
     def _new_producer(self, config: Config) -> KafkaProducer:
         return KafkaProducer(
             {
-                **client_settings(config),
-                "client.id": "bigpipe-status",
-                # Ordered per call (one key, one partition, no reordering on retry).
-                "enable.idempotence": True,
-                "linger.ms": 50,  # nobody waits for these: batch them
-                "compression.type": "lz4",
-                "delivery.report.only.error": True,
-                "queue.buffering.max.messages": 200_000,
+                **status_producer_settings(config),
                 "error_cb": self._on_error,
                 "on_delivery": self._on_delivery,
             }
@@ -143,6 +136,21 @@ class StatusLog:
     def _on_error(self, error: KafkaError) -> None:
         if (text := self._repeats(error)) is not None:
             log.warning("status producer: %s", text)
+
+
+def status_producer_settings(config: Config) -> dict[str, Any]:
+    defaults = {
+        "linger.ms": 50,  # nobody waits for these: batch them
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 200_000,
+    }
+    return {
+        **client_settings(config, defaults),
+        "client.id": "bigpipe-status",
+        # Ordered per call (one key, one partition, no reordering on retry).
+        "enable.idempotence": True,
+        "delivery.report.only.error": True,
+    }
 
 
 class GroupTrail:

@@ -118,15 +118,15 @@ class Builder:
         db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
         kafka = Consumer(
             {
-                **self._kafka_settings,
-                "logger": logging.getLogger("librdkafka"),
-                "group.id": "bigpipe-status-view",  # assigned, never joined or committed
-                "enable.auto.commit": False,
-                "enable.partition.eof": False,
                 # A builder behind a backlog (at nice 10, on busy cores) fills its prefetch.
                 "queued.max.messages.kbytes": PREFETCH_KBYTES,
                 "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
                 "max.partition.fetch.bytes": PARTITION_FETCH_BYTES,
+                **self._kafka_settings,  # the operator's kafka.client.config may tune them
+                "logger": logging.getLogger("librdkafka"),
+                "group.id": "bigpipe-status-view",  # assigned, never joined or committed
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
             }
         )
         try:

@@ -191,11 +191,11 @@ class Exchange:
         self._sending: asyncio.Task[object] | None = None
         self._reader = Consumer(
             {
-                **client_settings(config),
+                # A report is news for LIVE_SECONDS only.
+                **client_settings(config, {"fetch.wait.max.ms": 50}),
                 "group.id": "bigpipe-budget",  # librdkafka wants one; never joined
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
-                "fetch.wait.max.ms": 50,  # a report is news for LIVE_SECONDS only
             }
         )
         # From the end: older reports are stale, and the live ones come again at once.

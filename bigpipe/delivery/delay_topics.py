@@ -47,6 +47,18 @@ COMMIT_INTERVAL_SECONDS = 0.5
 PARK_BACKOFF_MS = (200, 5_000)  # between tries of a write Kafka did not take
 
 
+def delay_reader_settings(config: Config, consumer: ConsumerConfig) -> dict[str, Any]:
+    """The group's own settings, under a group of its own: the delay readers never count
+    against the group's budget."""
+    return {
+        # A resumed rung is fetched at once, not after the broker's usual wait.
+        "fetch.wait.max.ms": 50,
+        **consumer_settings(config, consumer),
+        "group.id": f"{consumer.group_id}.delay",
+        "client.id": f"bigpipe-{consumer.group_id}-delay",
+    }
+
+
 @dataclass(slots=True)
 class _Rung:
     generation: int  # a resume timer of an earlier assignment does nothing (_resume)
@@ -72,16 +84,7 @@ class DelayLadder:
         self._topics = rung_topics(consumer)
         self._rung_ms = {topic: ms for topic, (_, ms) in zip(self._topics, RUNGS, strict=True)}
         self._kafka = Consumer(
-            {
-                # The group's own settings, under a group of its own: the delay readers
-                # never count against the group's budget.
-                **consumer_settings(config, consumer),
-                "group.id": f"{consumer.group_id}.delay",
-                "client.id": f"bigpipe-{consumer.group_id}-delay",
-                # A resumed rung is fetched at once, not after the broker's usual wait.
-                "fetch.wait.max.ms": 50,
-                "stats_cb": self._on_statistics,
-            }
+            {**delay_reader_settings(config, consumer), "stats_cb": self._on_statistics}
         )
         self._rungs: dict[tuple[str, int], _Rung] = {}
         self._generations = itertools.count()
