@@ -17,6 +17,11 @@ millisecond precision, converted with the offset between the two clocks.
   round (`bigpipe_loop_lag_seconds`, scraped before and after), at p99, as the
   bound of its bucket. Near the ingest p99, the tail is the workers' own
   stalls; far below it, the tail is elsewhere (the broker, the shared cores).
+- Kafka's own write latency: bench/kafka_probe.py writes PROBE_RATE records a
+  second to a topic of its own during every round, acks=all, and the p99 of its
+  acknowledgements is reported beside each side's: beside Bigpipe, what the
+  broker and the shared cores put into any writer's tail under that load;
+  beside the bare handler, which leaves Kafka idle, the broker's own.
 - End to end: downstream receipt minus the caller's reply, per call; p50 and
   p99, to the millisecond. It can be slightly negative: the call is in Kafka
   before the reply reaches the caller. Informational.
@@ -46,8 +51,9 @@ import asyncio
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -62,6 +68,7 @@ from bench.common import (
     bigpipe_node,
     call_body,
     cpu_split,
+    create_topic,
     median,
     nginx_204,
     others_pinned,
@@ -78,6 +85,7 @@ from tests.support import REPO, Bigpipe, consumer_entry, unique
 LOAD_SHARE = 0.5
 SECONDS, WARMUP_SECONDS = 10, 2
 GENERATORS = 2  # processes of bench/openloop.py sharing one schedule
+PROBE_RATE = 200  # records/s of bench/kafka_probe.py: a few % of the load, a p99 of 2,000
 START_DELAY = 2.0  # s for the generators to start before the first call is due
 TARGET_P99_MS = 10.0
 LAG_WARNING_MS = 5.0
@@ -131,6 +139,44 @@ async def open_loop(
         for name, values in orjson.loads(out.read_bytes()).items():
             columns.setdefault(name, []).extend(values)
     return columns
+
+
+T = TypeVar("T")
+
+
+async def beside_kafka_probe(
+    ctx: Context, topic: str, seconds: float, load: Awaitable[T]
+) -> tuple[T, float]:
+    """`load`'s result, and the p99 (ms) of Kafka's acknowledgements to a probe writing
+    beside it, from when the generators start (START_DELAY from now) for `seconds`."""
+    out = ctx.workdir / "kafka-probe.json"
+    out.unlink(missing_ok=True)
+    probe = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.kafka_probe",
+        f"--bootstrap={ctx.bootstrap}",
+        f"--topic={topic}",
+        f"--rate={PROBE_RATE}",
+        f"--seconds={seconds}",
+        f"--start={time.monotonic() + START_DELAY}",
+        f"--out={out}",
+        cwd=REPO,
+    )
+    try:
+        result = await load
+        code = await asyncio.wait_for(probe.wait(), 60)
+    finally:
+        await stop_process(probe)
+    if code != 0 or not out.exists():
+        raise BenchError(f"the Kafka probe failed: exit code {code}")
+    return result, percentile(orjson.loads(out.read_bytes()), 99)
+
+
+async def probe_topic(ctx: Context) -> str:
+    topic = unique("bench-probe")
+    await asyncio.to_thread(create_topic, ctx.bootstrap, topic, 1)
+    return topic
 
 
 def ingest_figures(columns: dict[str, list], what: str) -> dict[str, Any]:
@@ -275,6 +321,7 @@ async def bigpipe_rounds(
         consumer = consumer_entry(topic, unique("g"), concurrency=64, rateLimit=1e9, timeout=5000)
         config = bigpipe_config(ctx.bootstrap, topic, workers=ctx.workers, consumers=[consumer])
         body = call_body(f"{downstream_url}/hook")
+        probed = await probe_topic(ctx)
         async with bigpipe_node(config, ctx.workdir) as node:
             if cpus is not None:
                 assert node.process is not None
@@ -285,10 +332,13 @@ async def bigpipe_rounds(
             await wait_delivered(receipts_log, set(warmup["id"]) - {""}, 90, node)
             for round_number in range(1, ctx.rounds + 1):
                 lag_before = await loop_lag_buckets(node)
-                columns = await open_loop(ctx, node.url, body, rate, seconds)
+                columns, kafka_p99 = await beside_kafka_probe(
+                    ctx, probed, seconds, open_loop(ctx, node.url, body, rate, seconds)
+                )
                 ingest.append(ingest_figures(columns, f"latency round {round_number}, bigpipe"))
                 lag_after = await loop_lag_buckets(node)
                 ingest[-1]["loop_lag_p99_ms"] = loop_lag_p99_ms(lag_before, lag_after)
+                ingest[-1]["kafka_p99_ms"] = kafka_p99
                 replies = accepted_replies(columns)
                 await wait_delivered(receipts_log, set(replies), 60, node)
                 e2e.append(end_to_end(receipts_log, replies))
@@ -296,7 +346,8 @@ async def bigpipe_rounds(
                     f"  latency round {round_number} at {rate:,.0f}/s: bigpipe ingest p99 "
                     f"{ingest[-1]['p99_ms']:.1f} ms, reply -> downstream p50 "
                     f"{e2e[-1]['p50_ms']:.1f} ms, p99 {e2e[-1]['p99_ms']:.1f} ms; event loop "
-                    f"late by at most {ingest[-1]['loop_lag_p99_ms']:.1f} ms at p99",
+                    f"late by at most {ingest[-1]['loop_lag_p99_ms']:.1f} ms at p99; "
+                    f"Kafka's own write p99 {kafka_p99:.1f} ms",
                     flush=True,
                 )
     return ingest, e2e
@@ -308,16 +359,20 @@ async def bare_rounds(
     """The same warm-up and rounds against the bare handler, with no background load."""
     rounds = []
     body = call_body()
+    probed = await probe_topic(ctx)
     async with bare_ingest(ctx.workers, ctx.workdir) as (bare_url, pid):
         if cpus is not None:
             pin(process_tree(pid), cpus)
         await open_loop(ctx, bare_url, body, rate, WARMUP_SECONDS)
         for round_number in range(1, ctx.rounds + 1):
-            columns = await open_loop(ctx, bare_url, body, rate, seconds)
+            columns, kafka_p99 = await beside_kafka_probe(
+                ctx, probed, seconds, open_loop(ctx, bare_url, body, rate, seconds)
+            )
             rounds.append(ingest_figures(columns, f"latency round {round_number}, bare"))
+            rounds[-1]["kafka_p99_ms"] = kafka_p99
             print(
                 f"  latency round {round_number} at {rate:,.0f}/s: bare ingest p99 "
-                f"{rounds[-1]['p99_ms']:.1f} ms",
+                f"{rounds[-1]['p99_ms']:.1f} ms; Kafka's own write p99 {kafka_p99:.1f} ms",
                 flush=True,
             )
     return rounds
@@ -399,6 +454,10 @@ def ingest_row(name: str, how: str, bigpipe: dict[str, Any], bare: dict[str, Any
         f"bigpipe's event loop was late by at most {bigpipe['loop_lag_p99_ms']:.1f} ms at p99 "
         "(bigpipe_loop_lag_seconds over the rounds): the share of the tail that is the "
         "workers' own stalls",
+        f"Kafka's own write p99 (bench/kafka_probe.py, {PROBE_RATE} records/s, acks=all): "
+        f"{bigpipe['kafka_p99_ms']:.1f} ms beside Bigpipe, the share of the tail that is the "
+        f"broker and the shared cores under that load; {bare['kafka_p99_ms']:.1f} ms beside "
+        "the bare handler, with Kafka otherwise idle",
     ]
     for side, figures in (("bigpipe", bigpipe), ("bare", bare)):
         if figures["failed_total"]:
