@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -421,3 +424,36 @@ async def test_the_view_builder_is_started_again_if_it_dies_and_dies_with_its_no
     await eventually(lambda: process_name(second) == "bigpipe-view", 10, "the builder's name")
     os.kill(node, signal.SIGKILL)
     await eventually(lambda: not Path(f"/proc/{second}").exists(), 30, "the builder gone")
+
+
+def test_the_view_builder_stops_on_a_flood_of_sigterms(tmp_path: Path) -> None:
+    """A worker's SIGTERM and the kernel's (PR_SET_PDEATHSIG) can come together. A handler
+    that set the stop event re-entered itself, or the event's own wait, and deadlocked on
+    the event's lock: a builder outlived its worker, for good, in a full test run."""
+    settings = {
+        "level": 40,
+        "kafka": {"bootstrap.servers": f"127.0.0.1:{free_port()}"},  # nothing there: it waits
+        "topic": "t",
+        "path": str(tmp_path / "view.sqlite3"),
+        "retention_ms": 3_600_000,
+    }
+    builder = subprocess.Popen(
+        [sys.executable, "-P", "-m", "bigpipe.calls.view_builder"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    try:
+        assert builder.stdin is not None
+        builder.stdin.write(orjson.dumps(settings) + b"\n")
+        builder.stdin.flush()  # kept open: only the signals may stop it
+        time.sleep(1.0)  # into its wait for the topic (no broker answers)
+        deadline = time.monotonic() + 2.0
+        while builder.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(builder.pid, signal.SIGTERM)
+        assert builder.wait(timeout=10) == 0
+    finally:
+        if builder.poll() is None:
+            builder.kill()
+            builder.wait()

@@ -275,6 +275,12 @@ def main() -> int:
     # Ctrl-C reaches the whole process group: the worker stops it, by closing its stdin.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # SIGTERM is taken by a thread of its own (sigwait), never by a handler: a handler runs
+    # inside whatever the main thread was doing, and one that set the stop event while the
+    # main thread held that event's lock (waiting on it, or in a first handler: the worker's
+    # SIGTERM and PR_SET_PDEATHSIG's come together) deadlocked, and the builder outlived its
+    # worker. Blocked before any thread starts, so that every thread inherits the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     line = sys.stdin.buffer.readline()
     if not line:  # the worker stopped before it said what to build
         return 0
@@ -288,16 +294,24 @@ def main() -> int:
         settings["retention_ms"],
         report,
     )
-    signal.signal(signal.SIGTERM, lambda *_: builder.stopping.set())
+    threading.Thread(target=_stop_at_sigterm, args=(builder.stopping,), daemon=True).start()
     # The worker closing the pipe (it stops, or follows new settings) stops the builder too.
     threading.Thread(target=_stop_at_eof, args=(builder.stopping,), daemon=True).start()
     builder.run()
     return 0
 
 
+def _stop_at_sigterm(stopping: threading.Event) -> None:
+    signal.sigwait({signal.SIGTERM})
+    stopping.set()
+
+
 def _stop_at_eof(stopping: threading.Event) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        sys.stdin.buffer.read()
+    # The file descriptor, not sys.stdin: a read blocked in sys.stdin holds its buffer's
+    # lock, and the interpreter aborted at exit (SIGABRT) when a SIGTERM stopped the builder.
+    with contextlib.suppress(OSError):
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
     stopping.set()
 
 
