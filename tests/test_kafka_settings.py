@@ -12,9 +12,9 @@ import aiohttp
 import orjson
 import pytest
 
-from bigpipe.calls import view_builder
 from bigpipe.calls.dedup import index_reader_settings
 from bigpipe.calls.status import status_producer_settings
+from bigpipe.calls.status_view import builder_kafka_settings
 from bigpipe.config import parse_config
 from bigpipe.config_error import ConfigError
 from bigpipe.delivery.delay_topics import delay_reader_settings
@@ -184,6 +184,7 @@ def test_every_reader_that_catches_up_fetches_again_at_once_and_bounds_its_prefe
     for name, settings in readers.items():
         assert settings["fetch.queue.backoff.ms"] <= 10, name
         assert settings["queued.max.messages.kbytes"] <= 8192, name
-    # The status view's builder, a process of its own, sets its own.
-    assert view_builder.FETCH_QUEUE_BACKOFF_MS <= 10
-    assert view_builder.PREFETCH_KBYTES <= 8192
+    # The status view's builder, a process of its own, gets its settings from its worker.
+    view = builder_kafka_settings(config)
+    assert view["fetch.queue.backoff.ms"] <= 10
+    assert view["queued.max.messages.kbytes"] <= 8192

@@ -447,7 +447,11 @@ def test_the_view_builder_stops_on_a_flood_of_sigterms(tmp_path: Path) -> None:
         assert builder.stdin is not None
         builder.stdin.write(orjson.dumps(settings) + b"\n")
         builder.stdin.flush()  # kept open: only the signals may stop it
-        time.sleep(1.0)  # into its wait for the topic (no broker answers)
+        # Its file made, it waits for the topic (no broker answers), its SIGTERMs taken.
+        made = time.monotonic() + 30
+        while not Path(settings["path"]).exists():
+            assert time.monotonic() < made, "the builder never made its file"
+            time.sleep(0.05)
         deadline = time.monotonic() + 2.0
         while builder.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(ProcessLookupError):

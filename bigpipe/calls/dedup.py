@@ -31,7 +31,7 @@ from bigpipe.calls.envelope import Call
 from bigpipe.calls.topics import INDEX_TOPIC
 from bigpipe.config import Config
 from bigpipe.ingest.producer import ProduceFailed, Producer
-from bigpipe.kafka import client_settings
+from bigpipe.kafka import CATCH_UP_DEFAULTS, client_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,9 @@ BATCH = 500  # records handed to the event loop at once, at most
 WATERMARK_TIMEOUT = 5.0
 
 
-# Reading the index from its beginning, librdkafka stopped each time it held 100,000
-# records (queued.min.messages) and fetched again only a second later: a worker read an
-# index of 1,000,000 keys in 9.2 s, peaking at 74 MiB of RSS. With these, 2.5 s and 39 MiB.
-INDEX_READER_DEFAULTS = {"queued.max.messages.kbytes": 1024, "fetch.queue.backoff.ms": 10}
-
-
 def index_reader_settings(config: Config) -> dict[str, Any]:
     return {
-        **client_settings(config, INDEX_READER_DEFAULTS),
+        **client_settings(config, CATCH_UP_DEFAULTS),
         "group.id": "bigpipe-idempotency-view",  # assigned, never joined or committed
         "enable.auto.commit": False,
         "enable.partition.eof": False,

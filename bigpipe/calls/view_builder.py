@@ -43,17 +43,6 @@ PRUNE_SECONDS = 60.0
 PRUNE_BATCH = 10_000
 METADATA_TIMEOUT = 5.0
 RETRY_SECONDS = 5.0
-# What librdkafka fetches ahead is memory, several times what it counts: a builder
-# catching up on 300,000 steps peaked at 79 MiB of RSS with 4 MiB of prefetch (librdkafka's
-# default is 64), and at 44 MiB with the three settings below; idle, it holds 31.
-PREFETCH_KBYTES = 1024  # a consume() of BATCH steps is about 300 KB
-# librdkafka waits this long to fetch again once the prefetch is full (1 s by default):
-# with a small prefetch, the builder then caught up at a third of the speed. 10 ms
-# caught up at 96,000 steps/s where the default settings made 70,000.
-FETCH_QUEUE_BACKOFF_MS = 10
-# Per partition and fetch (1 MiB by default; a larger batch still comes whole): the lz4
-# batches of the results topic decompress to several times that.
-PARTITION_FETCH_BYTES = 64 * 1024
 # SQLite's page cache (2 MiB by default). The builder only appends, so the pages it
 # needs are the last few of the table and of its index: 2 MiB only filled up, under
 # load, for good (3 MiB of a 2-worker node's growth under overload, bench/memory.py),
@@ -118,11 +107,9 @@ class Builder:
         db.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
         kafka = Consumer(
             {
-                # A builder behind a backlog (at nice 10, on busy cores) fills its prefetch.
-                "queued.max.messages.kbytes": PREFETCH_KBYTES,
-                "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
-                "max.partition.fetch.bytes": PARTITION_FETCH_BYTES,
-                **self._kafka_settings,  # the operator's kafka.client.config may tune them
+                # The worker's, with the bounds on its prefetch (status_view.VIEW_READER_DEFAULTS):
+                # a builder behind a backlog (at nice 10, on busy cores) fills it.
+                **self._kafka_settings,
                 "logger": logging.getLogger("librdkafka"),
                 "group.id": "bigpipe-status-view",  # assigned, never joined or committed
                 "enable.auto.commit": False,
