@@ -11,16 +11,16 @@ import argparse
 import contextlib
 import gc
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
-
-import uvloop
 
 from bigpipe import __version__
 from bigpipe.config_error import ConfigError
 from bigpipe.logs import Logging
 from bigpipe.node.board import OWNER_NAME, Board
+from bigpipe.node.signals import Wakeups
 from bigpipe.node.workers import (
     WORKER_NAME,
     NodeFile,
@@ -109,13 +109,16 @@ def run(
     """Run as a supervisor of workers, as one of its workers, or as a single process.
 
     Only a node that serves imports bigpipe.node.app, and with it aiohttp, the Kafka
-    library and the config's models: a supervisor never needs them
+    library, the config's models and an event loop: a supervisor never needs them
     (tests/test_supervisor_imports.py).
     """
     file, config, reloads = loaded
     if workers > 1 and args.worker_of is None:
         set_process_name()
-        return uvloop.run(Supervisor(file, workers, logs).run())
+        wakeups = Wakeups.of_signals(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+        return Supervisor(file, workers, logs).run(wakeups)
+    import uvloop
+
     from bigpipe.config import parse_config
     from bigpipe.node.app import WorkerSlot, serve
 

@@ -21,6 +21,7 @@ import pytest
 from bigpipe.config import parse_config
 from bigpipe.node import workers as workers_module
 from bigpipe.node.board import node_directory
+from bigpipe.node.signals import Wakeups
 from bigpipe.node.workers import (
     SUPERVISOR_PID_ENV,
     NodeFile,
@@ -281,24 +282,23 @@ async def test_a_worker_whose_supervisor_died_while_it_started_exits(
 @contextlib.asynccontextmanager
 async def supervisor_in_process(
     tmp_path: Path, command: list[str], workers: int = 1
-) -> AsyncIterator[tuple[Supervisor, asyncio.Task[int]]]:
-    """A Supervisor on this test's loop whose workers run `command` instead of bigpipe;
-    its signal handlers are removed afterwards."""
+) -> AsyncIterator[tuple[Supervisor, Wakeups, asyncio.Future[int]]]:
+    """A Supervisor in a thread of this test whose workers run `command` instead of
+    bigpipe; the test sends it signals through its Wakeups."""
     raw = base_config("127.0.0.1:1", unique("sup"), free_port())
     path = tmp_path / "bigpipe.json"
     path.write_bytes(orjson.dumps(raw))
     supervisor = Supervisor(NodeFile.of(raw, parse_config(raw, source=path)), workers)
     supervisor._command = lambda _worker: command  # type: ignore[method-assign]
-    running = asyncio.create_task(supervisor.run())
+    wakeups = Wakeups()
+    running = asyncio.ensure_future(asyncio.to_thread(supervisor.run, wakeups))
     try:
-        yield supervisor, running
+        yield supervisor, wakeups, running
     finally:
         if not running.done():
-            supervisor._stop()
+            wakeups.send(signal.SIGTERM)
             await asyncio.wait_for(running, 60)
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            loop.remove_signal_handler(signum)
+        wakeups.close()
 
 
 async def test_a_stop_ends_the_restart_backoff_at_once(
@@ -306,17 +306,18 @@ async def test_a_stop_ends_the_restart_backoff_at_once(
 ) -> None:
     monkeypatch.setattr(workers_module, "RESTART_BACKOFF_SECONDS", (30,))
     dies = [sys.executable, "-c", "raise SystemExit(3)"]
-    async with supervisor_in_process(tmp_path, dies) as (supervisor, running):
+    async with supervisor_in_process(tmp_path, dies) as (supervisor, wakeups, running):
         [worker] = supervisor._workers
         await eventually(lambda: worker.start_failures == 1, 30, "the worker's first death")
-        supervisor._on_stop(signal.SIGTERM)  # now in its 30 s back-off
+        wakeups.send(signal.SIGTERM)  # now in its 30 s back-off
         assert await asyncio.wait_for(running, 5) == 0, "stopped within the back-off"
 
 
 async def test_a_worker_that_cannot_be_spawned_ends_the_supervisor_with_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with supervisor_in_process(tmp_path, [str(tmp_path / "no-such-python")]) as (_, running):
+    no_python = [str(tmp_path / "no-such-python")]
+    async with supervisor_in_process(tmp_path, no_python) as (_, _, running):
         assert await asyncio.wait_for(running, 30) == 1, "not a hang: given up, exit 1"
     assert "worker 0 could not be started: [Errno 2]" in caplog.text, "the reason, logged"
     assert "giving up" in capsys.readouterr().err

@@ -39,10 +39,10 @@ class Answer:
 def in_child(work: Callable[[], Any]) -> Answer:
     """work()'s result (anything orjson encodes), computed in a forked child.
 
-    The child is born with every signal
-    blocked, and exits with them pending: it shares this process's name and its event
-    loop's signal wake-up pipe, so a `killall bigpipe` that caught it would otherwise
-    reach a supervisor a second time (and a second SIGTERM means "skip the drain").
+    The child is born with every signal blocked, and exits with them pending: it shares
+    this process's name and its signal wake-up socket, so a `killall bigpipe` that caught
+    it would otherwise reach a supervisor a second time (and a second SIGTERM means "skip
+    the drain").
     """
     read_end, write_end = os.pipe()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())

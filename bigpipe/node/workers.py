@@ -22,13 +22,13 @@ part (see `share_of`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import dataclasses
 import logging
 import math
 import os
+import selectors
 import signal
 import sys
 import time
@@ -42,7 +42,7 @@ from bigpipe.config_error import ConfigError
 from bigpipe.logs import Logging
 from bigpipe.node.board import Board, node_file, remove_stale_node_files
 from bigpipe.node.forked import Answer, ChildFailed, in_child
-from bigpipe.node.signals import handle_reloads, notify_ready
+from bigpipe.node.signals import Wakeups, notify_ready
 from bigpipe.stats import NodeCounters
 
 if TYPE_CHECKING:  # the supervisor never loads the config's models: see NodeFile
@@ -238,12 +238,13 @@ def reload_apart(running: NodeFile) -> tuple[NodeFile | None, Answer]:
 
 # ---------------------------------------------------------------- worker processes
 class WorkerProcess:
-    """A worker started with SIGUSR1 and SIGTERM blocked, waited for and signalled through
-    a pidfd.
+    """A worker started with SIGUSR1 and SIGTERM blocked, watched and signalled through a
+    pidfd.
 
-    asyncio's and uvloop's subprocesses clear the signal mask in the child (libuv does),
-    so a reload forwarded while the worker imports its libraries would kill it. A pidfd
-    also makes a signal reach this process, never a later one that reused its PID.
+    The signal mask is set by posix_spawn, so a reload forwarded while the worker imports
+    its libraries waits until it can take it. The pidfd becomes readable when the worker
+    exits, which is how the supervisor's selector learns of it, and it makes a signal
+    reach this process, never a later one that reused its PID.
     """
 
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
@@ -257,16 +258,12 @@ class WorkerProcess:
         self._pidfd = os.pidfd_open(self.pid)
         self.returncode: int | None = None
 
-    async def wait(self) -> int:
-        loop = asyncio.get_running_loop()
-        exited = loop.create_future()
-        loop.add_reader(self._pidfd, lambda: exited.done() or exited.set_result(None))
-        try:
-            await exited
-        finally:
-            loop.remove_reader(self._pidfd)
-        # The pidfd is readable once the process has exited: this returns at once.
-        _, status = os.waitpid(self.pid, 0)  # noqa: ASYNC222
+    def fileno(self) -> int:
+        return self._pidfd
+
+    def reap(self) -> int:
+        """The exit code of a worker whose pidfd is readable (it has exited)."""
+        _, status = os.waitpid(self.pid, 0)
         self.returncode = os.waitstatus_to_exitcode(status)
         os.close(self._pidfd)
         return self.returncode
@@ -280,10 +277,12 @@ class WorkerProcess:
 @dataclasses.dataclass
 class _Worker:
     index: int
-    process: WorkerProcess | None = None
+    process: WorkerProcess | None = None  # None while it waits to be restarted, or is done
     started: float = 0.0
     failures: int = 0
     start_failures: int = 0  # deaths in a row before the worker was up
+    restart_at: float | None = None  # monotonic time of its next start
+    final_code: int | None = None  # set once it will not run again
 
 
 def worker_environment() -> dict[str, str]:
@@ -300,6 +299,12 @@ def worker_environment() -> dict[str, str]:
 
 
 class Supervisor:
+    """Keeps the workers running until SIGTERM or SIGINT, and reloads them on SIGUSR1.
+
+    It waits on a selector, not an event loop: its events are signals (`Wakeups`), its
+    workers' exits (their pidfds) and the restarts it has scheduled.
+    """
+
     def __init__(self, file: NodeFile, workers: int, logs: Logging | None = None) -> None:
         self._file = file  # the last config loaded successfully
         self._logs = logs
@@ -310,27 +315,54 @@ class Supervisor:
         self._snapshot = node_file("config", ".json")
         write_snapshot(self._snapshot, file.raw, self._reloads)
         self._env = worker_environment()
+        self._selector = selectors.DefaultSelector()
         self._stopping = False
-        self._stopped = asyncio.Event()
         self._failed = False
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._on_stop, signum)
-        handle_reloads(loop, self._reload)
-        notify_ready()
-        log.info("supervising %d workers on port %d", len(self._workers), self._file.http_port)
+    def run(self, wakeups: Wakeups) -> int:
+        """Supervise until every worker has exited after a stop; the node's exit code."""
+        self._selector.register(wakeups, selectors.EVENT_READ)
         try:
-            keepers = [asyncio.create_task(self._keep_running(w)) for w in self._workers]
-            await self._stopped.wait()
-            results = await asyncio.gather(*keepers)
+            for worker in self._workers:
+                self._start(worker)
+            notify_ready()
+            log.info("supervising %d workers on port %d", len(self._workers), self._file.http_port)
+            while self._busy():
+                for key, _ in self._selector.select(self._until_next_restart()):
+                    if key.fileobj is wakeups:
+                        self._on_signals(wakeups.take())
+                    else:
+                        self._on_exit(key.data)
+                self._restart_due()
         finally:
+            self._selector.close()
             self._board.remove()
             self._snapshot.unlink(missing_ok=True)
         if self._failed:
             return EXIT_WORKERS_FAILED
-        return 0 if all(code == 0 for code in results) else 1
+        return 0 if all(worker.final_code == 0 for worker in self._workers) else 1
+
+    def _busy(self) -> bool:
+        return any(worker.final_code is None for worker in self._workers)
+
+    def _until_next_restart(self) -> float | None:
+        """Seconds to the next scheduled restart; None (wait for an event) if there is none."""
+        due = [worker.restart_at for worker in self._workers if worker.restart_at is not None]
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for worker in self._workers:
+            if worker.restart_at is not None and worker.restart_at <= now:
+                worker.restart_at = None
+                self._start(worker)
+
+    def _on_signals(self, signums: bytes) -> None:
+        for signum in signums:
+            if signum == signal.SIGUSR1:
+                self._reload()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self._on_stop(signum)
 
     def _command(self, worker: _Worker) -> list[str]:
         return [
@@ -346,46 +378,51 @@ class Supervisor:
             str(self._snapshot),
         ]
 
-    async def _keep_running(self, worker: _Worker) -> int:
-        """Run one worker until the node stops; restart it whenever it dies before that."""
-        while True:
-            code = await self._run_once(worker)
-            if self._stopping:
-                return code
-            if self._was_up(worker):
-                worker.start_failures = 0
-            else:
-                worker.start_failures += 1
-                if worker.start_failures >= START_ATTEMPTS:
-                    self._give_up(worker, code)
-                    return code
-            worker.failures = (
-                0 if time.monotonic() - worker.started > STABLE_SECONDS else worker.failures + 1
-            )
-            delay = (
-                RESTART_BACKOFF_SECONDS[min(worker.failures, len(RESTART_BACKOFF_SECONDS)) - 1]
-                if worker.failures
-                else 0
-            )
-            log.error("worker %d exited with %d; restarting it in %d s", worker.index, code, delay)
-            with contextlib.suppress(TimeoutError):  # a stop ends the back-off at once
-                await asyncio.wait_for(self._stopped.wait(), delay)
-            if self._stopping:
-                return 0
-
-    async def _run_once(self, worker: _Worker) -> int:
-        """Start the worker and wait for its exit code; a spawn that fails (no such
-        interpreter, out of PIDs or memory) counts as a death before it was up."""
+    def _start(self, worker: _Worker) -> None:
+        """Start the worker; a spawn that fails (no such interpreter, out of PIDs or
+        memory) counts as a death before it was up."""
         worker.started = time.monotonic()
         try:
             worker.process = WorkerProcess(self._command(worker), self._env)
         except OSError as exc:
             worker.process = None
             log.error("worker %d could not be started: %s", worker.index, exc)
-            return EXIT_SPAWN_FAILED
-        code = await worker.process.wait()
+            self._after_death(worker, EXIT_SPAWN_FAILED)
+            return
+        self._selector.register(worker.process, selectors.EVENT_READ, worker)
+
+    def _on_exit(self, worker: _Worker) -> None:
+        assert worker.process is not None
+        self._selector.unregister(worker.process)
+        code = worker.process.reap()
         self._mark_not_ready(worker)
-        return code
+        self._after_death(worker, code)
+        worker.process = None
+
+    def _after_death(self, worker: _Worker, code: int) -> None:
+        """Schedule the worker's restart, after a back-off if it keeps dying; or, when the
+        node stops or the worker never gets up, let it rest with its exit code."""
+        if self._stopping:
+            worker.final_code = code
+            return
+        if self._was_up(worker):
+            worker.start_failures = 0
+        else:
+            worker.start_failures += 1
+            if worker.start_failures >= START_ATTEMPTS:
+                worker.final_code = code
+                self._give_up(worker, code)
+                return
+        worker.failures = (
+            0 if time.monotonic() - worker.started > STABLE_SECONDS else worker.failures + 1
+        )
+        delay = (
+            RESTART_BACKOFF_SECONDS[min(worker.failures, len(RESTART_BACKOFF_SECONDS)) - 1]
+            if worker.failures
+            else 0
+        )
+        log.error("worker %d exited with %d; restarting it in %d s", worker.index, code, delay)
+        worker.restart_at = time.monotonic() + delay
 
     def _mark_not_ready(self, worker: _Worker) -> None:
         """A dead worker's slot keeps its counters for the successor, but not its readiness:
@@ -452,4 +489,7 @@ class Supervisor:
     def _stop(self) -> None:
         self._stopping = True
         self._forward(signal.SIGTERM)
-        self._stopped.set()
+        for worker in self._workers:  # a stop ends a restart back-off at once
+            if worker.process is None and worker.final_code is None:
+                worker.restart_at = None
+                worker.final_code = 0
