@@ -1,7 +1,8 @@
 """The supervisor carries only what it needs: no Kafka library, no aiohttp, no Prometheus,
 no pydantic (it checks configs in a forked child: bigpipe.node.forked), and no event
 loop: asyncio, uvloop and the ssl module they load cost it 8 MiB of RSS, for a process
-that only waits for signals and for its workers to exit.
+that only waits for signals and for its workers to exit. The status view's builder
+loads no ssl module either (confluent-kafka's asyncio would): librdkafka has its own.
 
 It reads and checks the config and keeps its workers running; everything else is the
 workers' (bigpipe.node.workers). Each of these libraries cost it megabytes of RSS for
@@ -16,7 +17,17 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.support import REPO, Bigpipe, base_config, consumer_entry, free_port, reload, unique
+from tests.support import (
+    REPO,
+    Bigpipe,
+    base_config,
+    consumer_entry,
+    eventually,
+    free_port,
+    reload,
+    unique,
+)
+from tests.test_workers import children
 
 # Modules (in sys.modules) and shared objects (in /proc/PID/maps) a supervisor must not load.
 WORKER_ONLY_MODULES = (
@@ -74,7 +85,22 @@ async def test_a_running_supervisor_maps_no_worker_library_even_after_a_reload(
     maps = mapped_files(bigpipe.process.pid)
     assert [name for name in WORKER_ONLY_LIBRARIES if name in maps] == []
     # The workers, by contrast, do load them: the needle would find them.
-    assert "librdkafka" in mapped_files(worker_of(bigpipe.process.pid))
+    worker = worker_of(bigpipe.process.pid)
+    assert "librdkafka" in mapped_files(worker)
+    assert "libssl" in mapped_files(worker), "a worker delivers over HTTPS"
+    supervisor = bigpipe.process.pid
+    await eventually(lambda: view_builder_under(supervisor) is not None, 30, "the builder")
+    builder_maps = mapped_files(view_builder_under(supervisor) or 0)
+    assert "librdkafka" in builder_maps, "the builder's maps were read"
+    assert [name for name in ("libssl", "_ssl.") if name in builder_maps] == []
+
+
+def view_builder_under(supervisor: int) -> int | None:
+    """The status view's builder, a child of one of the supervisor's workers, once it runs."""
+    for worker in children(supervisor):
+        for builder in children(worker, view_builders=True):
+            return builder
+    return None
 
 
 def worker_of(supervisor: int) -> int:

@@ -18,6 +18,16 @@ beginning; rows older than the retention are deleted every minute.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # confluent-kafka's package imports asyncio (for its asyncio clients), and asyncio loads
+    # the ssl module when there is one: 5 MiB of RSS (libssl, libcrypto) for a process
+    # that never opens a TLS socket from Python. librdkafka has its own OpenSSL, so Kafka
+    # over TLS is unaffected; asyncio works without ssl. Only when run as the builder: a
+    # worker imports this module too, and delivers over HTTPS.
+    sys.modules.setdefault("ssl", None)  # type: ignore[assignment]
+
 import contextlib
 import ctypes
 import logging
@@ -25,7 +35,6 @@ import os
 import re
 import signal
 import sqlite3
-import sys
 import threading
 import time
 from pathlib import Path
