@@ -85,12 +85,14 @@ async def test_a_running_supervisor_maps_no_worker_library_even_after_a_reload(
     maps = mapped_files(bigpipe.process.pid)
     assert [name for name in WORKER_ONLY_LIBRARIES if name in maps] == []
     # The workers, by contrast, do load them: the needle would find them.
-    worker = worker_of(bigpipe.process.pid)
+    supervisor = bigpipe.process.pid
+    worker = worker_of(supervisor)
     assert "librdkafka" in mapped_files(worker)
     assert "libssl" in mapped_files(worker), "a worker delivers over HTTPS"
-    supervisor = bigpipe.process.pid
     await eventually(lambda: view_builder_under(supervisor) is not None, 30, "the builder")
-    builder_maps = mapped_files(view_builder_under(supervisor) or 0)
+    builder = view_builder_under(supervisor)
+    assert builder is not None
+    builder_maps = mapped_files(builder)
     assert "librdkafka" in builder_maps, "the builder's maps were read"
     assert [name for name in ("libssl", "_ssl.") if name in builder_maps] == []
 
