@@ -407,6 +407,51 @@ def cpu_row(
     )
 
 
+@dataclass(frozen=True)
+class Scheduling:
+    """What the scheduler gave a process tree so far, from /proc/PID/task/TID/schedstat
+    (nanosecond counters): `ran`, seconds on a CPU, summed over every thread; `loops_ran`
+    and `loops_waited`, seconds on a CPU and seconds runnable but waiting for one, of the
+    main threads of its serving processes (worker_pids): their event loops."""
+
+    ran: float
+    loops_ran: float
+    loops_waited: float
+    at: float  # time.monotonic() when read
+
+    @classmethod
+    def of(cls, pid: int) -> Scheduling:
+        at = time.monotonic()
+        ran = sum(
+            _schedstat(member, task)[0] for member in process_tree(pid) for task in _tasks(member)
+        )
+        loops = [_schedstat(worker, worker) for worker in worker_pids(pid)]
+        return cls(ran, sum(r for r, _ in loops), sum(w for _, w in loops), at)
+
+    def since(self, earlier: Scheduling, cpus: int) -> dict[str, float]:
+        """Over the span between the two readings: the tree's share of `cpus` CPUs, and
+        the event loops' wait for a CPU per second they ran."""
+        ran = self.loops_ran - earlier.loops_ran
+        return {
+            "cpu_share": (self.ran - earlier.ran) / ((self.at - earlier.at) * cpus),
+            "loop_wait_per_run": (self.loops_waited - earlier.loops_waited) / ran if ran else 0.0,
+        }
+
+
+def _tasks(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):  # it just exited
+        return [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
+    return []
+
+
+def _schedstat(pid: int, task: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds waiting for one) of one thread; zeros once it is gone."""
+    with contextlib.suppress(OSError, ValueError):
+        ran, waited, _ = Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()
+        return int(ran) / 1e9, int(waited) / 1e9
+    return 0.0, 0.0
+
+
 def worker_pids(pid: int) -> list[int]:
     """The processes that serve calls: the children of a supervisor, or the process itself;
     not the status view's builder (bigpipe.calls.view_builder), which one of them runs."""

@@ -22,6 +22,11 @@ millisecond precision, converted with the offset between the two clocks.
   acknowledgements is reported beside each side's: beside Bigpipe, what the
   broker and the shared cores put into any writer's tail under that load;
   beside the bare handler, which leaves Kafka idle, the broker's own.
+- Scheduling: over each round, from every thread's /proc/PID/task/TID/schedstat,
+  the node's CPU time as a share of the CPUs it may run on, and how long its
+  event loops (the serving processes' main threads) were runnable but waited
+  for a CPU, per second they ran. A loop that waits as long as it runs answers
+  late because the cores are busy, not because it stalls; both sides get it.
 - End to end: downstream receipt minus the caller's reply, per call; p50 and
   p99, to the millisecond. It can be slightly negative: the call is in Kafka
   before the reply reaches the caller. Informational.
@@ -48,6 +53,7 @@ reports it; both rows have the same target.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections import Counter
@@ -63,6 +69,7 @@ from bench.common import (
     BenchError,
     Context,
     Row,
+    Scheduling,
     bare_ingest,
     bigpipe_config,
     bigpipe_node,
@@ -89,6 +96,7 @@ PROBE_RATE = 200  # records/s of bench/kafka_probe.py: a few % of the load, a p9
 START_DELAY = 2.0  # s for the generators to start before the first call is due
 TARGET_P99_MS = 10.0
 LAG_WARNING_MS = 5.0
+SCHEDULING_KEYS = ("cpu_share", "loop_wait_per_run")  # Scheduling.since's figures
 FAILURE_KINDS = (
     "HTTP status, or -1 connection lost, -2 no free connection, -3 connect failed, "
     "0 no reply within 30 s"
@@ -256,6 +264,25 @@ def loop_lag_p99_ms(before: dict[float, float], after: dict[float, float]) -> fl
     return next(bound for bound, count in counts.items() if count >= 0.99 * total) * 1000
 
 
+async def scheduled(
+    pid: int, load: Awaitable[tuple[T, float]]
+) -> tuple[T, float, dict[str, float]]:
+    """`load`'s result and Kafka's p99, and what the scheduler gave the process tree `pid`
+    meanwhile: its share of the CPUs it may run on, and how long its event loops waited
+    for a CPU per second they ran (Scheduling)."""
+    cpus = len(os.sched_getaffinity(pid))
+    before = Scheduling.of(pid)
+    result, kafka_p99 = await load
+    return result, kafka_p99, Scheduling.of(pid).since(before, cpus)
+
+
+def fmt_scheduling(figures: dict[str, Any]) -> str:
+    return (
+        f"its processes used {figures['cpu_share']:.0%} of their CPUs, and its event loops "
+        f"waited {figures['loop_wait_per_run'] * 1000:.0f} ms for a CPU per second they ran"
+    )
+
+
 def failures(figures: dict[str, Any]) -> str:
     return f", {figures['failed_total']:,} failed" if figures["failed_total"] else ""
 
@@ -295,7 +322,9 @@ def accepted_replies(columns: dict[str, list]) -> dict[str, float]:
 def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-round figures merged: the median of each percentile, failures summed."""
     merged: dict[str, Any] = {
-        key: median([r[key] for r in rounds]) for key in rounds[0] if key.endswith("_ms")
+        key: median([r[key] for r in rounds])
+        for key in rounds[0]
+        if key.endswith("_ms") or key in SCHEDULING_KEYS
     }
     failed: Counter[str] = Counter()
     for figures in rounds:
@@ -332,13 +361,17 @@ async def bigpipe_rounds(
             await wait_delivered(receipts_log, set(warmup["id"]) - {""}, 90, node)
             for round_number in range(1, ctx.rounds + 1):
                 lag_before = await loop_lag_buckets(node)
-                columns, kafka_p99 = await beside_kafka_probe(
-                    ctx, probed, seconds, open_loop(ctx, node.url, body, rate, seconds)
+                columns, kafka_p99, scheduling = await scheduled(
+                    node.process.pid,
+                    beside_kafka_probe(
+                        ctx, probed, seconds, open_loop(ctx, node.url, body, rate, seconds)
+                    ),
                 )
                 ingest.append(ingest_figures(columns, f"latency round {round_number}, bigpipe"))
                 lag_after = await loop_lag_buckets(node)
                 ingest[-1]["loop_lag_p99_ms"] = loop_lag_p99_ms(lag_before, lag_after)
                 ingest[-1]["kafka_p99_ms"] = kafka_p99
+                ingest[-1].update(scheduling)
                 replies = accepted_replies(columns)
                 await wait_delivered(receipts_log, set(replies), 60, node)
                 e2e.append(end_to_end(receipts_log, replies))
@@ -347,7 +380,7 @@ async def bigpipe_rounds(
                     f"{ingest[-1]['p99_ms']:.1f} ms, reply -> downstream p50 "
                     f"{e2e[-1]['p50_ms']:.1f} ms, p99 {e2e[-1]['p99_ms']:.1f} ms; event loop "
                     f"late by at most {ingest[-1]['loop_lag_p99_ms']:.1f} ms at p99; "
-                    f"Kafka's own write p99 {kafka_p99:.1f} ms",
+                    f"Kafka's own write p99 {kafka_p99:.1f} ms; {fmt_scheduling(ingest[-1])}",
                     flush=True,
                 )
     return ingest, e2e
@@ -365,14 +398,19 @@ async def bare_rounds(
             pin(process_tree(pid), cpus)
         await open_loop(ctx, bare_url, body, rate, WARMUP_SECONDS)
         for round_number in range(1, ctx.rounds + 1):
-            columns, kafka_p99 = await beside_kafka_probe(
-                ctx, probed, seconds, open_loop(ctx, bare_url, body, rate, seconds)
+            columns, kafka_p99, scheduling = await scheduled(
+                pid,
+                beside_kafka_probe(
+                    ctx, probed, seconds, open_loop(ctx, bare_url, body, rate, seconds)
+                ),
             )
             rounds.append(ingest_figures(columns, f"latency round {round_number}, bare"))
             rounds[-1]["kafka_p99_ms"] = kafka_p99
+            rounds[-1].update(scheduling)
             print(
                 f"  latency round {round_number} at {rate:,.0f}/s: bare ingest p99 "
-                f"{rounds[-1]['p99_ms']:.1f} ms; Kafka's own write p99 {kafka_p99:.1f} ms",
+                f"{rounds[-1]['p99_ms']:.1f} ms; Kafka's own write p99 {kafka_p99:.1f} ms; "
+                f"{fmt_scheduling(rounds[-1])}",
                 flush=True,
             )
     return rounds
@@ -458,6 +496,12 @@ def ingest_row(name: str, how: str, bigpipe: dict[str, Any], bare: dict[str, Any
         f"{bigpipe['kafka_p99_ms']:.1f} ms beside Bigpipe, the share of the tail that is the "
         f"broker and the shared cores under that load; {bare['kafka_p99_ms']:.1f} ms beside "
         "the bare handler, with Kafka otherwise idle",
+        f"what the scheduler gave them (/proc/PID/task/TID/schedstat, medians of the rounds): "
+        f"bigpipe's node used {bigpipe['cpu_share']:.0%} of its CPUs and its event loops "
+        f"waited {bigpipe['loop_wait_per_run'] * 1000:.0f} ms for a CPU per second they ran; "
+        f"the bare handler used {bare['cpu_share']:.0%} and waited "
+        f"{bare['loop_wait_per_run'] * 1000:.0f} ms: the share of the tail that is the cores "
+        "being busy, not the loops stalling",
     ]
     for side, figures in (("bigpipe", bigpipe), ("bare", bare)):
         if figures["failed_total"]:

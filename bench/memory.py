@@ -20,6 +20,10 @@ bigpipe_node: a shared one would make the figure depend on what earlier runs
 left in it); the same node with
 `status.enabled` false is measured too, after the same traffic.
 
+Idle CPU (informational): the CPU time the same node's processes use over that rest,
+as a share of one CPU, beside the bare handler's over its own rest: what a node
+costs the machine while no call comes (its timers, polls and Kafka clients).
+
 Overload: a fresh node with a small `http.server.handler.channel.size` (64)
 is hit by wrk with 512 connections for 20 s, far more than it can take to
 Kafka, so most calls are refused at once with 503. The RSS of the node's
@@ -48,6 +52,7 @@ from bench.common import (
     bigpipe_config,
     bigpipe_node,
     call_body,
+    cpu_seconds,
     descendants,
     nginx_204,
     save,
@@ -116,10 +121,11 @@ async def idle_node(
         assert node.process is not None
         ids = await little_traffic(node.url, body, IDLE_CALLS, IDLE_CLIENTS)
         await wait_delivered(receipts, set(ids), 90, node)
-        await asyncio.sleep(REST_SECONDS)
         pid = node.process.pid
+        idle_cpu = await cpu_share_at_rest(pid)
         tree = [pid, *descendants(pid)]
         return {
+            "idle_cpu_share": idle_cpu,
             "worker_mib": worker_rss(pid),
             "supervisor_mib": rss_mib(pid) if worker_pids(pid) != [pid] else None,
             "node_rss_mib": sum(rss_mib(member) for member in tree),
@@ -136,15 +142,25 @@ async def idle(ctx: Context) -> dict[str, Any]:
         status_off = await idle_node(ctx, downstream_url, receipts, body, status=False)
     async with bare_ingest(ctx.workers, ctx.workdir) as (bare_url, bare_pid):
         await little_traffic(bare_url, body, IDLE_CALLS, IDLE_CLIENTS)
-        await asyncio.sleep(REST_SECONDS)
+        bare_idle_cpu = await cpu_share_at_rest(bare_pid)
         bare = worker_rss(bare_pid)
     return {
+        "bare_idle_cpu_share": bare_idle_cpu,
         "bigpipe_worker_mib": status_on["worker_mib"],
         "bare_worker_mib": bare,
         "supervisor_mib": status_on["supervisor_mib"],
         "node": status_on,
         "node_status_off": status_off,
     }
+
+
+async def cpu_share_at_rest(pid: int) -> float:
+    """Rest REST_SECONDS; the CPU time the process tree `pid` used meanwhile, as a share
+    of one CPU: what an idle node costs the machine (timers, polls, Kafka's heartbeats)."""
+    loop = asyncio.get_running_loop()
+    started, cpu_before = loop.time(), cpu_seconds(pid)
+    await asyncio.sleep(REST_SECONDS)
+    return (cpu_seconds(pid) - cpu_before) / (loop.time() - started)
 
 
 def tree_rss(pid: int) -> float:
@@ -299,6 +315,19 @@ async def run(ctx: Context) -> list[Row]:
                 f"PSS (shared pages split between the processes) "
                 f"{node['node_pss_mib']:.1f} MiB; with status.enabled false "
                 f"{off['node_rss_mib']:.1f} MiB RSS, {off['node_pss_mib']:.1f} MiB PSS"
+            ],
+        ),
+        Row(
+            "idle CPU of the node",
+            f"{node['idle_cpu_share']:.1%} of a CPU",
+            f"{still['bare_idle_cpu_share']:.1%} bare aiohttp",
+            None,
+            "-",
+            None,
+            [
+                f"the same idle node over its {REST_SECONDS} s rest: every process, user + "
+                f"system time (/proc/PID/stat); with status.enabled false "
+                f"{off['idle_cpu_share']:.1%}; the bare handler with {ctx.workers} worker(s)"
             ],
         ),
         Row(
