@@ -116,11 +116,23 @@ def kafka_running() -> bool:
 # broker runs as a production one does, with the C2 JIT and G1. C1 code took about
 # twice the broker CPU, which these two cores share with the node under test.
 BENCH_KAFKA_JVM_OPTS = "-XX:TieredStopAtLevel=4 -XX:-UseSerialGC -XX:+UseG1GC"
+# The dev broker's controller fences a broker that misses 6 s of heartbeats, so that
+# fault tests see a killed broker go quickly. The bench runs one broker and kills none;
+# fenced, it leads no partition until it registers again, and every write stalls for
+# seconds. When the latency benchmark pins it to one core with the load generators, its
+# heartbeats have come late: it fenced itself ("Fencing broker 0 ... because its session
+# has timed out", 09:04 UTC on 2026-12-05) and a pinned round stalled for 10 s. So the
+# bench broker heartbeats at Kafka's default interval and is fenced after 30 s.
+BENCH_KAFKA_SERVER_PROPS = "broker.heartbeat.interval.ms=2000\nbroker.session.timeout.ms=30000"
 
 
 def start_kafka() -> str:
     """Start (or find running) the bench broker; return its bootstrap address."""
-    env = {**os.environ, "LOCAL_KAFKA_JVM_OPTS": BENCH_KAFKA_JVM_OPTS}
+    env = {
+        **os.environ,
+        "LOCAL_KAFKA_JVM_OPTS": BENCH_KAFKA_JVM_OPTS,
+        "LOCAL_KAFKA_SERVER_PROPS": BENCH_KAFKA_SERVER_PROPS,
+    }
     return start_local_kafka(BENCH_KAFKA_PORT, BENCH_KAFKA_DIR, env)
 
 
