@@ -264,16 +264,14 @@ def loop_lag_p99_ms(before: dict[float, float], after: dict[float, float]) -> fl
     return next(bound for bound, count in counts.items() if count >= 0.99 * total) * 1000
 
 
-async def scheduled(
-    pid: int, load: Awaitable[tuple[T, float]]
-) -> tuple[T, float, dict[str, float]]:
-    """`load`'s result and Kafka's p99, and what the scheduler gave the process tree `pid`
-    meanwhile: its share of the CPUs it may run on, and how long its event loops waited
-    for a CPU per second they ran (Scheduling)."""
+async def scheduled(pid: int, load: Awaitable[T]) -> tuple[T, dict[str, float]]:
+    """`load`'s result, and what the scheduler gave the process tree `pid` meanwhile: its
+    share of the CPUs it may run on, and how long its event loops waited for a CPU per
+    second they ran (Scheduling)."""
     cpus = len(os.sched_getaffinity(pid))
     before = Scheduling.of(pid)
-    result, kafka_p99 = await load
-    return result, kafka_p99, Scheduling.of(pid).since(before, cpus)
+    result = await load
+    return result, Scheduling.of(pid).since(before, cpus)
 
 
 def fmt_scheduling(figures: dict[str, Any]) -> str:
@@ -361,7 +359,7 @@ async def bigpipe_rounds(
             await wait_delivered(receipts_log, set(warmup["id"]) - {""}, 90, node)
             for round_number in range(1, ctx.rounds + 1):
                 lag_before = await loop_lag_buckets(node)
-                columns, kafka_p99, scheduling = await scheduled(
+                (columns, kafka_p99), scheduling = await scheduled(
                     node.process.pid,
                     beside_kafka_probe(
                         ctx, probed, seconds, open_loop(ctx, node.url, body, rate, seconds)
@@ -398,7 +396,7 @@ async def bare_rounds(
             pin(process_tree(pid), cpus)
         await open_loop(ctx, bare_url, body, rate, WARMUP_SECONDS)
         for round_number in range(1, ctx.rounds + 1):
-            columns, kafka_p99, scheduling = await scheduled(
+            (columns, kafka_p99), scheduling = await scheduled(
                 pid,
                 beside_kafka_probe(
                     ctx, probed, seconds, open_loop(ctx, bare_url, body, rate, seconds)
