@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -32,6 +33,7 @@ import orjson
 from confluent_kafka import Consumer, ConsumerGroupState
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from bench import jvm
 from bigpipe.config import parse_config
 from bigpipe.ingest.producer import Producer
 from tests.support import (
@@ -447,6 +449,46 @@ class Scheduling:
         return {
             "cpu_share": (self.ran - earlier.ran) / ((self.at - earlier.at) * cpus),
             "loop_wait_per_run": (self.loops_waited - earlier.loops_waited) / ran if ran else 0.0,
+        }
+
+
+@dataclass(frozen=True)
+class BrokerScheduling:
+    """What the scheduler gave the bench broker's JVMs so far, and how long they stood still:
+    `ran` and `waited`, seconds on a CPU and runnable without one, summed over every thread
+    (schedstat); `stopped`, seconds at safepoints (GC pauses among them), and `stops`, how
+    many (bench.jvm). The stopped figures are NaN where a JVM's counters cannot be read."""
+
+    ran: float
+    waited: float
+    stopped: float
+    stops: float
+    at: float
+
+    @classmethod
+    def of(cls, pids: list[int]) -> BrokerScheduling:
+        at = time.monotonic()
+        threads = [_schedstat(pid, task) for pid in pids for task in _tasks(pid)]
+        safepoints = [jvm.stopped(pid) for pid in pids]
+        known = [figures for figures in safepoints if figures is not None]
+        unknown = len(known) < len(safepoints) or not known
+        return cls(
+            sum(ran for ran, _ in threads),
+            sum(waited for _, waited in threads),
+            math.nan if unknown else sum(seconds for seconds, _ in known),
+            math.nan if unknown else sum(count for _, count in known),
+            at,
+        )
+
+    def since(self, earlier: BrokerScheduling, cpus: int) -> dict[str, float]:
+        """Over the span: the JVMs' share of `cpus` CPUs, their threads' wait for a CPU per
+        second they ran, and the milliseconds and number of their safepoints."""
+        ran = self.ran - earlier.ran
+        return {
+            "broker_cpu_share": ran / ((self.at - earlier.at) * cpus),
+            "broker_wait_per_run": (self.waited - earlier.waited) / ran if ran else 0.0,
+            "broker_stopped_ms": (self.stopped - earlier.stopped) * 1000,
+            "broker_stops": self.stops - earlier.stops,
         }
 
 

@@ -27,6 +27,12 @@ millisecond precision, converted with the offset between the two clocks.
   event loops (the serving processes' main threads) were runnable but waited
   for a CPU, per second they ran. A loop that waits as long as it runs answers
   late because the cores are busy, not because it stalls; both sides get it.
+- The broker, over each round: the same two figures of the bench broker's JVM
+  (every thread's CPU time, and its threads' wait for a CPU per second they
+  ran), and how long it stood still at safepoints, GC pauses among them
+  (bench/jvm.py reads its hsperfdata counters). Bigpipe answers a call only
+  once Kafka has it, so a broker starved of CPU or paused puts its wait into
+  Bigpipe's tail; the row also gives these for the round with Kafka's worst p99.
 - End to end: downstream receipt minus the caller's reply, per call; p50 and
   p99, to the millisecond. It can be slightly negative: the call is in Kafka
   before the reply reaches the caller. Informational.
@@ -53,6 +59,7 @@ reports it; both rows have the same target.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 import time
@@ -67,12 +74,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
     BenchError,
+    BrokerScheduling,
     Context,
     Row,
     Scheduling,
     bare_ingest,
     bigpipe_config,
     bigpipe_node,
+    broker_pids,
     call_body,
     cpu_split,
     create_topic,
@@ -96,7 +105,9 @@ PROBE_RATE = 200  # records/s of bench/kafka_probe.py: a few % of the load, a p9
 START_DELAY = 2.0  # s for the generators to start before the first call is due
 TARGET_P99_MS = 10.0
 LAG_WARNING_MS = 5.0
-SCHEDULING_KEYS = ("cpu_share", "loop_wait_per_run")  # Scheduling.since's figures
+# The figures of Scheduling.since and BrokerScheduling.since, as medians of the rounds.
+BROKER_KEYS = ("broker_cpu_share", "broker_wait_per_run", "broker_stopped_ms", "broker_stops")
+SCHEDULING_KEYS = ("cpu_share", "loop_wait_per_run", *BROKER_KEYS)
 FAILURE_KINDS = (
     "HTTP status, or -1 connection lost, -2 no free connection, -3 connect failed, "
     "0 no reply within 30 s"
@@ -267,17 +278,35 @@ def loop_lag_p99_ms(before: dict[float, float], after: dict[float, float]) -> fl
 async def scheduled(pid: int, load: Awaitable[T]) -> tuple[T, dict[str, float]]:
     """`load`'s result, and what the scheduler gave the process tree `pid` meanwhile: its
     share of the CPUs it may run on, and how long its event loops waited for a CPU per
-    second they ran (Scheduling)."""
+    second they ran (Scheduling); and the same of the bench broker, with how long it stood
+    still at safepoints (BrokerScheduling; NaN without a bench broker)."""
     cpus = len(os.sched_getaffinity(pid))
-    before = Scheduling.of(pid)
+    brokers = broker_pids()
+    broker_cpus = len(os.sched_getaffinity(brokers[0])) if brokers else 1
+    before, broker_before = Scheduling.of(pid), BrokerScheduling.of(brokers)
     result = await load
-    return result, Scheduling.of(pid).since(before, cpus)
+    figures = Scheduling.of(pid).since(before, cpus)
+    if brokers:
+        figures.update(BrokerScheduling.of(brokers).since(broker_before, broker_cpus))
+    else:  # a broker of someone else's (--bootstrap): nothing of it can be read here
+        figures.update(dict.fromkeys(BROKER_KEYS, math.nan))
+    return result, figures
 
 
 def fmt_scheduling(figures: dict[str, Any]) -> str:
     return (
         f"its processes used {figures['cpu_share']:.0%} of their CPUs, and its event loops "
-        f"waited {figures['loop_wait_per_run'] * 1000:.0f} ms for a CPU per second they ran"
+        f"waited {figures['loop_wait_per_run'] * 1000:.0f} ms for a CPU per second they ran; "
+        + fmt_broker(figures)
+    )
+
+
+def fmt_broker(figures: dict[str, Any]) -> str:
+    return (
+        f"the broker used {figures['broker_cpu_share']:.0%} of its CPUs, its threads waited "
+        f"{figures['broker_wait_per_run'] * 1000:.0f} ms for a CPU per second they ran, and "
+        f"it stood still {figures['broker_stopped_ms']:.0f} ms at "
+        f"{figures['broker_stops']:.0f} safepoints"
     )
 
 
@@ -484,6 +513,7 @@ def _cpus(cpus: frozenset[int]) -> str:
 
 def ingest_row(name: str, how: str, bigpipe: dict[str, Any], bare: dict[str, Any]) -> Row:
     """The ingest p99 row of one set of rounds, against the bare handler's."""
+    worst = max(bigpipe["rounds"], key=lambda figures: figures["kafka_p99_ms"])
     notes = [
         how,
         f"ingest p50/p99/p99.9: bigpipe {fmt(bigpipe)}, bare {fmt(bare)}",
@@ -500,6 +530,10 @@ def ingest_row(name: str, how: str, bigpipe: dict[str, Any], bare: dict[str, Any
         f"the bare handler used {bare['cpu_share']:.0%} and waited "
         f"{bare['loop_wait_per_run'] * 1000:.0f} ms: the share of the tail that is the cores "
         "being busy, not the loops stalling",
+        f"the broker beside bigpipe, medians of the rounds: {fmt_broker(bigpipe)}; in the round "
+        f"with Kafka's worst own p99 ({worst['kafka_p99_ms']:.1f} ms), {fmt_broker(worst)}. "
+        "A broker that stood still, or waited for a CPU, about as long as that p99 explains "
+        "it; one that did neither points away from the JVM and the cores (bench.jvm)",
     ]
     for side, figures in (("bigpipe", bigpipe), ("bare", bare)):
         if figures["failed_total"]:
