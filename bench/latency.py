@@ -59,7 +59,6 @@ reports it; both rows have the same target.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import sys
 import time
@@ -106,8 +105,14 @@ START_DELAY = 2.0  # s for the generators to start before the first call is due
 TARGET_P99_MS = 10.0
 LAG_WARNING_MS = 5.0
 # The figures of Scheduling.since and BrokerScheduling.since, as medians of the rounds.
-BROKER_KEYS = ("broker_cpu_share", "broker_wait_per_run", "broker_stopped_ms", "broker_stops")
-SCHEDULING_KEYS = ("cpu_share", "loop_wait_per_run", *BROKER_KEYS)
+SCHEDULING_KEYS = (
+    "cpu_share",
+    "loop_wait_per_run",
+    "broker_cpu_share",
+    "broker_wait_per_run",
+    "broker_stopped_ms",
+    "broker_stops",
+)
 FAILURE_KINDS = (
     "HTTP status, or -1 connection lost, -2 no free connection, -3 connect failed, "
     "0 no reply within 30 s"
@@ -278,18 +283,15 @@ def loop_lag_p99_ms(before: dict[float, float], after: dict[float, float]) -> fl
 async def scheduled(pid: int, load: Awaitable[T]) -> tuple[T, dict[str, float]]:
     """`load`'s result, and what the scheduler gave the process tree `pid` meanwhile: its
     share of the CPUs it may run on, and how long its event loops waited for a CPU per
-    second they ran (Scheduling); and the same of the bench broker, with how long it stood
-    still at safepoints (BrokerScheduling; NaN without a bench broker)."""
+    second they ran (Scheduling); and the same of the bench broker, which runs for the
+    whole suite, with how long it stood still at safepoints (BrokerScheduling)."""
     cpus = len(os.sched_getaffinity(pid))
     brokers = broker_pids()
-    broker_cpus = len(os.sched_getaffinity(brokers[0])) if brokers else 1
+    broker_cpus = len(os.sched_getaffinity(brokers[0]))  # one CPU when pinned
     before, broker_before = Scheduling.of(pid), BrokerScheduling.of(brokers)
     result = await load
     figures = Scheduling.of(pid).since(before, cpus)
-    if brokers:
-        figures.update(BrokerScheduling.of(brokers).since(broker_before, broker_cpus))
-    else:  # a broker of someone else's (--bootstrap): nothing of it can be read here
-        figures.update(dict.fromkeys(BROKER_KEYS, math.nan))
+    figures.update(BrokerScheduling.of(brokers).since(broker_before, broker_cpus))
     return result, figures
 
 
