@@ -436,9 +436,7 @@ class Scheduling:
     @classmethod
     def of(cls, pid: int) -> Scheduling:
         at = time.monotonic()
-        ran = sum(
-            _schedstat(member, task)[0] for member in process_tree(pid) for task in _tasks(member)
-        )
+        ran, _ = _threads_schedstat(process_tree(pid))
         loops = [_schedstat(worker, worker) for worker in worker_pids(pid)]
         return cls(ran, sum(r for r, _ in loops), sum(w for _, w in loops), at)
 
@@ -468,13 +466,13 @@ class BrokerScheduling:
     @classmethod
     def of(cls, pids: list[int]) -> BrokerScheduling:
         at = time.monotonic()
-        threads = [_schedstat(pid, task) for pid in pids for task in _tasks(pid)]
+        ran, waited = _threads_schedstat(pids)
         safepoints = [jvm.stopped(pid) for pid in pids]
         known = [figures for figures in safepoints if figures is not None]
         unknown = len(known) < len(safepoints) or not known
         return cls(
-            sum(ran for ran, _ in threads),
-            sum(waited for _, waited in threads),
+            ran,
+            waited,
             math.nan if unknown else sum(seconds for seconds, _ in known),
             math.nan if unknown else sum(count for _, count in known),
             at,
@@ -490,6 +488,12 @@ class BrokerScheduling:
             "broker_stopped_ms": (self.stopped - earlier.stopped) * 1000,
             "broker_stops": self.stops - earlier.stops,
         }
+
+
+def _threads_schedstat(pids: list[int]) -> tuple[float, float]:
+    """(seconds on a CPU, seconds waiting for one), summed over every thread of `pids`."""
+    threads = [_schedstat(pid, task) for pid in pids for task in _tasks(pid)]
+    return sum(ran for ran, _ in threads), sum(waited for _, waited in threads)
 
 
 def _tasks(pid: int) -> list[int]:
